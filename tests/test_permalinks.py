@@ -1,0 +1,647 @@
+# -*- test-case-name: tests.test_permalinks -*-
+"""
+Tests for L{sagecell_tw.permalinks} and L{sagecell_tw.permalink_web}.
+
+Storage runs on real SQLite files in a temporary directory; the HTTP tests run
+a real L{Site} on C{tcp:0} and talk to it with L{Agent}, so form parsing,
+status codes and headers are what a browser would see.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sqlite3
+import string
+import zlib
+from io import BytesIO
+from typing import Any
+from urllib.parse import urlencode
+
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.test.requesthelper import DummyRequest
+
+from sagecell_tw.permalink_web import (
+    PermalinkResource,
+    decode_zip,
+    encode_zip,
+)
+from sagecell_tw.permalinks import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    PermalinkStore,
+    PermalinkStoreClosed,
+    PermalinkStoreError,
+    SchemaVersionError,
+    migrate,
+)
+
+URLSAFE = set(string.ascii_letters + string.digits + "-_")
+
+
+def _user_version(path: str) -> int:
+    """Read the schema version straight from the file, bypassing the store."""
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        conn.close()
+
+
+class StoreTestsMixin:
+    """Make stores on fresh files and close them after each test."""
+
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.path = os.path.join(self.dir, "permalinks.sqlite")
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+
+    def make_store(self, path: str | None = None, **kw: Any) -> PermalinkStore:
+        store = PermalinkStore(path or self.path, reactor, self.clock, **kw)
+        self.addCleanup(store.close)
+        return store
+
+
+class PermalinkStoreTests(StoreTestsMixin, TestCase):
+    """The SQLite store: round trips, restarts, clocks, ids and schema."""
+
+    @defer.inlineCallbacks
+    def test_round_trip(self):
+        store = self.make_store()
+        code = 'print("héllo")\n\x00# NUL and non-ASCII survive\n'
+        ident = yield store.store(code, "python", '[{"state": {}}]')
+        row = yield store.fetch(ident)
+        self.assertEqual(row["id"], ident)
+        self.assertEqual(row["code"], code)
+        self.assertEqual(row["language"], "python")
+        self.assertEqual(row["interacts"], '[{"state": {}}]')
+        self.assertEqual(row["created"], 1_700_000_000)
+
+    @defer.inlineCallbacks
+    def test_survives_restart(self):
+        store = self.make_store()
+        ident = yield store.store("x = 1", "sage", "[]")
+        yield store.close()
+
+        reopened = self.make_store()
+        row = yield reopened.fetch(ident)
+        self.assertEqual(
+            (row["code"], row["language"], row["interacts"]), ("x = 1", "sage", "[]")
+        )
+
+    @defer.inlineCallbacks
+    def test_last_access_follows_injected_clock(self):
+        store = self.make_store()
+        ident = yield store.store("1+1", "python", "[]")
+        self.clock.advance(60)
+        first = yield store.fetch(ident)
+        self.clock.advance(3600)
+        second = yield store.fetch(ident)
+        self.assertEqual(first["created"], 1_700_000_000)
+        self.assertEqual(first["last_access"], 1_700_000_060)
+        self.assertEqual(second["created"], 1_700_000_000)
+        self.assertEqual(second["last_access"], 1_700_003_660)
+        self.assertEqual((first["requested"], second["requested"]), (1, 2))
+        yield store.close()
+        # The access was committed, not just reported.
+        conn = sqlite3.connect(self.path)
+        self.addCleanup(conn.close)
+        self.assertEqual(
+            conn.execute(
+                "SELECT last_access, requested FROM permalinks WHERE id = ?", (ident,)
+            ).fetchone(),
+            (1_700_003_660, 2),
+        )
+
+    @defer.inlineCallbacks
+    def test_identical_content_shares_an_id(self):
+        store = self.make_store()
+        a = yield store.store("1+1", "python", "[]")
+        self.clock.advance(10)
+        b = yield store.store("1+1", "python", "[]")
+        self.assertEqual(a, b)
+        row = yield store.fetch(a)
+        self.assertEqual(row["created"], 1_700_000_000)
+        self.assertEqual(row["last_access"], 1_700_000_010)
+        others = yield defer.gatherResults(
+            [
+                store.store("1+1", "sage", "[]"),
+                store.store("1+1", "python", "[{}]"),
+                store.store("1+2", "python", "[]"),
+            ]
+        )
+        self.assertEqual(len({a, *others}), 4)
+
+    @defer.inlineCallbacks
+    def test_ids_are_unguessable(self):
+        store = self.make_store()
+        ids = yield defer.gatherResults(
+            [store.store(f"print({i})", "python", "[]") for i in range(200)]
+        )
+        self.assertEqual(len(set(ids)), 200)
+        for ident in ids:
+            # 128 random bits: 21 full base64 characters and 2 bits of a 22nd.
+            self.assertGreaterEqual(len(ident), 22)
+            self.assertLessEqual(set(ident), URLSAFE)
+        # Random, not a counter or a timestamp: every position varies and
+        # nearly the whole alphabet turns up.
+        for position in range(21):
+            self.assertGreater(len({ident[position] for ident in ids}), 20)
+        self.assertGreater(len(set("".join(ids))), 60)
+        # Not derived from the content: the same code gets another id elsewhere.
+        other = self.make_store(os.path.join(self.dir, "other.sqlite"))
+        again = yield other.store("print(0)", "python", "[]")
+        self.assertNotEqual(again, ids[0])
+
+    @defer.inlineCallbacks
+    def test_unknown_and_malformed_ids(self):
+        store = self.make_store()
+        yield store.store("1+1", "python", "[]")
+        for ident in ["AAAAAAAAAAAAAAAAAAAAAA", "", "a" * 65, "../etc", "x' OR 1=1 --"]:
+            row = yield store.fetch(ident)
+            self.assertIsNone(row, ident)
+
+    @defer.inlineCallbacks
+    def test_schema_version_recorded(self):
+        store = self.make_store()
+        same = yield store.ready()
+        self.assertIs(same, store)
+        yield store.close()
+        self.assertEqual(_user_version(self.path), SCHEMA_VERSION)
+        self.assertEqual(SCHEMA_VERSION, len(MIGRATIONS))
+
+    @defer.inlineCallbacks
+    def test_open_fires_with_a_usable_store(self):
+        store = yield PermalinkStore.open(self.path, reactor, self.clock)
+        self.addCleanup(store.close)
+        ident = yield store.store("1", "python", "[]")
+        self.assertIsNotNone((yield store.fetch(ident)))
+
+    @defer.inlineCallbacks
+    def test_newer_schema_refused(self):
+        conn = sqlite3.connect(self.path)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        conn.close()
+
+        store = self.make_store()
+        error = yield self.assertFailure(store.ready(), SchemaVersionError)
+        self.assertIn(f"schema version {SCHEMA_VERSION + 1}", str(error))
+        self.assertIn("newer", str(error))
+        # Operations fail the same clear way instead of touching the file.
+        yield self.assertFailure(store.store("1", "python", "[]"), SchemaVersionError)
+        yield self.assertFailure(
+            store.fetch("AAAAAAAAAAAAAAAAAAAAAA"), SchemaVersionError
+        )
+        yield store.close()
+        self.assertEqual(_user_version(self.path), SCHEMA_VERSION + 1)
+        self.flushLoggedErrors()
+
+    @defer.inlineCallbacks
+    def test_foreign_database_refused(self):
+        conn = sqlite3.connect(self.path)
+        conn.execute("CREATE TABLE something_else (x)")
+        conn.commit()
+        conn.close()
+        store = self.make_store()
+        error = yield self.assertFailure(store.ready(), SchemaVersionError)
+        self.assertIn("no sagecell_tw schema version", str(error))
+
+    @defer.inlineCallbacks
+    def test_not_a_database(self):
+        with open(self.path, "wb") as f:
+            f.write(b"this is not sqlite\n" * 100)
+        store = self.make_store()
+        error = yield self.assertFailure(store.ready(), PermalinkStoreError)
+        self.assertIn(self.path, str(error))
+
+    @defer.inlineCallbacks
+    def test_upgrades_older_schema_keeping_rows(self):
+        store = self.make_store()
+        ident = yield store.store("kept", "python", "[]")
+        yield store.close()
+
+        def add_tags(cursor: Any) -> None:
+            cursor.execute("ALTER TABLE permalinks ADD COLUMN tags TEXT")
+
+        upgraded = self.make_store(migrations=(*MIGRATIONS, add_tags))
+        yield upgraded.ready()
+        row = yield upgraded.fetch(ident)
+        self.assertEqual(row["code"], "kept")
+        yield upgraded.close()
+        self.assertEqual(_user_version(self.path), SCHEMA_VERSION + 1)
+        conn = sqlite3.connect(self.path)
+        self.addCleanup(conn.close)
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(permalinks)")]
+        self.assertIn("tags", columns)
+
+    def test_failed_migration_changes_nothing(self):
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        self.addCleanup(conn.close)
+        self.assertEqual(migrate(conn.cursor()), (0, SCHEMA_VERSION))
+
+        def half_done(cursor: Any) -> None:
+            cursor.execute("CREATE TABLE new_things (x)")
+            raise RuntimeError("step failed")
+
+        self.assertRaises(
+            RuntimeError, migrate, conn.cursor(), (*MIGRATIONS, half_done)
+        )
+        self.assertEqual(
+            conn.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION
+        )
+        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
+        self.assertNotIn("new_things", names)
+        self.assertFalse(conn.in_transaction)
+
+    @defer.inlineCallbacks
+    def test_close_lets_queued_work_finish_then_refuses(self):
+        store = PermalinkStore(self.path, reactor, self.clock)
+        stored = store.store("queued", "python", "[]")
+        closed = store.close()
+        ident = yield stored
+        yield closed
+        self.assertTrue(ident)
+        yield self.assertFailure(
+            store.store("late", "python", "[]"), PermalinkStoreClosed
+        )
+        yield self.assertFailure(store.fetch(ident), PermalinkStoreClosed)
+
+    def test_store_rejects_non_text(self):
+        store = self.make_store()
+        return self.assertFailure(store.store(b"bytes", "python", "[]"), TypeError)
+
+
+class ZipTests(TestCase):
+    """The C{?z=} format: SageMathCell's, and safe to decode."""
+
+    def test_matches_sagemathcell(self):
+        # base64.urlsafe_b64encode(zlib.compress(b"1+1")), padding kept.
+        self.assertEqual(encode_zip("1+1"), "eJwz1DYEAAEdAI4=")
+
+    def test_round_trip_with_and_without_padding(self):
+        code = 'print("héllo")\n' * 20
+        z = encode_zip(code)
+        self.assertLessEqual(set(z.rstrip("=")), URLSAFE)
+        self.assertEqual(decode_zip(z), code)
+        self.assertEqual(decode_zip(z.rstrip("=")), code)
+        self.assertEqual(decode_zip(encode_zip("")), "")
+
+    def test_rejects_bad_base64(self):
+        good = encode_zip("1+1")
+        for bad in ["a+b/", "ab cd", "abc!", "=abc", "a=bc", "abcde", good + "==="]:
+            self.assertRaises(ValueError, decode_zip, bad)
+
+    def test_rejects_bad_zlib(self):
+        raw = zlib.compress(b"print(1)")
+        cases = {
+            "not zlib": base64.urlsafe_b64encode(b"hello world").decode(),
+            "empty": "",
+            "truncated": base64.urlsafe_b64encode(raw[:-3]).decode(),
+            "trailing": base64.urlsafe_b64encode(raw + b"junk").decode(),
+            "raw deflate": base64.urlsafe_b64encode(raw[2:-4]).decode(),
+            "not utf-8": base64.urlsafe_b64encode(zlib.compress(b"\xff\xfe")).decode(),
+        }
+        for name, z in cases.items():
+            with self.subTest(name):
+                self.assertRaises(ValueError, decode_zip, z)
+
+    def test_size_limit_is_exact(self):
+        self.assertEqual(decode_zip(encode_zip("a" * 100), max_bytes=100), "a" * 100)
+        error = self.assertRaises(
+            ValueError, decode_zip, encode_zip("a" * 101), max_bytes=100
+        )
+        self.assertIn("100-byte limit", str(error))
+        # The limit counts UTF-8 bytes, not characters.
+        self.assertRaises(ValueError, decode_zip, encode_zip("é" * 51), max_bytes=100)
+
+    def test_zip_bomb_refused(self):
+        # 64 MiB of zeros compresses to ~64 KiB: well within the encoded-size
+        # bound, so only bounded inflation stops it.
+        bomb = base64.urlsafe_b64encode(zlib.compress(bytes(64 << 20), 9)).decode()
+        error = self.assertRaises(ValueError, decode_zip, bomb)
+        self.assertIn("inflates past", str(error))
+
+    def test_oversized_input_refused_before_decoding(self):
+        error = self.assertRaises(ValueError, decode_zip, "A" * 100_000, max_bytes=1000)
+        self.assertIn("larger than", str(error))
+
+
+class _BodyCollector(Protocol):
+    """Collect a response body (readBody warns about Agent's own transports)."""
+
+    def __init__(self, done: defer.Deferred[bytes]) -> None:
+        self.done = done
+        self.chunks: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        if reason.check(ResponseDone):
+            self.done.callback(b"".join(self.chunks))
+        else:
+            self.done.errback(reason)
+
+
+def _read_body(response: Any) -> defer.Deferred[bytes]:
+    done: defer.Deferred[bytes] = defer.Deferred()
+    response.deliverBody(_BodyCollector(done))
+    return done
+
+
+class RecordingBackend:
+    """A backend that remembers calls and answers with a chosen Deferred."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.result: defer.Deferred[Any] | None = None
+
+    def store(self, code: str, language: str, interacts: str) -> defer.Deferred[str]:
+        self.calls.append(("store", code, language, interacts))
+        return self.result if self.result is not None else defer.succeed("ID")
+
+    def fetch(self, ident: str) -> defer.Deferred[dict[str, Any] | None]:
+        self.calls.append(("fetch", ident))
+        return self.result if self.result is not None else defer.succeed(None)
+
+
+class WebTestsMixin:
+    """Serve a resource on a real port and talk to it over HTTP."""
+
+    @defer.inlineCallbacks
+    def serve(self, resource: Resource):
+        root = Resource()
+        root.putChild(b"permalink", resource)
+        endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
+        port = yield endpoint.listen(Site(root))
+        self.addCleanup(port.stopListening)
+        self.base = f"http://127.0.0.1:{port.getHost().port}".encode()
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(pool.closeCachedConnections)
+        self.agent = Agent(reactor, pool=pool)
+
+    @defer.inlineCallbacks
+    def request(
+        self,
+        method: bytes,
+        path: bytes,
+        body: bytes | None = None,
+        content_type: bytes | None = None,
+    ):
+        """Fire with (status, headers, parsed JSON body)."""
+        headers = Headers()
+        if content_type is not None:
+            headers.addRawHeader(b"Content-Type", content_type)
+        producer = FileBodyProducer(BytesIO(body)) if body is not None else None
+        response = yield self.agent.request(method, self.base + path, headers, producer)
+        raw = yield _read_body(response)
+        return response.code, response.headers, json.loads(raw) if raw else None
+
+    def post_form(self, fields: dict[str, Any]):
+        body = urlencode(fields).encode("ascii")
+        return self.request(
+            b"POST", b"/permalink", body, b"application/x-www-form-urlencoded"
+        )
+
+    def post_json(self, obj: Any):
+        body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+        return self.request(b"POST", b"/permalink", body, b"application/json")
+
+    def assertJSONError(self, result, status: int, *words: str) -> None:
+        code, headers, body = result
+        self.assertEqual(code, status, body)
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
+        self.assertEqual(list(body), ["error"])
+        for word in words:
+            self.assertIn(word, body["error"])
+
+
+class PermalinkResourceTests(StoreTestsMixin, WebTestsMixin, TestCase):
+    """The HTTP API against a real store, shaped like SageMathCell's."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        StoreTestsMixin.setUp(self)
+        self.store = self.make_store()
+        yield self.serve(PermalinkResource(self.store, max_code_bytes=1000))
+
+    @defer.inlineCallbacks
+    def test_form_post_then_get(self):
+        code = 'print("héllo")'
+        interacts = '[{"state": {"x": 1}, "bookmarks": []}]'
+        status, headers, body = yield self.post_form(
+            {"code": code, "language": "sage", "interacts": interacts, "n": "3"}
+        )
+        self.assertEqual(status, 200)
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
+        self.assertEqual(set(body), {"zip", "query", "interacts", "n"})
+        self.assertEqual(body["n"], 3)  # the client compares with ===
+        self.assertEqual(body["zip"], encode_zip(code))
+        self.assertEqual(decode_zip(body["interacts"]), interacts)
+
+        status, headers, got = yield self.request(
+            b"GET", b"/permalink?q=" + body["query"].encode()
+        )
+        self.assertEqual(status, 200)
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
+        self.assertEqual(got, [code, "sage", interacts])
+
+    @defer.inlineCallbacks
+    def test_json_post_with_defaults(self):
+        status, _, body = yield self.post_json({"code": "1+1"})
+        self.assertEqual(status, 200)
+        self.assertEqual(set(body), {"zip", "query", "interacts"})
+        self.assertEqual(body["zip"], "eJwz1DYEAAEdAI4=")
+        self.assertEqual(decode_zip(body["interacts"]), "[]")
+        row = yield self.store.fetch(body["query"])
+        self.assertEqual(
+            (row["code"], row["language"], row["interacts"]), ("1+1", "python", "[]")
+        )
+
+    @defer.inlineCallbacks
+    def test_json_post_accepts_interacts_as_array(self):
+        status, _, body = yield self.post_json(
+            {"code": "x", "interacts": [{"state": {}}], "n": 7}
+        )
+        self.assertEqual(status, 200)
+        self.assertEqual(body["n"], 7)
+        row = yield self.store.fetch(body["query"])
+        self.assertEqual(json.loads(row["interacts"]), [{"state": {}}])
+
+    @defer.inlineCallbacks
+    def test_multipart_post(self):
+        boundary = b"XyZzY"
+        body = (
+            b'--XyZzY\r\nContent-Disposition: form-data; name="code"\r\n\r\n'
+            b"print(2)\r\n--XyZzY--\r\n"
+        )
+        status, _, answer = yield self.request(
+            b"POST", b"/permalink", body, b"multipart/form-data; boundary=" + boundary
+        )
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(decode_zip(answer["zip"]), "print(2)")
+
+    @defer.inlineCallbacks
+    def test_repeated_post_gives_same_query(self):
+        first = yield self.post_form({"code": "same", "language": "python"})
+        second = yield self.post_form({"code": "same", "language": "python"})
+        self.assertEqual(first[2]["query"], second[2]["query"])
+
+    @defer.inlineCallbacks
+    def test_get_unknown_id_is_404(self):
+        result = yield self.request(b"GET", b"/permalink?q=AAAAAAAAAAAAAAAAAAAAAA")
+        self.assertJSONError(result, 404, "ID not found")
+        result = yield self.request(b"GET", b"/permalink?q=%2E%2E%2Fetc")
+        self.assertJSONError(result, 404, "ID not found")
+
+    @defer.inlineCallbacks
+    def test_get_without_q_is_400(self):
+        self.assertJSONError((yield self.request(b"GET", b"/permalink")), 400, "q")
+        self.assertJSONError((yield self.request(b"GET", b"/permalink?q=")), 400, "q")
+        self.assertJSONError(
+            (yield self.request(b"GET", b"/permalink?q=%FF")), 400, "UTF-8"
+        )
+
+    @defer.inlineCallbacks
+    def test_post_errors_are_json_and_store_nothing(self):
+        cases = [
+            (self.post_form({"language": "python"}), 400, "missing field code"),
+            (self.post_json(b"{not json"), 400, "malformed JSON"),
+            (self.post_json(b"\xff\xfe"), 400, "UTF-8"),
+            (self.post_json(["code", "1"]), 400, "object"),
+            (self.post_json({"code": 1}), 400, "code"),
+            (self.post_form({"code": "1", "language": "py thon"}), 400, "language"),
+            (self.post_form({"code": "1", "language": "x" * 40}), 400, "language"),
+            (self.post_form({"code": "1", "interacts": "{}"}), 400, "interacts"),
+            (self.post_form({"code": "1", "interacts": "[oops"}), 400, "interacts"),
+            (self.post_form({"code": "1", "n": "one"}), 400, "n must"),
+            (self.post_json({"code": "1", "n": True}), 400, "n must"),
+            (self.post_json({"code": "\ud800"}), 400, "code"),
+            (
+                self.request(
+                    b"POST",
+                    b"/permalink",
+                    b"code=%FF",
+                    b"application/x-www-form-urlencoded",
+                ),
+                400,
+                "UTF-8",
+            ),
+        ]
+        for d, status, words in cases:
+            self.assertJSONError((yield d), status, words)
+        yield self.store.close()
+        conn = sqlite3.connect(self.path)
+        self.addCleanup(conn.close)
+        self.assertEqual(
+            conn.execute("SELECT count(*) FROM permalinks").fetchone(), (0,)
+        )
+
+    @defer.inlineCallbacks
+    def test_oversize_is_413(self):
+        self.assertJSONError(
+            (yield self.post_form({"code": "x" * 1001})), 413, "code", "1000-byte limit"
+        )
+        # UTF-8 bytes count, not characters.
+        self.assertJSONError((yield self.post_json({"code": "é" * 501})), 413, "code")
+        self.assertJSONError(
+            (yield self.post_form({"code": "1", "interacts": "[" + "0," * 600 + "0]"})),
+            413,
+            "interacts",
+        )
+        # A body too big to hold any acceptable request is refused unread.
+        self.assertJSONError(
+            (yield self.post_json({"code": "1", "padding": "x" * 20_000})),
+            413,
+            "request body",
+        )
+        status, _, _ = yield self.post_form({"code": "x" * 1000})
+        self.assertEqual(status, 200)
+
+    @defer.inlineCallbacks
+    def test_other_methods_and_paths(self):
+        code, headers, body = yield self.request(b"PUT", b"/permalink", b"{}")
+        self.assertJSONError((code, headers, body), 405, "method")
+        self.assertEqual(headers.getRawHeaders(b"allow"), [b"GET, HEAD, POST"])
+        self.assertJSONError((yield self.request(b"GET", b"/permalink/x?q=a")), 404)
+        status, _, _ = yield self.request(b"GET", b"/permalink/?q=nope")
+        self.assertEqual(status, 404)
+
+
+class PermalinkResourceFailureTests(WebTestsMixin, TestCase):
+    """What a client sees when storage, not the request, is at fault."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.backend = RecordingBackend()
+        yield self.serve(PermalinkResource(self.backend))
+
+    @defer.inlineCallbacks
+    def test_database_unavailable_is_503(self):
+        self.backend.result = defer.fail(SchemaVersionError("schema too new"))
+        result = yield self.post_form({"code": "1"})
+        self.assertJSONError(result, 503, "database unavailable")
+        self.assertNotIn("schema", result[2]["error"])
+        self.assertEqual(len(self.flushLoggedErrors(SchemaVersionError)), 1)
+
+    @defer.inlineCallbacks
+    def test_unexpected_error_is_500_and_logged(self):
+        self.backend.result = defer.fail(ZeroDivisionError("boom"))
+        result = yield self.request(b"GET", b"/permalink?q=abcdef")
+        self.assertJSONError(result, 500, "internal error")
+        self.assertNotIn("boom", result[2]["error"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    @defer.inlineCallbacks
+    def test_backend_gets_validated_fields(self):
+        yield self.post_form({"code": "c", "language": "r", "interacts": "[1]"})
+        yield self.request(b"GET", b"/permalink?q=legacy")
+        self.assertEqual(
+            self.backend.calls, [("store", "c", "r", "[1]"), ("fetch", "legacy")]
+        )
+
+
+class DisconnectTests(TestCase):
+    """A client that leaves before the database answers gets nothing written."""
+
+    def test_no_write_after_disconnect(self):
+        backend = RecordingBackend()
+        backend.result = defer.Deferred()
+        resource = PermalinkResource(backend)
+        request = DummyRequest([])
+        request.method = b"POST"
+        request.args = {b"code": [b"1+1"]}
+        request.content = BytesIO(b"code=1%2B1")
+        request.requestHeaders.addRawHeader(
+            b"content-type", b"application/x-www-form-urlencoded"
+        )
+        self.assertIs(resource.render(request), NOT_DONE_YET)
+        request.processingFailed(Failure(ConnectionError("client went away")))
+        backend.result.callback("ID")
+        self.assertEqual(request.written, [])
+        self.assertEqual(backend.calls, [("store", "1+1", "python", "[]")])
+
+    def test_dummy_request_answer(self):
+        backend = RecordingBackend()
+        backend.result = defer.succeed(
+            {"id": "abc", "code": "c", "language": "python", "interacts": "[]"}
+        )
+        request = DummyRequest([])
+        request.args = {b"q": [b"abc"]}
+        resource = PermalinkResource(backend)
+        self.assertIs(resource.render(request), NOT_DONE_YET)
+        self.assertEqual(request.responseCode, 200)
+        self.assertEqual(json.loads(b"".join(request.written)), ["c", "python", "[]"])
+        self.assertTrue(request.finished)
