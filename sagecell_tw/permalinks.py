@@ -235,12 +235,14 @@ class PermalinkStore:
         return d
 
     def close(self) -> defer.Deferred[None]:
-        """Refuse new work, let queued work finish, then close the database."""
-        if self._closed:
-            return defer.succeed(None)
-        self._closed = True
+        """
+        Refuse new work, let queued work finish, then close the database.
+        Safe to call more than once; every call fires after the close.
+        """
         d: defer.Deferred[None] = defer.Deferred()
-        d.addCallback(lambda _: self._pool.close())
+        if not self._closed:
+            self._closed = True
+            d.addCallback(lambda _: self._pool.close())
         if self._pending:
             self._idle.append(d)
         else:

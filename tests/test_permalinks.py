@@ -14,6 +14,7 @@ import json
 import os
 import sqlite3
 import string
+import tracemalloc
 import zlib
 from io import BytesIO
 from typing import Any
@@ -278,6 +279,16 @@ class PermalinkStoreTests(StoreTestsMixin, TestCase):
         )
         yield self.assertFailure(store.fetch(ident), PermalinkStoreClosed)
 
+    @defer.inlineCallbacks
+    def test_second_close_waits_for_the_first(self):
+        store = PermalinkStore(self.path, reactor, self.clock)
+        stored = store.store("queued", "python", "[]")
+        first, second = store.close(), store.close()
+        self.assertFalse(second.called)
+        yield defer.gatherResults([stored, first, second])
+        self.assertFalse(store._pool.running)
+        yield store.close()
+
     def test_store_rejects_non_text(self):
         store = self.make_store()
         return self.assertFailure(store.store(b"bytes", "python", "[]"), TypeError)
@@ -330,8 +341,13 @@ class ZipTests(TestCase):
         # 64 MiB of zeros compresses to ~64 KiB: well within the encoded-size
         # bound, so only bounded inflation stops it.
         bomb = base64.urlsafe_b64encode(zlib.compress(bytes(64 << 20), 9)).decode()
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
         error = self.assertRaises(ValueError, decode_zip, bomb)
+        _, peak = tracemalloc.get_traced_memory()
         self.assertIn("inflates past", str(error))
+        # It never inflated the whole bomb: memory stays near the limit.
+        self.assertLess(peak, 4 << 20)
 
     def test_oversized_input_refused_before_decoding(self):
         error = self.assertRaises(ValueError, decode_zip, "A" * 100_000, max_bytes=1000)
