@@ -12,8 +12,10 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import sqlite3
 import string
+import tempfile
 import tracemalloc
 import zlib
 from io import BytesIO
@@ -63,8 +65,9 @@ class StoreTestsMixin:
     """Make stores on fresh files and close them after each test."""
 
     def setUp(self) -> None:
-        self.dir = self.mktemp()
-        os.makedirs(self.dir)
+        # Not self.mktemp(): under pytest that litters the working directory.
+        self.dir = tempfile.mkdtemp(prefix="sagecell-permalinks-")
+        self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
         self.path = os.path.join(self.dir, "permalinks.sqlite")
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
