@@ -1,0 +1,13 @@
+// Random ids for Jupyter messages and sessions.
+//
+// crypto.randomUUID exists only in secure contexts, and embedding pages are
+// often plain http, so build a v4 UUID from getRandomValues, which is always there.
+
+export function uuid() {
+    const b = new Uint8Array(16);
+    crypto.getRandomValues(b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    const h = Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+    return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
