@@ -236,6 +236,7 @@ export class Cell {
         this.lastGeneration = this.group.generation;
         out.setState("running");
         let msgId = null;
+        let sawBusy = false;
         const isCurrent = () => msgId !== null && this.currentMsgId === msgId;
         const handler = {
             iopub: (msg) => {
@@ -245,11 +246,20 @@ export class Cell {
                 const type = msg.header.msg_type;
                 if (type === "status") {
                     const state = msg.content.execution_state;
-                    if (state === "dead") {
+                    const ours = msg.parent_header && msg.parent_header.msg_id === msgId;
+                    const running = out.state === "running";
+                    if (state === "busy" && ours) {
+                        sawBusy = true;
+                    } else if (state === "dead") {
                         out.notice("The kernel died: it may have hit a resource limit or " +
                             "crashed. Evaluate again to start a new session.", "error");
                         out.finish("dead");
-                    } else if (state === "idle" && msg.parent_header.msg_id === msgId) {
+                    } else if (running && (state === "restarting" || state === "autorestarting" ||
+                        (state === "starting" && sawBusy && !ours))) {
+                        out.notice("The kernel restarted (it may have crashed or hit a " +
+                            "limit), so variables from before are gone.", "error");
+                        out.finish("restarted");
+                    } else if (state === "idle" && ours) {
                         out.finish("done");
                     }
                     return;

@@ -179,7 +179,10 @@ export class Kernel {
                 console.error("sagecell: error while showing output", e);
             }
         }
-        if (channel === "iopub" && msgType === "status" && msg.content.execution_state === "dead") {
+        // A kernel that dies or restarts ends every run on it, whoever sent it.
+        const everyone = ["dead", "restarting", "autorestarting", "starting"];
+        if (channel === "iopub" && msgType === "status" &&
+            everyone.includes(msg.content.execution_state)) {
             for (const h of this.handlers.values()) {
                 if (h !== handler && h.iopub) {
                     try {
