@@ -225,6 +225,10 @@ def other_origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OtherOrig
 
 @pytest.fixture(scope="session")
 def chromium_browser():
+    from playwright.sync_api import expect
+
+    # Outputs arrive over a WebSocket from a real kernel: allow for a slow CI.
+    expect.set_options(timeout=15_000)
     if not Path(CHROMIUM).exists():
         pytest.fail(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)")
     from playwright.sync_api import sync_playwright
