@@ -145,7 +145,8 @@ function makeOne(input, args, cellInfo) {
         }
         input = div;
     }
-    const server = new Server(options.serverURL || sagecell.serverURL);
+    const server = new Server(options.serverURL || sagecell.serverURL,
+        options.token || sagecell.token);
     const group = groupFor(server, options);
     const cell = new Cell({ inputEl: input, outputEl: output, options, server, group });
     cells.add(cell);
@@ -271,7 +272,7 @@ Object.assign(sagecell, {
     encodeZ,
     decodeZ,
     codeFromQuery: (search = location.search) =>
-        codeFromQuery(search, new Server(sagecell.serverURL)),
+        codeFromQuery(search, new Server(sagecell.serverURL, sagecell.token)),
 });
 sagecell.makeSinglecell = makeSagecell;
 

@@ -59,8 +59,13 @@ async function errorFromResponse(what, response) {
 }
 
 export class Server {
-    constructor(baseURL) {
+    /**
+     * @param {string} baseURL server root
+     * @param {string} [token] optional Jupyter-style token (public servers need none)
+     */
+    constructor(baseURL, token = "") {
         this.base = String(baseURL).replace(/\/+$/, "");
+        this.token = token || "";
     }
 
     /** Absolute URL for a path relative to the server root ("/api/..."). */
@@ -78,6 +83,9 @@ export class Server {
 
     async request(what, method, path, { body, headers, keepalive } = {}) {
         let response;
+        if (this.token) {
+            headers = { ...(headers || {}), Authorization: `token ${this.token}` };
+        }
         try {
             response = await fetch(this.url(path), {
                 method,
@@ -118,8 +126,9 @@ export class Server {
     }
 
     channelsURL(kernelId, sessionId = uuid()) {
+        const token = this.token ? `&token=${encodeURIComponent(this.token)}` : "";
         return this.wsURL(
-            `/api/kernels/${encodeURIComponent(kernelId)}/channels?session_id=${encodeURIComponent(sessionId)}`,
+            `/api/kernels/${encodeURIComponent(kernelId)}/channels?session_id=${encodeURIComponent(sessionId)}${token}`,
         );
     }
 
