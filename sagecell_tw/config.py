@@ -1,0 +1,210 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The service's configuration: one validated, frozen object.
+
+Built from defaults, then a TOML file (``--config``), then command-line
+options, each layer over the last. A bad value fails at start with a message
+naming the option. Plain model: no Twisted, no zmq.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, fields
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the option."""
+
+
+def _positive(name: str, value, allow_zero: bool = False):
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"--{name} must be a number, not {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"--{name} must be {'zero or more' if allow_zero else 'more than zero'}, not {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a running service. Times are seconds, sizes bytes."""
+
+    # -- the web side
+    port: str = "tcp:8888:interface=127.0.0.1"
+    token: str = ""
+    allow_origin: tuple[str, ...] = ("*",)
+    max_message_size: int = 10 << 20
+    base_url: str = ""
+    # -- spawning kernels
+    pool_size: int = 4
+    preload: tuple[str, ...] | None = None  # None: whichever of numpy, sympy, matplotlib exist
+    worker_user: str = "sagecell-worker"
+    run_dir: str = ""  # "" : a fresh private dir under $XDG_RUNTIME_DIR or /tmp
+    control: str = ""  # "" : ipc://{run_dir}/control
+    embedded_spawner: bool = True
+    spawner_restart_max: float = 30.0
+    # -- limits
+    max_kernels: int = 64
+    max_kernels_per_client: int = 8
+    address_space: int = 1 << 30
+    cpu_seconds: int = 600
+    processes: int = 64
+    file_size: int = 100 << 20
+    open_files: int = 256
+    disk_quota: int = 200 << 20
+    network: bool = False
+    exec_timeout: float = 60.0
+    idle_timeout: float = 900.0
+    disconnect_timeout: float = 60.0
+    max_lifetime: float = 4 * 3600.0
+    shutdown_grace: float = 1.0
+    # -- output
+    max_output_bytes: int = 16 << 20
+    interrupt_on_output_cap: bool = False
+    # -- storage
+    permalink_db: str = ""  # "" : {run_dir}/permalinks.sqlite3
+    # -- files
+    max_upload_size: int = 100 << 20
+    # -- logging
+    log_json: bool = False
+    log_code: bool = False
+
+    def __post_init__(self):
+        for name in ("pool_size", "max_kernels", "max_kernels_per_client", "max_message_size", "open_files"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a whole number, not {v!r}")
+        _positive("pool-size", self.pool_size, allow_zero=True)
+        _positive("max-kernels", self.max_kernels)
+        _positive("max-kernels-per-client", self.max_kernels_per_client)
+        _positive("max-message-size", self.max_message_size)
+        for name in (
+            "exec_timeout",
+            "idle_timeout",
+            "disconnect_timeout",
+            "max_lifetime",
+            "shutdown_grace",
+            "spawner_restart_max",
+        ):
+            _positive(name.replace("_", "-"), getattr(self, name))
+        for name in ("address_space", "cpu_seconds", "processes", "file_size", "disk_quota", "max_output_bytes"):
+            _positive(name.replace("_", "-"), getattr(self, name), allow_zero=True)
+        _positive("max-upload-size", self.max_upload_size)
+        if self.pool_size > self.max_kernels:
+            raise ConfigError(f"--pool-size ({self.pool_size}) cannot exceed --max-kernels ({self.max_kernels})")
+        for origin in self.allow_origin:
+            if origin != "*" and "://" not in origin:
+                raise ConfigError(f"--allow-origin: {origin!r} is not '*' nor an origin like https://example.org")
+        if not self.port:
+            raise ConfigError("--port must be a Twisted endpoint string such as tcp:8888")
+
+    def origin_allowed(self, origin: str | None) -> bool:
+        """Whether a browser page at ``origin`` may use the API."""
+        if origin is None:
+            return True  # not a browser cross-origin request
+        return "*" in self.allow_origin or origin.rstrip("/") in {o.rstrip("/") for o in self.allow_origin}
+
+    def limits(self) -> dict:
+        """The kernel rlimits, as sandbox.Limits takes them."""
+        return {
+            "address_space": self.address_space,
+            "cpu_seconds": self.cpu_seconds,
+            "processes": self.processes,
+            "file_size": self.file_size,
+            "open_files": self.open_files,
+        }
+
+
+#: option name (with dashes) -> field name
+OPTION_NAMES = {f.name.replace("_", "-"): f.name for f in fields(Config)}
+
+
+def _coerce(name: str, value, current):
+    """Turn a string (command line) or TOML value into the field's type."""
+    if isinstance(current, bool) or name in ("embedded_spawner", "network", "log_json", "log_code", "interrupt_on_output_cap"):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{name.replace('_', '-')} must be true or false, not {value!r}")
+    if name in ("allow_origin", "preload"):
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"--{name.replace('_', '-')} must be a list of strings, not {value!r}")
+    if isinstance(current, int) or name in ("max_message_size",):
+        if isinstance(value, str):
+            try:
+                return parse_size(value)
+            except ValueError:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a whole number, not {value!r}") from None
+        return value
+    if isinstance(current, float):
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a number of seconds, not {value!r}") from None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+    if isinstance(current, str) and not isinstance(value, str):
+        raise ConfigError(f"--{name.replace('_', '-')} must be a string, not {value!r}")
+    return value
+
+
+def parse_size(text: str) -> int:
+    """``10M``, ``1G``, ``4096``, ``512k`` -> bytes."""
+    text = text.strip()
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    if text and text[-1].lower() in units:
+        return int(float(text[:-1]) * units[text[-1].lower()])
+    return int(text)
+
+
+def load_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config: {path} is not valid TOML: {e}") from None
+    flat: dict = {}
+    # Sections are for the reader only: [web], [kernels], [limits] ... all
+    # hold plain option names.
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def build(file_values: dict | None = None, options: dict | None = None) -> Config:
+    """Defaults, under the file's values, under the command line's."""
+    base = Config()
+    values: dict = {}
+    for layer, what in ((file_values or {}, "config file"), (options or {}, "option")):
+        for key, value in layer.items():
+            if value is None:
+                continue
+            name = OPTION_NAMES.get(key.replace("_", "-"))
+            if name is None:
+                raise ConfigError(f"unknown {what} setting {key!r}")
+            values[name] = _coerce(name, value, getattr(base, name))
+    try:
+        return dataclasses.replace(base, **values)
+    except TypeError as e:  # pragma: no cover - guarded by OPTION_NAMES
+        raise ConfigError(str(e)) from None
+
+
+def default_run_dir() -> str:
+    root = os.environ.get("XDG_RUNTIME_DIR") if os.geteuid() != 0 else None
+    return os.path.join(root or "/tmp", "sagecell")
+

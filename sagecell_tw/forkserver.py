@@ -1,0 +1,464 @@
+# -*- test-case-name: tests.test_spawner -*-
+"""
+The warm master that forks kernels: a plain blocking loop, no zmq, no threads.
+
+It imports ipykernel and the configured modules once, then keeps ``pool_size``
+kernels forked and ready. It talks to the spawner front (which owns the zmq
+link to the daemon) over a SOCK_SEQPACKET socket pair, one JSON object per
+packet:
+
+front -> here   {"cmd": "take", "id"}       a ready kernel now belongs to a session
+                {"cmd": "kill", "id"}       SIGKILL its process group, clean up
+                {"cmd": "shutdown"}         kill everything, remove every dir, exit
+here -> front   {"event": "ready", "kernel": {...}}
+                {"event": "dead", "id", "status", "reason"}
+                {"event": "pool", "ready", "starting", "taken"}
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import socket
+import stat
+import sys
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+
+from . import kernel_child, sandbox
+
+#: How long a kernel may take from fork to bound sockets before it is killed.
+START_TIMEOUT = 60.0
+#: Longest wait in one turn of the loop: bounds how late a death is noticed.
+TICK = 0.1
+
+
+@dataclass
+class ForkConfig:
+    """What the fork server needs; built by the spawner front from its options."""
+
+    base_dir: str
+    pool_size: int = 4
+    max_kernels: int = 64
+    preload: tuple[str, ...] = ()
+    limits: sandbox.Limits = field(default_factory=sandbox.Limits)
+    network: bool = False
+    userns: bool = True
+    #: group that may reach kernel dirs (the daemon's), or None: private 0700
+    daemon_gid: int | None = None
+    host: str = "localhost"
+
+
+@dataclass
+class Child:
+    id: str
+    pid: int
+    dir: str
+    key: str
+    ready_fd: int | None
+    started: float
+    state: str = "starting"  # starting -> ready -> taken; dying once killed
+    reason: str = ""
+
+    def info(self, config: ForkConfig) -> dict:
+        ipc = os.path.join(self.dir, "ipc", "k")
+        return {
+            "id": self.id,
+            "pid": self.pid,
+            "dir": self.dir,
+            "workdir": os.path.join(self.dir, "work"),
+            "connection": kernel_child.connection_info(ipc, self.key),
+            "host": config.host,
+        }
+
+
+def preload(modules: tuple[str, ...]) -> list[str]:
+    """Import ``modules`` and whatever kernel start-up will import; return failures."""
+    import ipykernel.kernelapp  # noqa: F401
+
+    failed = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            failed.append(name)
+    # Some of these only import once a sibling has put its vendored folder on
+    # sys.path (debugpy's pydevd): two passes settle that. What still fails
+    # was optional to kernel start-up, so it is only slower, not broken.
+    pending = _initialize_imports()
+    for _ in range(2):
+        retry = []
+        for name in pending:
+            try:
+                importlib.import_module(name)
+            except Exception:
+                retry.append(name)
+        pending = retry
+    return failed
+
+
+def _initialize_imports() -> list[str]:
+    """
+    The modules ``IPKernelApp.initialize()`` imports, learnt from a trial child.
+
+    Importing them here, once, is what makes fork-to-ready fast.
+    """
+    import tempfile
+
+    before = set(sys.modules)
+    r, w = os.pipe()
+    tmp = tempfile.mkdtemp(prefix="sagecell-trial-")
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.chdir(tmp)
+            os.environ["IPYTHONDIR"] = os.path.join(tmp, "ipython")
+            os.environ["MPLCONFIGDIR"] = os.path.join(tmp, "mpl")
+            from ipykernel.kernelapp import IPKernelApp
+
+            app = IPKernelApp.instance()
+            app.initialize(
+                ["--HistoryManager.enabled=False", "--transport=ipc", "--ip=" + os.path.join(tmp, "k")]
+            )
+            new = sorted(set(sys.modules) - before)
+            os.write(w, json.dumps(new).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    chunks = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([r], [], [], 1.0)
+        if ready:
+            chunk = os.read(r, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    os.close(r)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        names = json.loads(b"".join(chunks) or b"[]")
+    except ValueError:
+        return []
+    # Leave out private test helpers and main-module oddities.
+    return [n for n in names if not n.startswith("__main__")]
+
+
+def remove_tree(path: str) -> None:
+    """Remove a kernel dir even if the code in it chmod-ed parts of it to 000."""
+
+    def fix(func, p, _exc):
+        try:
+            parent = os.path.dirname(p)
+            os.chmod(parent, stat.S_IRWXU)
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, stat.S_IRWXU)
+            func(p)
+        except OSError:
+            pass
+
+    shutil.rmtree(path, onerror=fix)
+    if os.path.lexists(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid``: tells a reused pid from ours."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def end_orphan(kdir: str) -> None:
+    """End the kernel that ``kdir`` belonged to, if it still runs, and remove ``kdir``."""
+    try:
+        with open(os.path.join(kdir, "pid")) as f:
+            pid_text, started = f.read().split()
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        pid = None
+    if pid is not None and _start_time(pid) == started:
+        _killpg(pid)
+    remove_tree(kdir)
+
+
+class ForkServer:
+    """Keeps the pool full and reports kernel births and deaths."""
+
+    def __init__(self, sock: socket.socket, config: ForkConfig):
+        self.sock = sock
+        self.config = config
+        self.children: dict[str, Child] = {}
+        self.by_pid: dict[int, Child] = {}
+        self.stopping = False
+        #: consecutive kernels that died before they were ready, and when the
+        #: next fork may happen: a broken setup must not fork in a tight loop.
+        self.failures = 0
+        self.next_fork = 0.0
+
+    # -- the loop ----------------------------------------------------------
+
+    def serve(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self._announce_pool()
+        while not self.stopping:
+            self._fill_pool()
+            fds = [self.sock.fileno()] + [c.ready_fd for c in self.children.values() if c.ready_fd is not None]
+            try:
+                readable, _, _ = select.select(fds, [], [], TICK)
+            except InterruptedError:
+                readable = []
+            for fd in readable:
+                if fd == self.sock.fileno():
+                    if not self._read_command():
+                        self.stopping = True
+                        break
+                else:
+                    self._child_ready(fd)
+            self._reap()
+            self._expire_starting()
+        self._shutdown()
+
+    def _on_term(self, _signo, _frame) -> None:
+        self.stopping = True
+
+    def _read_command(self) -> bool:
+        try:
+            data = self.sock.recv(1 << 16)
+        except (ConnectionResetError, OSError):
+            return False
+        if not data:
+            return False
+        try:
+            msg = json.loads(data)
+            cmd = msg["cmd"]
+        except (ValueError, KeyError, TypeError):
+            return True
+        if cmd == "take":
+            self._take(str(msg.get("id")))
+        elif cmd == "kill":
+            self._kill(str(msg.get("id")), str(msg.get("reason", "killed")))
+        elif cmd == "shutdown":
+            return False
+        elif cmd == "status":
+            self._announce_pool()
+            for child in self.children.values():
+                if child.state in ("ready", "taken"):
+                    self._send({"event": "ready", "kernel": child.info(self.config), "state": child.state})
+        return True
+
+    def _send(self, msg: dict) -> None:
+        try:
+            self.sock.send(json.dumps(msg).encode())
+        except OSError:
+            self.stopping = True
+
+    # -- births --------------------------------------------------------------
+
+    def _counts(self) -> tuple[int, int, int]:
+        states = [c.state for c in self.children.values()]
+        return states.count("ready"), states.count("starting"), states.count("taken")
+
+    def _fill_pool(self) -> None:
+        ready, starting, _taken = self._counts()
+        if time.monotonic() < self.next_fork:
+            return
+        while (
+            ready + starting < self.config.pool_size
+            and len(self.children) < self.config.max_kernels
+            and not self.stopping
+        ):
+            self._fork()
+            starting += 1
+
+    def _fork(self) -> None:
+        kid = uuid.uuid4().hex
+        kdir = os.path.join(self.config.base_dir, kid)
+        private = os.path.join(kdir, "ipc")
+        work = os.path.join(kdir, "work")
+        group = self.config.daemon_gid
+        os.mkdir(kdir, 0o700)
+        os.mkdir(private, 0o700)
+        os.mkdir(work, 0o700)
+        if group is not None:
+            for path, mode in ((kdir, 0o750), (private, 0o750), (work, 0o2770)):
+                os.chown(path, -1, group)
+                os.chmod(path, mode)
+        key = secrets.token_hex(32)
+        spec = {
+            "id": kid,
+            "dir": kdir,
+            "workdir": work,
+            "private": private,
+            "ipc_prefix": os.path.join(private, "k"),
+            "key": key,
+            "log": os.path.join(private, "kernel.log"),
+            "limits": self.config.limits.as_json(),
+            "network": self.config.network,
+            "userns": self.config.userns,
+        }
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the kernel
+            kernel_child.run(spec, w)
+        os.close(w)
+        with open(os.path.join(kdir, "pid"), "w") as f:
+            f.write(f"{pid} {_start_time(pid)}")
+        child = Child(kid, pid, kdir, key, r, time.monotonic())
+        self.children[kid] = child
+        self.by_pid[pid] = child
+
+    def _child_ready(self, fd: int) -> None:
+        child = next((c for c in self.children.values() if c.ready_fd == fd), None)
+        if child is None:
+            return
+        try:
+            data = os.read(fd, 16)
+        except OSError:
+            data = b""
+        os.close(fd)
+        child.ready_fd = None
+        if data.startswith(b"R") and child.state == "starting":
+            child.state = "ready"
+            self.failures = 0
+            self._send({"event": "ready", "kernel": child.info(self.config), "state": "ready"})
+            self._announce_pool()
+        # On EOF the child died before binding: _reap reports it.
+
+    def _expire_starting(self) -> None:
+        now = time.monotonic()
+        for child in list(self.children.values()):
+            if child.state == "starting" and now - child.started > START_TIMEOUT:
+                self._kill(child.id, "did not start in time")
+
+    # -- the pool ------------------------------------------------------------
+
+    def _take(self, kid: str) -> None:
+        child = self.children.get(kid)
+        if child is None or child.state != "ready":
+            self._send({"event": "dead", "id": kid, "status": None, "reason": "no such ready kernel"})
+            return
+        child.state = "taken"
+        self._announce_pool()
+
+    def _announce_pool(self) -> None:
+        ready, starting, taken = self._counts()
+        self._send({"event": "pool", "ready": ready, "starting": starting, "taken": taken})
+
+    # -- deaths --------------------------------------------------------------
+
+    def _kill(self, kid: str, reason: str) -> None:
+        child = self.children.get(kid)
+        if child is None:
+            self._send({"event": "dead", "id": kid, "status": None, "reason": "no such kernel"})
+            return
+        child.reason = child.reason or reason
+        child.state = "dying"
+        _killpg(child.pid)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.by_pid.pop(pid, None)
+            if child is None:
+                continue
+            self._bury(child, status)
+
+    def _bury(self, child: Child, status: int) -> None:
+        # Whatever the kernel started lives in its process group: end it too.
+        _killpg(child.pid)
+        if child.ready_fd is not None:
+            os.close(child.ready_fd)
+            child.ready_fd = None
+        remove_tree(child.dir)
+        self.children.pop(child.id, None)
+        reason = child.reason or _describe(status)
+        if child.state == "starting":
+            self.failures += 1
+            self.next_fork = time.monotonic() + min(0.1 * 2**self.failures, 30.0)
+            sys.stderr.write(f"sagecell fork server: a kernel died while starting: {reason}\n")
+        self._send({"event": "dead", "id": child.id, "status": status, "reason": reason})
+        self._announce_pool()
+
+    def _shutdown(self) -> None:
+        for child in self.children.values():
+            child.reason = child.reason or "spawner shut down"
+            _killpg(child.pid)
+        deadline = time.monotonic() + 5
+        while self.by_pid and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.01)
+        for child in list(self.children.values()):
+            remove_tree(child.dir)
+        self.children.clear()
+
+
+def _killpg(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    except PermissionError:  # pragma: no cover - not ours any more
+        pass
+    except OSError as e:  # pragma: no cover
+        if e.errno != errno.ESRCH:
+            raise
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        if sig == signal.SIGXCPU:
+            return "the kernel used up its CPU time limit"
+        return f"the kernel was killed by {name}"
+    if os.WIFEXITED(status):
+        return f"the kernel exited with status {os.WEXITSTATUS(status)}"
+    return "the kernel ended"
+
+
+def serve(sock: socket.socket, config: ForkConfig) -> None:
+    """Entry point in the freshly forked fork-server process; never returns."""
+    code = 1
+    try:
+        os.setpgid(0, 0)
+        failed = preload(config.preload)
+        if failed:
+            sys.stderr.write(f"sagecell fork server: could not preload {', '.join(failed)}\n")
+        ForkServer(sock, config).serve()
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)

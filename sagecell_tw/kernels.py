@@ -1,0 +1,229 @@
+# -*- test-case-name: tests.test_kernels -*-
+"""
+Kernel lifecycle on the daemon's side: the pool, taking, killing, deaths.
+
+A ``Kernel`` is one forked kernel process as the daemon sees it: its zmq
+sockets (connected as soon as the spawner says it is ready, so a session that
+takes it finds its iopub subscription already in place), its signing key, and
+its state. The ``KernelManager`` keeps the ready pool across all spawners and
+hands kernels out; it never knows how a kernel was started.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from . import messages
+from .messages import Message, Signer
+
+log = Logger()
+
+#: channels the daemon opens to each kernel
+CHANNELS = ("shell", "control", "stdin", "iopub")
+
+
+class NoKernelAvailable(Exception):
+    """The pool is empty and no kernel became ready in time, or a limit is hit."""
+
+
+class SpawnerLink(Protocol):
+    name: str
+
+    def take(self, kernel_id: str) -> None: ...
+
+    def kill(self, kernel_id: str, reason: str) -> None: ...
+
+
+class Kernel:
+    """One forked kernel. States: pooled -> assigned -> dying -> dead."""
+
+    def __init__(self, info: dict, spawner: SpawnerLink, zmq, clock):
+        self.id: str = info["id"]
+        self.info = info
+        self.spawner = spawner
+        self.clock = clock
+        self.signer = Signer(info["connection"]["key"])
+        self.state = "pooled"
+        self.born = clock.seconds()
+        self.death_reason = ""
+        #: set by the session that owns the kernel
+        self.on_message: Callable[[Message], None] | None = None
+        self.on_death: Callable[[str], None] | None = None
+        self.dead: defer.Deferred = defer.Deferred()
+        self._kill_call = None
+        conn = info["connection"]
+        self.sockets = {}
+        for channel in CHANNELS:
+            address = f"ipc://{conn['ip']}-{conn[channel + '_port']}"
+            handler = self._handler(channel)
+            if channel == "iopub":
+                self.sockets[channel] = zmq.sub(address, handler)
+            else:
+                self.sockets[channel] = zmq.dealer(address, handler)
+
+    def __repr__(self) -> str:
+        return f"<Kernel {self.id[:8]} {self.state}>"
+
+    @property
+    def workdir(self) -> str:
+        return self.info["workdir"]
+
+    @property
+    def pid(self) -> int:
+        return self.info["pid"]
+
+    def _handler(self, channel: str) -> Callable[[list[bytes]], None]:
+        def handle(frames: list[bytes]) -> None:
+            if self.on_message is None:
+                return  # pooled, or between owners: nobody to tell
+            try:
+                msg = messages.from_wire(channel, frames)
+            except messages.BadMessage as e:
+                log.warn("kernel {kernel} sent a malformed message: {reason}", kernel=self.id, reason=e.reason)
+                return
+            self.on_message(msg)
+
+        return handle
+
+    def send(self, msg: Message) -> bool:
+        """Sign and send a message to the kernel on its channel."""
+        sock = self.sockets.get(msg.channel)
+        if sock is None or self.state in ("dying", "dead"):
+            return False
+        return sock.send(self.signer.to_wire(msg))
+
+    def shutdown(self, grace: float, reason: str) -> defer.Deferred:
+        """Ask nicely on control, then have the spawner SIGKILL the process group."""
+        if self.state == "dead":
+            return defer.succeed(self.death_reason)
+        if self.state != "dying":
+            self.state = "dying"
+            self.death_reason = reason
+            req = Message.build("control", "shutdown_request", {"restart": False}, session="sagecell-daemon")
+            sock = self.sockets["control"]
+            sock.send(self.signer.to_wire(req))
+            self._kill_call = self.clock.callLater(grace, self.spawner.kill, self.id, reason)
+        return self.dead
+
+    def died(self, reason: str) -> None:
+        """The spawner buried the process: close sockets and tell the owner."""
+        if self.state == "dead":
+            return
+        self.state = "dead"
+        self.death_reason = self.death_reason or reason
+        if self._kill_call is not None and self._kill_call.active():
+            self._kill_call.cancel()
+        for sock in self.sockets.values():
+            sock.close()
+        on_death, self.on_death, self.on_message = self.on_death, None, None
+        if on_death is not None:
+            on_death(self.death_reason)
+        self.dead.callback(self.death_reason)
+
+
+class KernelManager:
+    """The pool of ready kernels across spawners, and every live kernel."""
+
+    def __init__(self, zmq, clock, max_kernels: int, shutdown_grace: float, wait_timeout: float = 30.0):
+        self.zmq = zmq
+        self.clock = clock
+        self.max_kernels = max_kernels
+        self.shutdown_grace = shutdown_grace
+        self.wait_timeout = wait_timeout
+        self.pool: deque[Kernel] = deque()
+        #: kernel id -> Kernel, pooled ones included
+        self.kernels: dict[str, Kernel] = {}
+        self.waiters: deque[defer.Deferred] = deque()
+        self.on_pool_change: list[Callable[[], None]] = []
+        self.spawned = 0
+
+    # -- what spawners report ------------------------------------------------
+
+    def kernel_ready(self, info: dict, spawner: SpawnerLink) -> None:
+        if info["id"] in self.kernels:
+            return
+        kernel = Kernel(info, spawner, self.zmq, self.clock)
+        self.kernels[kernel.id] = kernel
+        self.spawned += 1
+        log.info("kernel {kernel} ready (pid {pid}) on {spawner}", kernel=kernel.id, pid=kernel.pid, spawner=spawner.name)
+        while self.waiters:
+            d = self.waiters.popleft()
+            if not d.called:
+                self._assign(kernel)
+                d.callback(kernel)
+                break
+        else:
+            self.pool.append(kernel)
+        self._pool_changed()
+
+    def kernel_dead(self, kernel_id: str, reason: str) -> None:
+        kernel = self.kernels.pop(kernel_id, None)
+        if kernel is None:
+            return
+        try:
+            self.pool.remove(kernel)
+        except ValueError:
+            pass
+        log.info("kernel {kernel} died: {reason}", kernel=kernel_id, reason=reason)
+        kernel.died(reason)
+        self._pool_changed()
+
+    def spawner_lost(self, spawner: SpawnerLink) -> None:
+        """A spawner went away: its pooled kernels are no use to anyone now."""
+        for kernel in [k for k in self.pool if k.spawner is spawner]:
+            self.pool.remove(kernel)
+            self.kernels.pop(kernel.id, None)
+            kernel.died("its spawner went away")
+        self._pool_changed()
+
+    # -- what sessions ask for ----------------------------------------------
+
+    def take(self) -> defer.Deferred:
+        """A ready kernel now, or as soon as one is ready (bounded wait)."""
+        while self.pool:
+            kernel = self.pool.popleft()
+            if kernel.state == "pooled":
+                self._assign(kernel)
+                self._pool_changed()
+                return defer.succeed(kernel)
+        if self.live_count() >= self.max_kernels:
+            return defer.fail(NoKernelAvailable(f"the server runs its maximum of {self.max_kernels} kernels"))
+        d: defer.Deferred = defer.Deferred()
+        self.waiters.append(d)
+        call = self.clock.callLater(self.wait_timeout, self._expire, d)
+        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+        return d
+
+    def _expire(self, d: defer.Deferred) -> None:
+        try:
+            self.waiters.remove(d)
+        except ValueError:
+            return
+        d.errback(NoKernelAvailable("no kernel became ready in time; the server is busy, try again"))
+
+    def _assign(self, kernel: Kernel) -> None:
+        kernel.state = "assigned"
+        kernel.spawner.take(kernel.id)
+
+    def shutdown(self, kernel: Kernel, reason: str) -> defer.Deferred:
+        return kernel.shutdown(self.shutdown_grace, reason)
+
+    def live_count(self) -> int:
+        return sum(1 for k in self.kernels.values() if k.state in ("assigned", "dying"))
+
+    def _pool_changed(self) -> None:
+        for hook in list(self.on_pool_change):
+            hook()
+
+    def kill_all(self, reason: str) -> list[defer.Deferred]:
+        """Every kernel, pooled ones too: for daemon shutdown."""
+        for d in list(self.waiters):
+            if not d.called:
+                d.errback(NoKernelAvailable("the server is shutting down"))
+        self.waiters.clear()
+        return [self.shutdown(k, reason) for k in list(self.kernels.values())]

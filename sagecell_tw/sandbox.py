@@ -1,0 +1,201 @@
+# -*- test-case-name: tests.test_sandbox -*-
+"""
+The operating-system walls around one kernel: namespaces, rlimits, identity.
+
+Plain functions over the Linux system calls, used by the fork server (to drop
+to the worker account) and by each forked kernel child (to box itself in).
+Nothing here imports Twisted or zmq: it runs on both sides of ``fork()``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import grp
+import os
+import pwd
+import resource
+from dataclasses import dataclass
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUTS = 0x04000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_SET_NO_NEW_PRIVS = 38
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def unshare(flags: int) -> None:
+    """unshare(2); Python 3.11 has no os.unshare."""
+    _check(_libc.unshare(flags), "unshare")
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    _check(
+        _libc.mount(
+            source.encode(),
+            target.encode(),
+            fstype.encode() if fstype else None,
+            flags,
+            data.encode() if data else None,
+        ),
+        f"mount {target}",
+    )
+
+
+def umount(target: str) -> None:
+    _check(_libc.umount2(target.encode(), MNT_DETACH), f"umount {target}")
+
+
+def prctl(option: int, arg: int) -> None:
+    _check(_libc.prctl(option, arg, 0, 0, 0), "prctl")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits applied to every kernel (bytes, seconds, counts)."""
+
+    address_space: int = 1 << 30
+    cpu_seconds: int = 600
+    processes: int = 64
+    file_size: int = 100 << 20
+    open_files: int = 256
+
+    def as_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def apply_rlimits(limits: Limits) -> None:
+    """Set the kernel's rlimits; soft and hard alike so code cannot raise them."""
+    pairs = [
+        (resource.RLIMIT_AS, limits.address_space),
+        (resource.RLIMIT_CPU, limits.cpu_seconds),
+        (resource.RLIMIT_FSIZE, limits.file_size),
+        (resource.RLIMIT_NOFILE, limits.open_files),
+        (resource.RLIMIT_CORE, 0),
+    ]
+    for which, value in pairs:
+        if value is None or value <= 0 and which != resource.RLIMIT_CORE:
+            continue
+        resource.setrlimit(which, (value, value))
+    if limits.processes and limits.processes > 0:
+        # RLIMIT_NPROC counts every process of the uid, pool included: the
+        # caller adds the pool's share before passing it in.
+        resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
+
+
+@dataclass(frozen=True)
+class Account:
+    """A resolved Unix account to run as."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+
+def lookup_account(name: str) -> Account:
+    """Resolve a user name, or explain how to create it."""
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        raise LookupError(
+            f"the worker account {name!r} does not exist; create it with "
+            f"'systemd-sysusers etc/sagecell-sysusers.conf' or "
+            f"'useradd --system --no-create-home --shell /usr/sbin/nologin {name}'"
+        ) from None
+    return Account(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir)
+
+
+def group_id(name: str) -> int:
+    return grp.getgrnam(name).gr_gid
+
+
+def drop_privileges(account: Account) -> None:
+    """Become ``account`` for good: no supplementary groups, real=effective=saved."""
+    os.setgroups([])
+    os.setresgid(account.gid, account.gid, account.gid)
+    os.setresuid(account.uid, account.uid, account.uid)
+    if os.getuid() == 0 or os.geteuid() == 0:  # pragma: no cover - defensive
+        raise OSError(errno.EPERM, "still root after dropping privileges")
+
+
+def enter_user_namespace(outer_uid: int, outer_gid: int, extra: int = 0) -> None:
+    """
+    Unshare a user namespace (plus ``extra`` namespaces) mapping our own ids.
+
+    Inside, the process keeps its uid but gains the capabilities it needs to
+    set up the other namespaces, which it can never use outside.
+    """
+    # A process that changed uid is not dumpable, and then its /proc files
+    # belong to root: it could not write its own id maps.
+    prctl(PR_SET_DUMPABLE, 1)
+    unshare(CLONE_NEWUSER | extra)
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    with open("/proc/self/uid_map", "w") as f:
+        f.write(f"{outer_uid} {outer_uid} 1\n")
+    with open("/proc/self/gid_map", "w") as f:
+        f.write(f"{outer_gid} {outer_gid} 1\n")
+
+
+def bring_up_loopback() -> None:
+    """Set ``lo`` up in a fresh network namespace (kernels' own 127.0.0.1 only)."""
+    import fcntl
+    import socket
+    import struct
+
+    SIOCGIFFLAGS = 0x8913
+    SIOCSIFFLAGS = 0x8914
+    IFF_UP = 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sh", b"lo", 0)
+        flags = struct.unpack("16sh", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh", b"lo", flags | IFF_UP))
+
+
+def user_namespaces_available() -> bool:
+    """True where an unprivileged process may create a user namespace."""
+    try:
+        with open("/proc/sys/kernel/unprivileged_userns_clone") as f:
+            if f.read().strip() == "0":
+                return False
+    except OSError:
+        pass
+    try:
+        with open("/proc/sys/user/max_user_namespaces") as f:
+            return int(f.read().strip() or 0) > 0
+    except (OSError, ValueError):
+        return True

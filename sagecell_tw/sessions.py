@@ -1,0 +1,322 @@
+# -*- test-case-name: tests.test_sessions -*-
+"""
+Web sessions: each gets its own kernel, and its messages go to that kernel.
+
+The router's idea: a message for a session that has no kernel is
+"unroutable", so the session takes a kernel from the pool and the message
+waits (bounded) until it is attached. Replies on shell/stdin/control go to
+the WebSocket connection whose client session sent the request; iopub goes
+to every connection of the session, and to nobody else.
+
+Time comes from ``clock``; ``sweep()`` (run every second) applies the
+timeouts: no browser connected, idle, lifetime, and per-execution wall clock.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from . import messages
+from .kernels import KernelManager, NoKernelAvailable
+from .messages import Message
+from .router import Routes, WebSession
+
+log = Logger()
+
+DAEMON_SESSION = "sagecell-daemon"
+MAX_PENDING = 64
+#: after an interrupt for the time limit, how long before the kernel is killed
+KILL_AFTER_INTERRUPT = 5.0
+
+
+class LimitExceeded(Exception):
+    """A client or the whole server is at its kernel limit (HTTP 429/503)."""
+
+    def __init__(self, message: str, status: int = 429):
+        super().__init__(message)
+        self.status = status
+
+
+class Execution:
+    """One running execute_request, for its wall-clock limit and output cap."""
+
+    def __init__(self, msg_id: str, started: float):
+        self.msg_id = msg_id
+        self.started = started
+        self.interrupted_at: float | None = None
+        self.output_bytes = 0
+        self.capped = False
+
+
+class SessionManager:
+    """Creates, routes and ends web sessions."""
+
+    def __init__(self, kernels: KernelManager, config, clock):
+        self.kernels = kernels
+        self.config = config
+        self.clock = clock
+        self.routes = Routes()
+        self._sweeper = LoopingCall(self.sweep)
+        self._sweeper.clock = clock
+        #: observers called with (event, session, detail) for logs and metrics
+        self.observers: list[Callable[[str, WebSession, str], None]] = []
+
+    def start(self) -> None:
+        self._sweeper.start(1.0, now=False)
+
+    def stop(self) -> None:
+        if self._sweeper.running:
+            self._sweeper.stop()
+
+    def _event(self, event: str, session: WebSession, detail: str = "") -> None:
+        for observer in list(self.observers):
+            observer(event, session, detail)
+
+    # -- creating and ending ------------------------------------------------
+
+    def create(self, client: str, name: str = "python3") -> WebSession:
+        if len(self.routes) >= self.config.max_kernels:
+            raise LimitExceeded(f"the server runs its maximum of {self.config.max_kernels} kernels; try again later", 503)
+        if self.routes.count_for(client) >= self.config.max_kernels_per_client:
+            raise LimitExceeded(
+                f"you already have {self.config.max_kernels_per_client} kernels, the most one client may have; "
+                "shut one down first"
+            )
+        now = self.clock.seconds()
+        session = WebSession(uuid.uuid4().hex, client, name, now, now, disconnected_since=now)
+        self.routes.add(session)
+        log.info("session {session} started for {client}", session=session.id, client=client)
+        self._event("start", session)
+        self._ensure_kernel(session).addErrback(lambda _f: None)
+        return session
+
+    def get(self, session_id: str) -> WebSession | None:
+        return self.routes.get(session_id)
+
+    def shutdown(self, session: WebSession, reason: str = "shut down") -> defer.Deferred:
+        """End the session and its kernel; tell every connection why."""
+        if session.closed:
+            return defer.succeed(None)
+        session.closed = True
+        kernel = self.routes.detach(session)
+        self.routes.remove(session)
+        session.execution_state = "dead"
+        if reason != "shut down":
+            self._broadcast(session, messages.stream(f"\n[sagecell] This session ended: {reason}.\n", DAEMON_SESSION))
+        self._broadcast(session, messages.status("dead", DAEMON_SESSION))
+        for conn in list(session.connections):
+            conn.close_for(reason)
+        log.info("session {session} ended: {reason}", session=session.id, reason=reason)
+        self._event("stop", session, reason)
+        if kernel is None:
+            return defer.succeed(None)
+        kernel.on_message = kernel.on_death = None
+        return self.kernels.shutdown(kernel, reason)
+
+    def shutdown_all(self, reason: str) -> defer.Deferred:
+        ds = [self.shutdown(s, reason) for s in self.routes]
+        return defer.DeferredList(ds, consumeErrors=True)
+
+    # -- kernels behind sessions ----------------------------------------------
+
+    def _ensure_kernel(self, session: WebSession) -> defer.Deferred:
+        """Fires with the session once it has a kernel (or fails if none came)."""
+        if session.kernel is not None:
+            return defer.succeed(session)
+        if session.closed:
+            return defer.fail(NoKernelAvailable("this session has ended"))
+        waiter: defer.Deferred = defer.Deferred()
+        session.claim_waiters.append(waiter)
+        if not session.claiming:
+            session.claiming = True
+            d = self.kernels.take()
+            d.addCallbacks(self._attach, self._no_kernel, callbackArgs=(session,), errbackArgs=(session,))
+        return waiter
+
+    def _settle(self, session: WebSession, failure=None) -> None:
+        session.claiming = False
+        waiters, session.claim_waiters = session.claim_waiters, []
+        for w in waiters:
+            if failure is None:
+                w.callback(session)
+            else:
+                w.errback(failure)
+
+    def _attach(self, kernel, session: WebSession) -> None:
+        if session.closed:
+            self.kernels.shutdown(kernel, "its session ended before it started")
+            self._settle(session, NoKernelAvailable("this session has ended"))
+            return
+        self.routes.attach(session, kernel)
+        kernel.on_message = lambda msg: self._from_kernel(session, kernel, msg)
+        kernel.on_death = lambda reason: self._kernel_died(session, kernel, reason)
+        self._event("kernel", session, kernel.id)
+        if session.execution_state in ("starting", "restarting", "dead"):
+            session.execution_state = "idle"
+            self._broadcast(session, messages.status("idle", DAEMON_SESSION))
+        pending, session.pending = session.pending, []
+        for msg, conn in pending:
+            self.send(session, msg, conn)
+        self._settle(session)
+
+    def _no_kernel(self, failure, session: WebSession) -> None:
+        self._settle(session, failure)
+        if session.closed:
+            return
+        why = failure.getErrorMessage() if failure.check(NoKernelAvailable) else "no kernel could be started"
+        if not failure.check(NoKernelAvailable):
+            log.failure("taking a kernel failed", failure)
+        pending, session.pending = session.pending, []
+        for msg, conn in pending:
+            self._refuse(conn, msg, why)
+        self._broadcast(session, messages.stream(f"[sagecell] {why}\n", DAEMON_SESSION))
+
+    def _kernel_died(self, session: WebSession, kernel, reason: str) -> None:
+        if session.kernel is not kernel:
+            return
+        self.routes.detach(session)
+        session.executions.clear()
+        session.execution_state = "dead"
+        log.info("the kernel of session {session} died: {reason}", session=session.id, reason=reason)
+        self._event("kernel_died", session, reason)
+        self._broadcast(session, messages.stream(f"\n[sagecell] The kernel died: {reason}.\n", DAEMON_SESSION))
+        self._broadcast(session, messages.status("dead", DAEMON_SESSION))
+
+    def restart(self, session: WebSession) -> defer.Deferred:
+        """Swap in a fresh kernel from the pool; the session id stays."""
+        old = self.routes.detach(session)
+        session.executions.clear()
+        if old is not None:
+            old.on_message = old.on_death = None
+            self.kernels.shutdown(old, "restarted")
+        session.execution_state = "restarting"
+        self._broadcast(session, messages.status("restarting", DAEMON_SESSION))
+        self._broadcast(session, messages.status("starting", DAEMON_SESSION))
+        session.execution_state = "starting"
+        return self._ensure_kernel(session)
+
+    def interrupt(self, session: WebSession) -> bool:
+        if session.kernel is None:
+            return False
+        msg = Message.build("control", "interrupt_request", {}, session=DAEMON_SESSION)
+        return session.kernel.send(msg)
+
+    # -- connections ----------------------------------------------------------
+
+    def connect(self, session: WebSession, conn) -> None:
+        session.connections.add(conn)
+        session.disconnected_since = None
+        conn.deliver(messages.status(session.execution_state, DAEMON_SESSION))
+        self._ensure_kernel(session).addErrback(lambda _f: None)
+
+    def disconnect(self, session: WebSession, conn) -> None:
+        session.connections.discard(conn)
+        if not session.connections:
+            session.disconnected_since = self.clock.seconds()
+
+    # -- messages -------------------------------------------------------------
+
+    def send(self, session: WebSession, msg: Message, conn) -> None:
+        """A message from a browser connection for this session's kernel."""
+        if session.closed:
+            self._refuse(conn, msg, "this session has ended")
+            return
+        session.last_activity = self.clock.seconds()
+        if conn is not None:
+            conn.client_sessions.add(str(msg.header_dict.get("session", "")))
+        kernel = session.kernel
+        if kernel is None:
+            if len(session.pending) >= MAX_PENDING:
+                self._refuse(conn, msg, "too many messages are waiting for a kernel")
+                return
+            session.pending.append((msg, conn))
+            self._ensure_kernel(session).addErrback(lambda _f: None)
+            return
+        if msg.msg_type == "execute_request":
+            session.executions[msg.msg_id] = Execution(msg.msg_id, self.clock.seconds())
+        if not kernel.send(msg):
+            session.executions.pop(msg.msg_id, None)
+            self._refuse(conn, msg, "the kernel is not keeping up; message dropped")
+
+    def _refuse(self, conn, msg: Message, why: str) -> None:
+        if conn is None:
+            return
+        bad = messages.BadMessage(why, msg.header_dict, msg.channel)
+        conn.deliver(messages.error_reply(bad, DAEMON_SESSION))
+
+    def _from_kernel(self, session: WebSession, kernel, msg: Message) -> None:
+        if session.kernel is not kernel:
+            return
+        parent = msg.parent_dict
+        if msg.channel == "iopub":
+            if msg.msg_type == "status":
+                state = msg.content_dict().get("execution_state")
+                if isinstance(state, str):
+                    session.execution_state = state
+                    if state == "idle":
+                        session.executions.pop(parent.get("msg_id"), None)
+                    session.last_activity = self.clock.seconds()
+            self._broadcast(session, msg)
+            return
+        if parent.get("session") == DAEMON_SESSION:
+            return  # a reply to the daemon's own request
+        target = str(parent.get("session", ""))
+        conns = [c for c in session.connections if target in c.client_sessions]
+        for conn in conns or list(session.connections):
+            conn.deliver(msg)
+
+    def _broadcast(self, session: WebSession, msg: Message) -> None:
+        for conn in list(session.connections):
+            conn.deliver(msg)
+
+    # -- time limits ------------------------------------------------------------
+
+    def sweep(self) -> None:
+        now = self.clock.seconds()
+        cfg = self.config
+        for session in self.routes:
+            if session.closed:
+                continue
+            if session.disconnected_since is not None and now - session.disconnected_since >= cfg.disconnect_timeout:
+                self.shutdown(session, f"no browser was connected for {cfg.disconnect_timeout:g} s")
+            elif now - session.created >= cfg.max_lifetime:
+                self.shutdown(session, f"it reached the maximum session lifetime of {cfg.max_lifetime:g} s")
+            elif not session.executions and now - session.last_activity >= cfg.idle_timeout:
+                self.shutdown(session, f"it was idle for {cfg.idle_timeout:g} s")
+            else:
+                self._check_executions(session, now)
+
+    def _check_executions(self, session: WebSession, now: float) -> None:
+        limit = self.config.exec_timeout
+        for ex in list(session.executions.values()):
+            if ex.interrupted_at is None and now - ex.started >= limit:
+                ex.interrupted_at = now
+                self._event("limit", session, "exec_timeout")
+                parent = {"msg_id": ex.msg_id, "msg_type": "execute_request"}
+                self._broadcast(
+                    session,
+                    messages.stream(
+                        f"\n[sagecell] This computation ran for longer than the limit of {limit:g} s and was interrupted.\n",
+                        DAEMON_SESSION,
+                        parent,
+                    ),
+                )
+                self.interrupt(session)
+            elif ex.interrupted_at is not None and now - ex.interrupted_at >= KILL_AFTER_INTERRUPT:
+                parent = {"msg_id": ex.msg_id, "msg_type": "execute_request"}
+                self._broadcast(
+                    session,
+                    messages.stream(
+                        "\n[sagecell] The computation did not stop when interrupted, so its kernel was restarted.\n",
+                        DAEMON_SESSION,
+                        parent,
+                    ),
+                )
+                self.restart(session).addErrback(lambda _f: None)
+                return
+

@@ -1,0 +1,227 @@
+# -*- test-case-name: tests.test_spawner -*-
+"""
+The spawner process: the fork server plus its link to the daemon.
+
+``python -m sagecell_tw.spawner --control ipc:///run/sagecell/control``
+
+Started as root it drops to the worker account first. It then forks the fork
+server (before any zmq context exists in this process, so the warm master
+never inherits one), and only then opens a DEALER socket that *connects* to
+the daemon's control ROUTER, so the spawner may as well run on another host.
+It relays JSON messages both ways; pool accounting lives in the fork server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+from . import forkserver, sandbox
+
+PROTOCOL = 1
+#: Without a word from the daemon for this long, an embedded spawner stops.
+DAEMON_SILENCE = 30.0
+
+
+def default_preload() -> tuple[str, ...]:
+    """numpy, sympy and matplotlib, each where installed."""
+    import importlib.util
+
+    wanted = ("numpy", "sympy", "matplotlib", "matplotlib.pyplot")
+    return tuple(m for m in wanted if importlib.util.find_spec(m.split(".")[0]) is not None)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sagecell-spawner", description=__doc__.split("\n\n")[0])
+    p.add_argument("--control", required=True, help="the daemon's control address (zmq endpoint)")
+    p.add_argument("--base-dir", required=True, help="where kernel directories are made")
+    p.add_argument("--pool-size", type=int, default=4)
+    p.add_argument("--max-kernels", type=int, default=64)
+    p.add_argument("--preload", default=None, help="comma-separated modules to import once")
+    p.add_argument("--worker-user", default=None, help="account to run as (only when started as root)")
+    p.add_argument("--daemon-group", default=None, help="group whose members may reach kernel dirs")
+    p.add_argument("--limits", default="{}", help="JSON object of sandbox.Limits fields")
+    p.add_argument("--network", action="store_true", help="let kernels use the network")
+    p.add_argument("--no-userns", action="store_true", help="do not use user namespaces")
+    p.add_argument("--exit-with-parent", action="store_true", help="die when the daemon process dies")
+    p.add_argument("--name", default=None, help="this spawner's name (default: host name and pid)")
+    return p.parse_args(argv)
+
+
+def fork_config(args: argparse.Namespace) -> forkserver.ForkConfig:
+    preload = default_preload() if args.preload is None else tuple(m for m in args.preload.split(",") if m)
+    gid = sandbox.group_id(args.daemon_group) if args.daemon_group else None
+    return forkserver.ForkConfig(
+        base_dir=args.base_dir,
+        pool_size=args.pool_size,
+        max_kernels=args.max_kernels,
+        preload=preload,
+        limits=sandbox.Limits(**json.loads(args.limits)),
+        network=args.network,
+        userns=not args.no_userns and sandbox.user_namespaces_available(),
+        daemon_gid=gid,
+        host=socket.gethostname(),
+    )
+
+
+def prepare_base_dir(path: str, account: sandbox.Account | None, gid: int | None) -> None:
+    """Kernel dirs live here: traversable by the daemon's group, listable by no kernel."""
+    os.makedirs(path, mode=0o711, exist_ok=True)
+    if account is not None:
+        os.chown(path, account.uid, gid if gid is not None else account.gid)
+    os.chmod(path, 0o711 if gid is None else 0o710)
+
+
+def end_orphans(path: str) -> None:
+    """
+    End kernels left by an earlier spawner that died, and remove their dirs.
+
+    Runs only after the privilege drop: a kernel can forge its pid file, so
+    this may only ever signal processes of the worker account.
+    """
+    for name in os.listdir(path):
+        forkserver.end_orphan(os.path.join(path, name))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    config = fork_config(args)
+    account = None
+    if os.geteuid() == 0:
+        account = sandbox.lookup_account(args.worker_user or "sagecell-worker")
+    prepare_base_dir(config.base_dir, account, config.daemon_gid)
+    if account is not None:
+        sandbox.drop_privileges(account)
+    if args.exit_with_parent:  # after the drop, which clears it
+        sandbox.prctl(sandbox.PR_SET_PDEATHSIG, signal.SIGTERM)
+    end_orphans(config.base_dir)
+    os.environ["HOME"] = config.base_dir
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        ours.close()
+        forkserver.serve(theirs, config)
+    theirs.close()
+    return Front(ours, pid, args, config).run()
+
+
+class Front:
+    """Relays between the daemon (zmq) and the fork server (socket pair)."""
+
+    def __init__(self, sock: socket.socket, server_pid: int, args: argparse.Namespace, config):
+        self.sock = sock
+        self.server_pid = server_pid
+        self.args = args
+        self.config = config
+        self.stopping = False
+        self.name = args.name or f"{socket.gethostname()}:{os.getpid()}"
+
+    def run(self) -> int:
+        import zmq
+
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        ctx = zmq.Context()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 1000)
+        dealer.setsockopt(zmq.IDENTITY, self.name.encode())
+        dealer.connect(self.args.control)
+        self.dealer = dealer
+        self._to_daemon(
+            {
+                "event": "hello",
+                "protocol": PROTOCOL,
+                "name": self.name,
+                "host": self.config.host,
+                "pid": os.getpid(),
+                "pool_size": self.config.pool_size,
+                "max_kernels": self.config.max_kernels,
+                "userns": self.config.userns,
+                "network": self.config.network,
+                "uid": os.getuid(),
+            }
+        )
+        poller = zmq.Poller()
+        poller.register(dealer, zmq.POLLIN)
+        poller.register(self.sock.fileno(), zmq.POLLIN)
+        heard = time.monotonic()
+        code = 0
+        while not self.stopping:
+            events = dict(poller.poll(500))
+            if dealer in events:
+                heard = time.monotonic()
+                while dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    self._from_daemon(dealer.recv_multipart(zmq.NOBLOCK))
+            if self.sock.fileno() in events:
+                try:
+                    data = self.sock.recv(1 << 16)
+                except OSError:
+                    data = b""
+                if not data:
+                    code = 1
+                    break
+                dealer.send(data)
+            if self.args.exit_with_parent and time.monotonic() - heard > DAEMON_SILENCE:
+                break
+        self._stop_server()
+        self._to_daemon({"event": "bye", "name": self.name})
+        dealer.close()
+        ctx.term()
+        return code
+
+    def _on_term(self, _signo, _frame) -> None:
+        self.stopping = True
+
+    def _to_daemon(self, msg: dict) -> None:
+        self.dealer.send(json.dumps(msg).encode())
+
+    def _from_daemon(self, parts: list[bytes]) -> None:
+        if not parts:
+            return
+        try:
+            msg = json.loads(parts[-1])
+        except ValueError:
+            return
+        if not isinstance(msg, dict):
+            return
+        cmd = msg.get("cmd")
+        if cmd == "ping":
+            self._to_daemon({"event": "pong", "t": msg.get("t")})
+        elif cmd == "shutdown":
+            self.stopping = True
+        elif cmd in ("take", "kill", "status"):
+            self.sock.send(json.dumps(msg).encode())
+
+    def _stop_server(self) -> None:
+        try:
+            self.sock.send(json.dumps({"cmd": "shutdown"}).encode())
+        except OSError:
+            pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            pid, _ = os.waitpid(self.server_pid, os.WNOHANG)
+            if pid:
+                break
+            try:
+                data = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
+                if data:
+                    self.dealer.send(data)
+            except BlockingIOError:
+                time.sleep(0.02)
+            except OSError:
+                time.sleep(0.02)
+        else:
+            try:
+                os.kill(self.server_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(self.server_pid, 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+# -*- test-case-name: tests.test_spawners -*-
+"""
+The daemon's side of the spawner control channel, and the embedded spawner.
+
+Spawners *connect* to the daemon's control ROUTER (so one may run on another
+host) and speak JSON, one object per message (see ``forkserver``'s module
+docstring for the kernel events). The daemon pings every spawner; one that is
+silent for ``SILENCE`` seconds is taken as lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from twisted.internet import defer, protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+log = Logger()
+
+PING_INTERVAL = 1.0
+SILENCE = 5.0
+
+
+class Spawner:
+    """One connected spawner, as seen by the daemon."""
+
+    def __init__(self, identity: bytes, channel: ControlChannel, hello: dict, now: float):
+        self.identity = identity
+        self.channel = channel
+        self.hello = hello
+        self.name = str(hello.get("name") or identity.decode(errors="replace"))
+        self.host = str(hello.get("host", ""))
+        self.last_heard = now
+        self.pool = {"ready": 0, "starting": 0, "taken": 0}
+
+    def send(self, msg: dict) -> None:
+        self.channel.send(self.identity, msg)
+
+    def take(self, kernel_id: str) -> None:
+        self.send({"cmd": "take", "id": kernel_id})
+
+    def kill(self, kernel_id: str, reason: str = "killed") -> None:
+        self.send({"cmd": "kill", "id": kernel_id, "reason": reason})
+
+    def shutdown(self) -> None:
+        self.send({"cmd": "shutdown"})
+
+
+class ControlChannel:
+    """The ROUTER every spawner connects to; feeds the kernel manager."""
+
+    def __init__(self, zmq, address: str, manager, clock):
+        self.zmq = zmq
+        self.address = address
+        self.manager = manager
+        self.clock = clock
+        self.spawners: dict[bytes, Spawner] = {}
+        self.router = None
+        self._pinger = LoopingCall(self._ping)
+        self._pinger.clock = clock
+        #: called with (event, spawner) for "joined" and "lost"
+        self.observers: list = []
+
+    def listen(self) -> None:
+        self.router = self.zmq.router(self.address, self._received)
+        self._pinger.start(PING_INTERVAL, now=False)
+
+    def close(self) -> None:
+        if self._pinger.running:
+            self._pinger.stop()
+        if self.router is not None:
+            self.router.close()
+
+    def send(self, identity: bytes, msg: dict) -> None:
+        if self.router is not None:
+            self.router.send([identity, json.dumps(msg).encode()])
+
+    def connected(self) -> bool:
+        return bool(self.spawners)
+
+    def _received(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            return
+        identity, payload = frames
+        try:
+            msg = json.loads(payload)
+            event = msg["event"]
+        except (ValueError, KeyError, TypeError):
+            log.warn("malformed control message from {who!r}", who=identity)
+            return
+        now = self.clock.seconds()
+        spawner = self.spawners.get(identity)
+        if event == "hello":
+            if spawner is not None:
+                self._lost(spawner, "it said hello again (restarted)")
+            spawner = Spawner(identity, self, msg, now)
+            self.spawners[identity] = spawner
+            log.info("spawner {name} joined (pid {pid}, pool {pool})", name=spawner.name, pid=msg.get("pid"), pool=msg.get("pool_size"))
+            self._notify("joined", spawner)
+            spawner.send({"cmd": "status"})
+            return
+        if spawner is None:
+            # A spawner we do not know (the daemon restarted under it): ask it
+            # to introduce itself again.
+            self.send(identity, {"cmd": "status"})
+            return
+        spawner.last_heard = now
+        if event == "ready":
+            self.manager.kernel_ready(msg["kernel"], spawner)
+        elif event == "dead":
+            self.manager.kernel_dead(str(msg.get("id")), str(msg.get("reason") or "the kernel ended"))
+        elif event == "pool":
+            spawner.pool = {k: int(msg.get(k, 0)) for k in ("ready", "starting", "taken")}
+        elif event == "bye":
+            self._lost(spawner, "it shut down")
+
+    def _ping(self) -> None:
+        now = self.clock.seconds()
+        for spawner in list(self.spawners.values()):
+            if now - spawner.last_heard > SILENCE:
+                self._lost(spawner, f"silent for {SILENCE:.0f} s")
+            else:
+                spawner.send({"cmd": "ping", "t": now})
+
+    def _lost(self, spawner: Spawner, why: str) -> None:
+        if self.spawners.get(spawner.identity) is spawner:
+            del self.spawners[spawner.identity]
+        log.warn("spawner {name} lost: {why}", name=spawner.name, why=why)
+        self.manager.spawner_lost(spawner)
+        self._notify("lost", spawner)
+
+    def _notify(self, event: str, spawner: Spawner) -> None:
+        for observer in list(self.observers):
+            observer(event, spawner)
+
+
+class _SpawnerProcess(protocol.ProcessProtocol):
+    def __init__(self, owner: EmbeddedSpawner):
+        self.owner = owner
+        self.ended: defer.Deferred = defer.Deferred()
+        self._buf = b""
+
+    def errReceived(self, data: bytes) -> None:
+        self._buf += data
+        *lines, self._buf = self._buf.split(b"\n")
+        for line in lines[-50:]:
+            if line.strip():
+                log.info("spawner: {line}", line=line.decode(errors="replace"))
+        self._buf = self._buf[-4096:]
+
+    outReceived = errReceived
+
+    def processEnded(self, reason) -> None:
+        self.ended.callback(reason.value)
+        self.owner._ended(self, reason.value)
+
+
+class EmbeddedSpawner:
+    """
+    The spawner the daemon starts itself, restarted with backoff if it dies.
+
+    ``reactor`` spawns processes and tells time; tests pass a fake.
+    """
+
+    def __init__(self, reactor, argv: list[str], env: dict, cwd: str, restart_max: float = 30.0):
+        self.reactor = reactor
+        self.argv = argv
+        self.env = env
+        self.cwd = cwd
+        self.restart_max = restart_max
+        self.proc: _SpawnerProcess | None = None
+        self.transport = None
+        self.stopping = False
+        self.restarts = 0
+        self.backoff = 0.5
+        self._restart_call = None
+
+    def start(self) -> None:
+        self.proc = _SpawnerProcess(self)
+        self.transport = self.reactor.spawnProcess(
+            self.proc, self.argv[0], self.argv, env=self.env, path=self.cwd, childFDs={0: "w", 1: "r", 2: "r"}
+        )
+        log.info("started spawner process {pid}", pid=self.transport.pid)
+
+    def _ended(self, proc: _SpawnerProcess, reason) -> None:
+        if proc is not self.proc:
+            return
+        self.proc = None
+        if self.stopping:
+            return
+        self.restarts += 1
+        log.error("the spawner died ({reason}); restarting it in {delay:.1f} s", reason=str(reason), delay=self.backoff)
+        self._restart_call = self.reactor.callLater(self.backoff, self._restart)
+        self.backoff = min(self.backoff * 2, self.restart_max)
+
+    def _restart(self) -> None:
+        self._restart_call = None
+        if not self.stopping:
+            self.start()
+
+    def joined(self) -> None:
+        """The spawner said hello: it works, so the next failure starts the backoff afresh."""
+        self.backoff = 0.5
+
+    def stop(self, timeout: float = 10.0) -> defer.Deferred:
+        """TERM, wait, KILL; fires when the process has ended."""
+        self.stopping = True
+        if self._restart_call is not None and self._restart_call.active():
+            self._restart_call.cancel()
+        proc = self.proc
+        if proc is None:
+            return defer.succeed(None)
+        try:
+            self.transport.signalProcess("TERM")
+        except Exception:
+            pass
+
+        def kill():
+            try:
+                self.transport.signalProcess("KILL")
+            except Exception:
+                pass
+
+        call = self.reactor.callLater(timeout, kill)
+        proc.ended.addBoth(lambda r: (call.active() and call.cancel(), None)[1])
+        return proc.ended
+
+
+def spawner_argv(config, run_dir: str, control: str, daemon_group: str | None) -> list[str]:
+    """The command line of the embedded spawner."""
+    argv = [
+        sys.executable,
+        "-m",
+        "sagecell_tw.spawner",
+        "--control",
+        control,
+        "--base-dir",
+        os.path.join(run_dir, "kernels"),
+        "--pool-size",
+        str(config.pool_size),
+        "--max-kernels",
+        str(config.max_kernels + config.pool_size),
+        "--limits",
+        json.dumps(config.limits()),
+        "--exit-with-parent",
+        "--worker-user",
+        config.worker_user,
+    ]
+    if config.preload is not None:
+        argv += ["--preload", ",".join(config.preload)]
+    if config.network:
+        argv.append("--network")
+    if daemon_group:
+        argv += ["--daemon-group", daemon_group]
+    return argv
+
+
+def spawner_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV")}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    # The spawner must import the very sagecell_tw this daemon runs.
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+    env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+

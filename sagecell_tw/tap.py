@@ -1,0 +1,78 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+``twistd sagecell``: options in, services out. Only wiring happens here.
+
+This is the one module that touches the global reactor.
+"""
+
+from __future__ import annotations
+
+from twisted.application import strports
+from twisted.python import usage
+
+from . import config as configmod
+
+HELP = {
+    "port": "where to listen: a Twisted endpoint string (tcp:8888:interface=127.0.0.1, ssl:8443:privateKey=...)",
+    "token": "require this token (Authorization: token ..., or ?token=); empty: anonymous access",
+    "allow_origin": "comma-separated origins that may use the API and WebSockets ('*' for any)",
+    "max_message_size": "largest WebSocket message or JSON body, in bytes (10M, 512k ...)",
+    "base_url": "path prefix the service is mounted under (unused by default)",
+    "pool_size": "kernels kept forked and ready",
+    "preload": "comma-separated modules the fork server imports once (default: numpy, sympy, matplotlib where installed)",
+    "worker_user": "the unprivileged account kernels run as (when started as root)",
+    "run_dir": "directory for the control socket and kernel dirs (default: a fresh one in /tmp)",
+    "control": "zmq address spawners connect to (default: ipc:// in the run dir)",
+    "embedded_spawner": "start a spawner ourselves (true/false)",
+    "spawner_restart_max": "longest wait, in seconds, before restarting a dead spawner",
+    "max_kernels": "most kernels running at once, overall",
+    "max_kernels_per_client": "most kernels one client address may have",
+    "address_space": "per-kernel address space limit, bytes (0: none)",
+    "cpu_seconds": "per-kernel CPU time limit, seconds",
+    "processes": "per-kernel process limit",
+    "file_size": "largest file a kernel may write, bytes",
+    "open_files": "most open files per kernel",
+    "disk_quota": "most bytes in a kernel's working directory",
+    "network": "let kernels use the network (true/false; for trusted deployments)",
+    "exec_timeout": "wall-clock limit of one execution, seconds (interrupt, then kill)",
+    "idle_timeout": "end a session idle this long, seconds",
+    "disconnect_timeout": "end a session with no browser connected this long, seconds",
+    "max_lifetime": "end any session this old, seconds",
+    "shutdown_grace": "seconds between a kernel's shutdown request and SIGKILL",
+    "max_output_bytes": "output cap per execution, bytes",
+    "interrupt_on_output_cap": "interrupt the code when it hits the output cap (true/false)",
+    "permalink_db": "SQLite file for permalinks (default: in the run dir)",
+    "max_upload_size": "largest file upload, bytes",
+    "log_json": "log JSON lines (true/false)",
+    "log_code": "log users' code (true/false; off by default)",
+}
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = "A live code cell server: sandboxed IPython kernels forked from a warm master."
+    optParameters = [["config", "c", None, "TOML configuration file; command-line options override it"]] + [
+        [name.replace("_", "-"), None, None, HELP.get(name, "")] for name in configmod.OPTION_NAMES.values()
+    ]
+
+    def postOptions(self):
+        file_values = configmod.load_toml(self["config"]) if self["config"] else {}
+        given = {k: v for k, v in self.items() if k != "config" and v is not None}
+        try:
+            self.config = configmod.build(file_values, given)
+        except configmod.ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def makeService(options: Options):
+    from twisted.internet import reactor
+
+    from .service import SageCellService
+    from .web import build_site
+
+    config = options.config
+    top = SageCellService(config, reactor)
+    site = build_site(top, config, reactor)
+    listener = strports.service(config.port, site, reactor=reactor)
+    listener.setServiceParent(top)
+    return top

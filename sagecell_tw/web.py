@@ -1,0 +1,84 @@
+# -*- test-case-name: tests.test_api -*-
+"""
+The site: one resource tree for the API, the WebSockets, the widget and the
+demo page. Built by the tap; resources reach the managers through the service.
+"""
+
+from __future__ import annotations
+
+import os
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.web import resource, server, static
+
+from .api import Api
+from .webbase import LimitedRequest, NotFound
+from .websocket import KernelWebSocketFactory
+
+STATIC = os.path.join(os.path.dirname(__file__), "static")
+
+
+def default_permalink_db() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/sagecell/permalinks.sqlite3"
+    data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(data, "sagecell_tw", "permalinks.sqlite3")
+
+
+class Root(resource.Resource):
+    def __init__(self, api: Api, extra: dict):
+        super().__init__()
+        self.api = api
+        self.extra = extra
+        self.index = static.File(os.path.join(STATIC, "index.html"), defaultType="text/html")
+
+    def getChild(self, name, request):
+        if name == b"" and not request.postpath:
+            return self.index
+        child = self.extra.get(name)
+        if child is not None:
+            return child
+        return NotFound(self.api.policy)
+
+
+class StaticFiles(static.File):
+    """The widget's files, for any origin to load."""
+
+    def render(self, request):
+        request.setHeader(b"access-control-allow-origin", b"*")
+        request.setHeader(b"cache-control", b"public, max-age=300")
+        return super().render(request)
+
+    def createSimilarFile(self, path):
+        f = StaticFiles(path, self.defaultType, self.ignoredExts, self.registry)
+        f.processors = self.processors
+        f.indexNames = []
+        return f
+
+
+def build_site(svc, config, reactor) -> server.Site:
+    from .permalink_web import PermalinkResource
+    from .permalinks import PermalinkStore
+
+    ws_factory = KernelWebSocketFactory(svc.sessions, config, reactor=reactor)
+    ws_resource = WebSocketResource(ws_factory)
+    api = Api(svc.sessions, svc.kernels, svc, config, reactor)
+    svc.api = api
+    db = config.permalink_db or default_permalink_db()
+    os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)
+    store = PermalinkStore(db, reactor)
+    svc.permalinks = store
+    static_dir = StaticFiles(STATIC)
+    static_dir.indexNames = []
+    extra = {
+        b"api": api.resource(ws_resource),
+        b"static": static_dir,
+        b"embedded_sagecell.js": StaticFiles(os.path.join(STATIC, "embed.js"), defaultType="application/javascript"),
+        b"permalink": PermalinkResource(store, max_code_bytes=min(config.max_message_size, 1 << 20)),
+    }
+    svc.extend_site(extra, api, ws_resource)
+    site = server.Site(Root(api, extra))
+    site.displayTracebacks = False
+    request_factory = type("Request", (LimitedRequest,), {"body_limit": max(config.max_message_size, config.max_upload_size)})
+    site.requestFactory = request_factory
+    return site

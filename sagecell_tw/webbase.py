@@ -1,0 +1,226 @@
+# -*- test-case-name: tests.test_api -*-
+"""
+What every HTTP resource of ours shares: JSON replies, JSON errors, CORS,
+the optional token, and a body-size limit.
+
+``JsonResource.handle(request)`` returns a value (sent as JSON), a Deferred
+of one, or raises ``HTTPError``; anything else unexpected is logged and
+becomes a 500 with a JSON body, never a traceback page.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, resource, server
+
+log = Logger()
+
+ALLOWED_HEADERS = "Authorization, Content-Type, X-XSRFToken, X-Requested-With, Range"
+EXPOSED_HEADERS = "Content-Disposition, Content-Range, Content-Length, Accept-Ranges, Location"
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason or http.RESPONSES.get(status, b"").decode()
+
+
+def write_json(request, status: int, body) -> None:
+    data = json.dumps(body).encode()
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    request.setHeader(b"content-length", str(len(data)).encode())
+    if request.method != b"HEAD":
+        request.write(data)
+
+
+def error_body(status: int, message: str, reason: str | None = None) -> dict:
+    return {"message": message, "reason": reason or http.RESPONSES.get(status, b"").decode(), "status": status}
+
+
+def read_json(request, limit: int, allow_empty: bool = True):
+    """The request body as JSON: 413 if too large, 400 if malformed."""
+    request.content.seek(0, 2)
+    size = request.content.tell()
+    if size > limit:
+        raise HTTPError(413, f"the request body is {size} bytes, over the limit of {limit} bytes")
+    request.content.seek(0)
+    raw = request.content.read()
+    if not raw.strip():
+        if allow_empty:
+            return {}
+        raise HTTPError(400, "a JSON body is required")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPError(400, "the request body is not valid JSON") from None
+
+
+def client_address(request) -> str:
+    addr = request.getClientAddress()
+    return getattr(addr, "host", None) or str(addr)
+
+
+class Policy:
+    """CORS allow-list and token: one place decides who may call us."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def apply_cors(self, request) -> bool:
+        """Set CORS headers; False if the request's origin is not allowed."""
+        origin = request.getHeader(b"origin")
+        if origin is None:
+            return True
+        if not self.config.origin_allowed(origin):
+            return False
+        request.setHeader(b"access-control-allow-origin", origin.encode() if "*" not in self.config.allow_origin else b"*")
+        request.setHeader(b"vary", b"Origin")
+        request.setHeader(b"access-control-expose-headers", EXPOSED_HEADERS.encode())
+        return True
+
+    def preflight(self, request, methods: str) -> bytes:
+        if not self.apply_cors(request):
+            return self.deny(request, 403, "this origin is not allowed")
+        request.setResponseCode(204)
+        request.setHeader(b"access-control-allow-methods", methods.encode())
+        request.setHeader(b"access-control-allow-headers", ALLOWED_HEADERS.encode())
+        request.setHeader(b"access-control-max-age", b"600")
+        return b""
+
+    def token_ok(self, request) -> bool:
+        token = self.config.token
+        if not token:
+            return True
+        auth = (request.getHeader(b"authorization") or "").strip()
+        given = auth[6:].strip() if auth.lower().startswith("token ") else ""
+        if not given:
+            given = (request.args.get(b"token") or [b""])[0].decode(errors="replace")
+        return hmac.compare_digest(given.encode(), token.encode())
+
+    def deny(self, request, status: int, message: str) -> bytes:
+        write_json(request, status, error_body(status, message))
+        return b""
+
+
+class JsonResource(resource.Resource):
+    """A resource answering JSON, with CORS, token and error handling."""
+
+    isLeaf = True
+    methods = ("GET",)
+    needs_token = True
+
+    def __init__(self, policy: Policy):
+        super().__init__()
+        self.policy = policy
+
+    def render(self, request):
+        method = request.method.decode(errors="replace")
+        allowed = ", ".join(sorted(set(self.methods) | {"OPTIONS"}))
+        if method == "OPTIONS":
+            return self.policy.preflight(request, allowed)
+        if not self.policy.apply_cors(request):
+            return self.policy.deny(request, 403, "this origin is not allowed")
+        if self.needs_token and not self.policy.token_ok(request):
+            return self.policy.deny(request, 403, "a valid token is required")
+        if method not in self.methods and not (method == "HEAD" and "GET" in self.methods):
+            request.setHeader(b"allow", allowed.encode())
+            return self.policy.deny(request, 405, f"{method} is not allowed here")
+        try:
+            result = self.handle(request)
+        except HTTPError as e:
+            return self.policy.deny(request, e.status, e.message)
+        except Exception:
+            log.failure("error handling {method} {uri}", method=method, uri=request.uri)
+            return self.policy.deny(request, 500, "internal error")
+        if isinstance(result, defer.Deferred):
+            result.addCallbacks(self._finish, self._fail, callbackArgs=(request,), errbackArgs=(request,))
+            return server.NOT_DONE_YET
+        return self._respond(request, result)
+
+    def _respond(self, request, result) -> bytes:
+        if isinstance(result, Response):
+            write_json(request, result.status, result.body)
+            for k, v in result.headers.items():
+                request.setHeader(k.encode(), v.encode())
+        elif result is not None:
+            write_json(request, 200, result)
+        else:
+            request.setResponseCode(204)
+        return b""
+
+    def _finish(self, result, request) -> None:
+        if request._disconnected:
+            return
+        self._respond(request, result)
+        request.finish()
+
+    def _fail(self, failure: Failure, request) -> None:
+        if request._disconnected:
+            return
+        if failure.check(HTTPError):
+            e = failure.value
+            write_json(request, e.status, error_body(e.status, e.message))
+        else:
+            log.failure("error handling {uri}", failure, uri=request.uri)
+            write_json(request, 500, error_body(500, "internal error"))
+        request.finish()
+
+    def handle(self, request):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Response:
+    """A JSON reply with a status other than 200, or extra headers."""
+
+    def __init__(self, status: int, body, headers: dict | None = None):
+        self.status = status
+        self.body = body
+        self.headers = headers or {}
+
+
+class NotFound(JsonResource):
+    methods = ("GET", "POST", "PUT", "PATCH", "DELETE")
+    needs_token = False
+
+    def handle(self, request):
+        raise HTTPError(404, f"{request.path.decode(errors='replace')} is not here")
+
+
+class LimitedRequest(server.Request):
+    """
+    A request that refuses a body over the site's limit before reading it.
+
+    Twisted buffers bodies (in a temp file past 100 kB); this stops a client
+    from making us store gigabytes first.
+    """
+
+    body_limit = 10 << 20
+
+    def gotLength(self, length):
+        self._too_large = length is not None and length > self.body_limit
+        self._received = 0
+        super().gotLength(None if self._too_large else length)
+
+    def handleContentChunk(self, data):
+        self._received += len(data)
+        if self._too_large or self._received > self.body_limit:
+            self._too_large = True
+            return
+        super().handleContentChunk(data)
+
+    def process(self):
+        if getattr(self, "_too_large", False):
+            self.setHeader(b"connection", b"close")
+            write_json(self, 413, error_body(413, f"the request body is over the limit of {self.body_limit} bytes"))
+            self.finish()
+            return
+        super().process()

@@ -1,0 +1,127 @@
+# -*- test-case-name: tests.test_websocket -*-
+"""
+The browser's WebSocket to a session: ``/api/kernels/{id}/channels``.
+
+Both Jupyter Server framings: the default one (JSON text frames; binary
+frames with u32 big-endian offsets when there are buffers) and the
+``v1.kernel.websocket.jupyter.org`` subprotocol (u64 little-endian offsets).
+SageMathCell's ``/kernel/{id}/channels`` speaks the default framing too.
+Every frame goes to the session manager as a checked ``Message``; anything
+we refuse gets a Jupyter error reply, and the connection stays open.
+"""
+
+from __future__ import annotations
+
+import hmac
+from urllib.parse import parse_qs, urlsplit
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.logger import Logger
+
+from . import messages
+from .messages import BadMessage, Message
+
+log = Logger()
+
+
+def kernel_id_from_path(path: str) -> str | None:
+    """``/api/kernels/{id}/channels`` or ``/kernel/{id}/channels`` -> id."""
+    parts = [p for p in urlsplit(path).path.split("/") if p]
+    if len(parts) >= 3 and parts[-1] == "channels":
+        if parts[-3:-2] == ["kernels"] or parts[-3:-2] == ["kernel"]:
+            return parts[-2]
+    return None
+
+
+class KernelWebSocket(WebSocketServerProtocol):
+    """One browser connection to one session."""
+
+    session = None
+    framing = "default"
+
+    def onConnect(self, request):
+        factory = self.factory
+        config = factory.config
+        origin = request.headers.get("origin")
+        if origin and not config.origin_allowed(origin):
+            raise ConnectionDeny(403, f"origin {origin} is not allowed")
+        if config.token:
+            given = (request.params.get("token") or [""])[0]
+            auth = request.headers.get("authorization", "")
+            if auth.lower().startswith("token "):
+                given = auth[6:].strip()
+            if not hmac.compare_digest(given.encode(), config.token.encode()):
+                raise ConnectionDeny(403, "a valid token is required")
+        kernel_id = kernel_id_from_path(request.path)
+        session = factory.sessions.get(kernel_id) if kernel_id else None
+        if session is None:
+            raise ConnectionDeny(404, f"no kernel {kernel_id}")
+        self.session = session
+        self.client_sessions: set[str] = set()
+        qs = parse_qs(urlsplit(request.path).query)
+        sid = (request.params.get("session_id") or qs.get("session_id") or [""])[0]
+        if sid:
+            self.client_sessions.add(sid)
+        if messages.V1_SUBPROTOCOL in request.protocols:
+            self.framing = "v1"
+            return messages.V1_SUBPROTOCOL
+        return None
+
+    def onOpen(self):
+        self.factory.sessions.connect(self.session, self)
+
+    def onMessage(self, payload: bytes, isBinary: bool):
+        limit = self.factory.config.max_message_size
+        try:
+            if len(payload) > limit:
+                raise BadMessage(f"the message is {len(payload)} bytes, over the limit of {limit} bytes")
+            if self.framing == "v1":
+                if not isBinary:
+                    raise BadMessage("the v1 subprotocol takes binary frames")
+                msg = messages.parse_v1_frame(payload)
+            elif isBinary:
+                msg = messages.parse_default_binary(payload)
+            else:
+                msg = messages.parse_json_frame(payload)
+        except BadMessage as bad:
+            self.deliver(messages.error_reply(bad, "sagecell-daemon"))
+            return
+        self.factory.sessions.send(self.session, msg, self)
+
+    def onClose(self, wasClean, code, reason):
+        if self.session is not None:
+            self.factory.sessions.disconnect(self.session, self)
+
+    # -- what the session manager calls ---------------------------------------
+
+    def deliver(self, msg: Message) -> None:
+        if self.state != self.STATE_OPEN:
+            return
+        if self.framing == "v1":
+            self.sendMessage(msg.to_v1_frame(), isBinary=True)
+        else:
+            payload, binary = msg.to_default_frame()
+            self.sendMessage(payload, isBinary=binary)
+
+    def close_for(self, reason: str) -> None:
+        if self.state == self.STATE_OPEN:
+            self.sendClose(1000, reason[:120])
+
+
+class KernelWebSocketFactory(WebSocketServerFactory):
+    protocol = KernelWebSocket
+
+    def __init__(self, sessions, config, reactor=None):
+        super().__init__(reactor=reactor)
+        self.sessions = sessions
+        self.config = config
+        hard = config.max_message_size + max(config.max_message_size, 1 << 20)
+        self.setProtocolOptions(
+            maxMessagePayloadSize=hard,
+            maxFramePayloadSize=hard,
+            tcpNoDelay=True,
+            autoPingInterval=30,
+            autoPingTimeout=60,
+            # Origins are checked in onConnect against --allow-origin.
+        )

@@ -1,0 +1,134 @@
+# -*- test-case-name: tests.test_zmqtransport -*-
+"""
+The daemon's only contact with txzmq: sockets to kernels and to spawners.
+
+Kept small so txzmq can be replaced. Each socket gets a bounded high-water
+mark (txzmq's default of 0 is unbounded), and a read turn handles at most
+``READ_BATCH`` messages before yielding to the reactor, so one chatty kernel
+cannot starve the others. txzmq reaches for the global reactor in a few
+places; the reactor handed to ``ZmqContext`` is used everywhere we can.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import zmq
+from txzmq import ZmqEndpoint, ZmqEndpointType, ZmqFactory
+from txzmq.connection import ZmqConnection
+
+READ_BATCH = 256
+HWM = 10000
+
+
+class _Socket(ZmqConnection):
+    highWaterMark = HWM
+
+    def __init__(self, factory, endpoint, on_message: Callable[[list[bytes]], None], identity=None):
+        self._on_message = on_message
+        super().__init__(factory, endpoint, identity=identity)
+
+    def messageReceived(self, message: list[bytes]) -> None:
+        self._on_message(message)
+
+    def doRead(self) -> None:
+        # txzmq's doRead drains the socket in one go; take a batch, then let
+        # the reactor breathe and come back.
+        if self.read_scheduled is not None:
+            if not self.read_scheduled.called:
+                self.read_scheduled.cancel()
+            self.read_scheduled = None
+        for _ in range(READ_BATCH):
+            if self.factory is None:
+                return
+            if not self.socket.get(zmq.EVENTS) & zmq.POLLIN:
+                return
+            try:
+                message = self._readMultipart()
+            except zmq.error.Again:
+                continue
+            self.messageReceived(message)
+        if self.factory is not None:
+            self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
+
+    def send(self, message: list[bytes]) -> None:
+        """Send, or raise zmq.Again when the peer is too far behind."""
+        sock = self.socket
+        for m in message[:-1]:
+            sock.send(m, zmq.NOBLOCK | zmq.SNDMORE)
+        sock.send(message[-1], zmq.NOBLOCK)
+        if self.read_scheduled is None and self.factory is not None:
+            self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
+
+
+class _Dealer(_Socket):
+    socketType = zmq.DEALER
+
+
+class _Sub(_Socket):
+    # txzmq's ZmqSubConnection expects its own tag framing and breaks on
+    # Jupyter's multipart iopub messages: a plain SUB with our handler.
+    socketType = zmq.SUB
+
+
+class _Router(_Socket):
+    socketType = zmq.ROUTER
+
+
+class ZmqContext:
+    """One zmq context for the daemon, tied to a reactor."""
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.factory = None
+
+    def start(self) -> None:
+        """Create the zmq context: only after twistd has forked into the background."""
+        if self.factory is None:
+            self.factory = ZmqFactory()
+            self.factory.reactor = self.reactor
+            self.factory.lingerPeriod = 0
+
+    def shutdown(self) -> None:
+        if self.factory is not None and self.factory.connections is not None:
+            self.factory.shutdown()
+
+    def router(self, address: str, on_message: Callable[[list[bytes]], None]) -> Channel:
+        """A bound ROUTER: the spawners' control channel."""
+        sock = _Router(self.factory, ZmqEndpoint(ZmqEndpointType.bind, address), on_message)
+        return Channel(sock)
+
+    def dealer(self, address: str, on_message: Callable[[list[bytes]], None]) -> Channel:
+        return Channel(_Dealer(self.factory, ZmqEndpoint(ZmqEndpointType.connect, address), on_message))
+
+    def sub(self, address: str, on_message: Callable[[list[bytes]], None]) -> Channel:
+        sock = _Sub(self.factory, ZmqEndpoint(ZmqEndpointType.connect, address), on_message)
+        sock.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        return Channel(sock)
+
+
+class Channel:
+    """A socket we can send on and close; what the rest of the daemon sees."""
+
+    def __init__(self, sock: _Socket):
+        self._sock = sock
+
+    def send(self, parts: list[bytes]) -> bool:
+        """Send a multipart message; False if the socket is closed or full."""
+        if self._sock.socket is None:
+            return False
+        try:
+            self._sock.send(parts)
+        except zmq.error.Again:
+            return False
+        except zmq.error.ZMQError:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._sock.socket is not None:
+            self._sock.shutdown()
+
+    @property
+    def closed(self) -> bool:
+        return self._sock.socket is None

@@ -1,0 +1,29 @@
+"""Packaging for sagecell_tw. The twistd plugin ships as twisted/plugins/sagecell_plugin.py
+(no twisted/plugins/__init__.py: that folder belongs to Twisted)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="sagecell_tw",
+    version="0.1.0",
+    description="A live code cell server: sandboxed IPython kernels forked from a warm master, on Twisted",
+    python_requires=">=3.11",
+    packages=find_packages(include=["sagecell_tw", "sagecell_tw.*"]) + ["twisted.plugins"],
+    package_data={"sagecell_tw": ["static/*", "static/**/*"]},
+    include_package_data=False,
+    install_requires=[
+        "twisted>=24.3",
+        "autobahn>=24.4",
+        "txzmq>=1.0",
+        "pyzmq>=25",
+        "service_identity>=24.1",
+        "pyopenssl>=24",
+        "ipykernel>=6.29",
+        "prometheus_client>=0.20",
+    ],
+    extras_require={
+        "scientific": ["numpy", "sympy", "matplotlib"],
+        "test": ["pytest>=8", "pytest-timeout", "playwright", "jupyter_client", "numpy", "matplotlib", "ruff"],
+    },
+    entry_points={"console_scripts": ["sagecell-spawner=sagecell_tw.spawner:main"]},
+)
