@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -46,12 +47,6 @@ CHROMIUM_ARGS = [
 SERVER_START_TIMEOUT = 60.0
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "browser: drives the embed widget in headless Chromium (slow)"
-    )
-
-
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     # Keep each phase's report on the item, so fixtures can see a failure.
@@ -78,9 +73,7 @@ def embed_bundle() -> Path:
     if _bundle_is_stale():
         npm = shutil.which("npm")
         if npm is None:
-            pytest.fail(
-                "npm is needed to build the widget (cd js && npm ci && npm run build)"
-            )
+            pytest.fail("npm is needed to build the widget (cd js && npm ci && npm run build)")
         if not (JS_DIR / "node_modules" / "esbuild").exists():
             subprocess.run(
                 [npm, "ci", "--no-audit", "--no-fund"],
@@ -127,31 +120,30 @@ def _wait_until_up(base: str, proc: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + SERVER_START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(
-                f"the server exited with {proc.returncode}:\n{log.read_text()[-4000:]}"
-            )
-        try:
-            with urllib.request.urlopen(base + "/api", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
+            pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        for path in ("/api", "/api/"):
+            try:
+                with urllib.request.urlopen(base + path, timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
         time.sleep(0.2)
     pytest.fail(f"the server did not answer at {base}/api:\n{log.read_text()[-4000:]}")
 
 
 @pytest.fixture(scope="session")
-def sagecell_server(
-    embed_bundle: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
+def sagecell_server(embed_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL of a real `twistd -n sagecell` on a loopback port."""
     port = free_port()
     workdir = tmp_path_factory.mktemp("sagecell-server")
+    # Kernels may run as another account (when root): their run dir must be
+    # reachable by it, which pytest's private 0700 temp tree is not.
+    run_dir = Path(tempfile.mkdtemp(prefix="sagecell-browser-"))
+    run_dir.chmod(0o755)
     log = workdir / "twistd.log"
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(REPO), env.get("PYTHONPATH")])
-    )
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     cmd = [
         sys.executable,
         "-c",
@@ -162,6 +154,10 @@ def sagecell_server(
         "sagecell",
         "--port",
         f"tcp:{port}:interface=127.0.0.1",
+        "--run-dir",
+        str(run_dir / "run"),
+        "--permalink-db",
+        str(workdir / "permalinks.sqlite3"),
     ]
     with open(workdir / "stdout.log", "wb") as out:
         proc = subprocess.Popen(
@@ -183,6 +179,7 @@ def sagecell_server(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -246,9 +243,7 @@ def page(chromium_browser, request: pytest.FixtureRequest):
     """A fresh page; on failure its screenshot and console go to test-artifacts/."""
     from playwright.sync_api import Error as PlaywrightError
 
-    context = chromium_browser.new_context(
-        accept_downloads=True, viewport={"width": 1100, "height": 900}
-    )
+    context = chromium_browser.new_context(accept_downloads=True, viewport={"width": 1100, "height": 900})
     context.set_default_timeout(30_000)
     pg = context.new_page()
     console: list[str] = []
@@ -266,7 +261,5 @@ def page(chromium_browser, request: pytest.FixtureRequest):
                 pg.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
             except PlaywrightError as e:  # the page may be gone; keep the log anyway
                 console.append(f"(screenshot failed: {e})")
-            (ARTIFACTS / f"{name}.console.txt").write_text(
-                "\n".join(console), encoding="utf-8"
-            )
+            (ARTIFACTS / f"{name}.console.txt").write_text("\n".join(console), encoding="utf-8")
         context.close()

@@ -39,9 +39,7 @@ def set_code(page: Page, code: str, i: int = 0) -> None:
     page.evaluate("([i, code]) => sagecell.cells()[i].setCode(code)", [i, code])
 
 
-def run(
-    page: Page, code: str | None = None, i: int = 0, timeout: int = RUN_TIMEOUT
-) -> None:
+def run(page: Page, code: str | None = None, i: int = 0, timeout: int = RUN_TIMEOUT) -> None:
     """Put code in cell i, press Evaluate and wait for the run to end."""
     if code is not None:
         set_code(page, code, i)
@@ -54,9 +52,7 @@ def open_demo(page: Page, base: str, query: str = "") -> None:
     expect(page.locator(".sagecell-editor .cm-content")).to_be_visible()
 
 
-def embed_page(
-    server: str, body: str, script: str, script_src: str | None = None
-) -> str:
+def embed_page(server: str, body: str, script: str, script_src: str | None = None) -> str:
     src = script_src or f"{server}/embedded_sagecell.js"
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>host page</title>"
@@ -68,9 +64,7 @@ def embed_page(
 @pytest.fixture(scope="session")
 def files_api(sagecell_server: str) -> str:
     """Skip file tests while the files endpoints (issue 4) are not served."""
-    status, model = http_json(
-        "POST", f"{sagecell_server}/api/kernels", {"name": "python3"}
-    )
+    status, model = http_json("POST", f"{sagecell_server}/api/kernels", {"name": "python3"})
     assert status == 201, (status, model)
     kid = model["id"]
     try:
@@ -78,19 +72,14 @@ def files_api(sagecell_server: str) -> str:
     finally:
         http_json("DELETE", f"{sagecell_server}/api/kernels/{kid}")
     if status in (404, 405, 501) or not isinstance(body, dict) or "files" not in body:
-        pytest.skip(
-            "GET/PUT /api/kernels/{id}/files/ (issue 4) is not served yet "
-            f"(GET answered {status})"
-        )
+        pytest.skip(f"GET/PUT /api/kernels/{{id}}/files/ (issue 4) is not served yet (GET answered {status})")
     return sagecell_server
 
 
 # -- the demo page ------------------------------------------------------------
 
 
-def test_type_code_and_evaluate_with_shift_enter(
-    page: Page, sagecell_server: str
-) -> None:
+def test_type_code_and_evaluate_with_shift_enter(page: Page, sagecell_server: str) -> None:
     open_demo(page, sagecell_server)
     editor = page.locator(".sagecell-editor .cm-content")
     editor.click()
@@ -103,19 +92,14 @@ def test_type_code_and_evaluate_with_shift_enter(
     expect(output(page)).to_have_attribute("data-state", "done", timeout=RUN_TIMEOUT)
     expect(output(page).locator(".sagecell-stdout")).to_have_text("hello 42")
     expect(output(page).locator(".sagecell-execute-result")).to_have_text("5050")
-    expect(cell(page).locator(".sagecell-status")).to_have_attribute(
-        "data-status", "idle"
-    )
+    expect(cell(page).locator(".sagecell-status")).to_have_attribute("data-status", "idle")
 
 
 def test_stdout_and_stderr_stay_in_order(page: Page, sagecell_server: str) -> None:
     open_demo(page, sagecell_server)
     run(
         page,
-        "import sys\n"
-        "print('one', flush=True)\n"
-        "print('two', file=sys.stderr, flush=True)\n"
-        "print('three', flush=True)\n",
+        "import sys\nprint('one', flush=True)\nprint('two', file=sys.stderr, flush=True)\nprint('three', flush=True)\n",
     )
     streams = output(page).locator(".sagecell-stream")
     expect(streams).to_have_count(3)
@@ -141,17 +125,12 @@ def test_matplotlib_plot_shows_as_image(page: Page, sagecell_server: str) -> Non
     open_demo(page, sagecell_server)
     run(
         page,
-        "import matplotlib.pyplot as plt\n"
-        "plt.plot([0, 1, 2, 3], [0, 1, 4, 9])\n"
-        "plt.title('squares')\n"
-        "plt.show()\n",
+        "import matplotlib.pyplot as plt\nplt.plot([0, 1, 2, 3], [0, 1, 4, 9])\nplt.title('squares')\nplt.show()\n",
     )
     img = output(page).locator("img.sagecell-image")
     expect(img).to_have_count(1)
     assert img.get_attribute("src").startswith("data:image/png;base64,")
-    page.wait_for_function(
-        "() => document.querySelector('.sagecell-output img').naturalWidth > 100"
-    )
+    page.wait_for_function("() => document.querySelector('.sagecell-output img').naturalWidth > 100")
 
 
 def test_input_is_answered_in_an_input_box(page: Page, sagecell_server: str) -> None:
@@ -188,9 +167,7 @@ def test_interrupt_stops_a_long_computation(page: Page, sagecell_server: str) ->
     expect(interrupt).to_be_disabled()
 
 
-def test_rich_output_latex_display_updates_and_clear_output(
-    page: Page, sagecell_server: str
-) -> None:
+def test_rich_output_latex_display_updates_and_clear_output(page: Page, sagecell_server: str) -> None:
     open_demo(page, sagecell_server)
     run(
         page,
@@ -230,24 +207,18 @@ def test_kernel_html_cannot_reach_the_page(page: Page, sagecell_server: str) -> 
     )
     frame = output(page).locator("iframe.sagecell-html-frame")
     expect(frame).to_have_attribute("sandbox", "allow-scripts")
-    expect(
-        page.frame_locator(".sagecell-output iframe").locator("#probe")
-    ).to_have_text("blocked")
+    expect(page.frame_locator(".sagecell-output iframe").locator("#probe")).to_have_text("blocked")
     assert page.evaluate("document.body.dataset.pwned") is None
 
 
-def test_a_dead_kernel_is_reported_and_replaced(
-    page: Page, sagecell_server: str
-) -> None:
+def test_a_dead_kernel_is_reported_and_replaced(page: Page, sagecell_server: str) -> None:
     open_demo(page, sagecell_server)
     run(page, "x = 5")
     set_code(page, "import os\nos._exit(3)\n")
     cell(page).locator(".sagecell-evalButton").click()
     notice = output(page).locator(".sagecell-notice-error")
     expect(notice).to_be_visible(timeout=RUN_TIMEOUT)
-    expect(cell(page).locator(".sagecell-status")).to_have_attribute(
-        "data-status", re.compile("dead|disconnected")
-    )
+    expect(cell(page).locator(".sagecell-status")).to_have_attribute("data-status", re.compile("dead|disconnected"))
     run(page, "print('back', 'x' in dir())")
     expect(output(page)).to_contain_text("A new session was started")
     expect(output(page)).to_contain_text("back False")
@@ -263,9 +234,7 @@ def test_query_parameters_fill_the_cell(page: Page, sagecell_server: str) -> Non
     page.wait_for_function("(c) => demoCell.getCode() === c", arg=code)
 
     form = urllib.parse.urlencode({"code": code, "language": "python"}).encode()
-    req = urllib.request.Request(
-        f"{sagecell_server}/permalink", data=form, method="POST"
-    )
+    req = urllib.request.Request(f"{sagecell_server}/permalink", data=form, method="POST")
     with urllib.request.urlopen(req, timeout=10) as resp:
         ident = json.load(resp)["query"]
     open_demo(page, sagecell_server, "?q=" + urllib.parse.quote(ident))
@@ -297,9 +266,9 @@ def test_upload_by_picking_and_dropping_then_read(page: Page, files_api: str) ->
             }
         ]
     )
-    expect(
-        cell(page).locator(".sagecell-upload[data-name='picked.txt']")
-    ).to_have_attribute("data-state", "done", timeout=RUN_TIMEOUT)
+    expect(cell(page).locator(".sagecell-upload[data-name='picked.txt']")).to_have_attribute(
+        "data-state", "done", timeout=RUN_TIMEOUT
+    )
     page.evaluate(
         """() => {
             const dt = new DataTransfer();
@@ -310,23 +279,19 @@ def test_upload_by_picking_and_dropping_then_read(page: Page, files_api: str) ->
             }
         }"""
     )
-    expect(
-        cell(page).locator(".sagecell-upload[data-name='dropped.txt']")
-    ).to_have_attribute("data-state", "done", timeout=RUN_TIMEOUT)
+    expect(cell(page).locator(".sagecell-upload[data-name='dropped.txt']")).to_have_attribute(
+        "data-state", "done", timeout=RUN_TIMEOUT
+    )
     run(
         page,
         "print(open('picked.txt').read().strip(), open('dropped.txt').read().strip())",
     )
-    expect(output(page).locator(".sagecell-stdout")).to_have_text(
-        "picked 314159 dropped 271828"
-    )
+    expect(output(page).locator(".sagecell-stdout")).to_have_text("picked 314159 dropped 271828")
 
 
 def test_download_a_file_the_code_wrote(page: Page, files_api: str) -> None:
     open_demo(page, files_api)
-    run(
-        page, "with open('result.txt', 'w') as f:\n    f.write('downloaded 12345\\n')\n"
-    )
+    run(page, "with open('result.txt', 'w') as f:\n    f.write('downloaded 12345\\n')\n")
     link = page.locator(".sagecell-file a", has_text="result.txt")
     expect(link).to_be_visible(timeout=10_000)
     with page.expect_download() as info:
@@ -343,9 +308,7 @@ def test_image_files_get_an_inline_preview(page: Page, files_api: str) -> None:
         "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
         "plt.plot([1, 2, 3])\nplt.savefig('plot.png')\nplt.close()\n",
     )
-    preview = page.locator(
-        ".sagecell-file[data-path='plot.png'] img.sagecell-file-preview"
-    )
+    preview = page.locator(".sagecell-file[data-path='plot.png'] img.sagecell-file-preview")
     expect(preview).to_be_visible(timeout=10_000)
     page.wait_for_function(
         "() => document.querySelector(\".sagecell-file[data-path='plot.png'] img\").naturalWidth > 100"
@@ -370,9 +333,7 @@ def test_linked_cells_share_a_kernel_unlinked_cells_do_not(
         "sagecell.makeSagecell({inputLocation: 'div.linked', linked: true});"
         "sagecell.makeSagecell({inputLocation: 'div.solo'});"
     )
-    page.goto(
-        other_origin.page("linked.html", embed_page(sagecell_server, body, script))
-    )
+    page.goto(other_origin.page("linked.html", embed_page(sagecell_server, body, script)))
     expect(page.locator(".sagecell-input-elements")).to_have_count(4)
     run(page, i=0)
     run(page, i=1)
@@ -385,9 +346,7 @@ def test_linked_cells_share_a_kernel_unlinked_cells_do_not(
     assert len({ids[0], ids[2], ids[3]}) == 3, ids
 
 
-def test_embedding_from_another_origin(
-    page: Page, sagecell_server: str, other_origin: OtherOrigin
-) -> None:
+def test_embedding_from_another_origin(page: Page, sagecell_server: str, other_origin: OtherOrigin) -> None:
     body = "<h1>A page elsewhere</h1><div id='mycell'>print(6 * 7)</div><div id='out'></div>"
     script = (
         "window.made = sagecell.makeSagecell({inputLocation: '#mycell', outputLocation: '#out',"
@@ -410,9 +369,7 @@ def test_embedding_from_another_origin(
     expect(out).to_have_text("42")
 
 
-def test_an_unreachable_server_is_reported(
-    page: Page, embed_bundle, other_origin: OtherOrigin
-) -> None:
+def test_an_unreachable_server_is_reported(page: Page, embed_bundle, other_origin: OtherOrigin) -> None:
     # No sagecell server at all: the bundle comes from the other origin and
     # points at a port where nothing listens.
     shutil.copy(BUNDLE, other_origin.root / "embed.js")
@@ -430,6 +387,4 @@ def test_an_unreachable_server_is_reported(
     notice = output(page).locator(".sagecell-notice-error")
     expect(notice).to_contain_text("Cannot reach the server")
     expect(notice).to_contain_text(dead)
-    expect(cell(page).locator(".sagecell-status")).to_have_attribute(
-        "data-status", "unreachable"
-    )
+    expect(cell(page).locator(".sagecell-status")).to_have_attribute("data-status", "unreachable")
