@@ -27,6 +27,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import sys
 import time
 import traceback
@@ -221,6 +222,8 @@ class ForkServer:
     # -- the loop ----------------------------------------------------------
 
     def serve(self) -> None:
+        # A front that stops reading must not wedge us: time out and stop.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 5, 0))
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         self._announce_pool()

@@ -11,6 +11,7 @@ hands kernels out; it never knows how a kernel was started.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
@@ -57,6 +58,9 @@ class Kernel:
         self.dead: defer.Deferred = defer.Deferred()
         self._kill_call = None
         conn = info["connection"]
+        # The kernel sends input_request on stdin to the zmq identity that
+        # sent the execute_request on shell: both sockets must share one.
+        identity = os.urandom(8).hex().encode()
         self.sockets = {}
         for channel in CHANNELS:
             address = f"ipc://{conn['ip']}-{conn[channel + '_port']}"
@@ -64,7 +68,7 @@ class Kernel:
             if channel == "iopub":
                 self.sockets[channel] = zmq.sub(address, handler)
             else:
-                self.sockets[channel] = zmq.dealer(address, handler)
+                self.sockets[channel] = zmq.dealer(address, handler, identity)
 
     def __repr__(self) -> str:
         return f"<Kernel {self.id[:8]} {self.state}>"

@@ -65,6 +65,9 @@ class SessionManager:
         self._sweeper.clock = clock
         #: observers called with (event, session, detail) for logs and metrics
         self.observers: list[Callable[[str, WebSession, str], None]] = []
+        #: called with (session, execute_request parent header) when an
+        #: execution ends (its kernel went idle): the files watcher uses it
+        self.on_execute_done: list[Callable[[WebSession, dict], None]] = []
 
     def start(self) -> None:
         self._sweeper.start(1.0, now=False)
@@ -258,9 +261,11 @@ class SessionManager:
                 state = msg.content_dict().get("execution_state")
                 if isinstance(state, str):
                     session.execution_state = state
-                    if state == "idle":
-                        session.executions.pop(parent.get("msg_id"), None)
                     session.last_activity = self.clock.seconds()
+                    if state == "idle" and session.executions.pop(parent.get("msg_id"), None) is not None:
+                        # Before "idle", so clients still count it as part of the execution.
+                        for hook in list(self.on_execute_done):
+                            hook(session, parent)
             self._broadcast(session, msg)
             return
         if parent.get("session") == DAEMON_SESSION:
@@ -269,6 +274,10 @@ class SessionManager:
         conns = [c for c in session.connections if target in c.client_sessions]
         for conn in conns or list(session.connections):
             conn.deliver(msg)
+
+    def broadcast(self, session: WebSession, msg: Message) -> None:
+        """Send a daemon-made message to every connection of the session."""
+        self._broadcast(session, msg)
 
     def _broadcast(self, session: WebSession, msg: Message) -> None:
         for conn in list(session.connections):

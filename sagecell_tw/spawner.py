@@ -165,7 +165,7 @@ class Front:
                 if not data:
                     code = 1
                     break
-                dealer.send(data)
+                self._send_raw(data)
             if self.args.exit_with_parent and time.monotonic() - heard > DAEMON_SILENCE:
                 break
         self._stop_server()
@@ -178,7 +178,16 @@ class Front:
         self.stopping = True
 
     def _to_daemon(self, msg: dict) -> None:
-        self.dealer.send(json.dumps(msg).encode())
+        self._send_raw(json.dumps(msg).encode())
+
+    def _send_raw(self, data: bytes) -> None:
+        """Never block on the daemon: with no daemon connected a DEALER send would wait forever."""
+        import zmq
+
+        try:
+            self.dealer.send(data, zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def _from_daemon(self, parts: list[bytes]) -> None:
         if not parts:
@@ -210,7 +219,7 @@ class Front:
             try:
                 data = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
                 if data:
-                    self.dealer.send(data)
+                    self._send_raw(data)
             except BlockingIOError:
                 time.sleep(0.02)
             except OSError:

@@ -98,8 +98,10 @@ class ZmqContext:
         sock = _Router(self.factory, ZmqEndpoint(ZmqEndpointType.bind, address), on_message)
         return Channel(sock)
 
-    def dealer(self, address: str, on_message: Callable[[list[bytes]], None]) -> Channel:
-        return Channel(_Dealer(self.factory, ZmqEndpoint(ZmqEndpointType.connect, address), on_message))
+    def dealer(
+        self, address: str, on_message: Callable[[list[bytes]], None], identity: bytes | None = None
+    ) -> Channel:
+        return Channel(_Dealer(self.factory, ZmqEndpoint(ZmqEndpointType.connect, address), on_message, identity))
 
     def sub(self, address: str, on_message: Callable[[list[bytes]], None]) -> Channel:
         sock = _Sub(self.factory, ZmqEndpoint(ZmqEndpointType.connect, address), on_message)

@@ -1,0 +1,207 @@
+"""
+Test helpers: a real daemon in a subprocess, and a plain WebSocket Jupyter client.
+
+Everything talks to 127.0.0.1 only; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import websocket  # websocket-client
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Daemon:
+    """``twistd -n sagecell`` on a free loopback port, stopped by its PID."""
+
+    def __init__(self, *args: str, pool_size: int = 2, env: dict | None = None):
+        self.tmp = tempfile.mkdtemp(prefix="sagecell-test-")
+        os.chmod(self.tmp, 0o711)
+        self.log_path = os.path.join(self.tmp, "twistd.log")
+        self.args = [
+            "--port",
+            "tcp:0:interface=127.0.0.1",
+            "--pool-size",
+            str(pool_size),
+            "--permalink-db",
+            os.path.join(self.tmp, "permalinks.sqlite3"),
+            "--run-dir",
+            os.path.join(self.tmp, "run"),
+            *args,
+        ]
+        self.env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.tmp, "run")
+
+    def start(self, timeout: float = 60.0) -> Daemon:
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> Daemon:
+        logf = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "sagecell", *self.args],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            cwd=self.tmp,
+            env=self.env,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(r"Site starting on (\d+)", self.log())
+            if m:
+                self.port = int(m.group(1))
+                break
+            if self.proc.poll() is not None:
+                raise RuntimeError("daemon exited:\n" + self.log())
+            time.sleep(0.05)
+        else:
+            raise RuntimeError("daemon did not start:\n" + self.log())
+        self.wait_pool(1, timeout=deadline - time.monotonic())
+        return self
+
+    def wait_pool(self, n: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log().count("] kernel ") and len(re.findall(r"kernel \w+ ready", self.log())) >= n:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("pool did not fill:\n" + self.log())
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+    def request(self, method: str, path: str, body=None, headers: dict | None = None, raw: bytes | None = None):
+        """(status, parsed JSON or None, headers)."""
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                payload = resp.read()
+                status, hdrs = resp.status, dict(resp.headers)
+        except urllib.error.HTTPError as e:
+            payload, status, hdrs = e.read(), e.code, dict(e.headers)
+        try:
+            parsed = json.loads(payload) if payload else None
+        except ValueError:
+            parsed = payload
+        return status, parsed, hdrs
+
+    def new_kernel(self) -> str:
+        status, body, _ = self.request("POST", "/api/kernels", {"name": "python3"})
+        assert status == 201, (status, body)
+        return body["id"]
+
+
+def msg(msg_type: str, content: dict, channel: str = "shell", session: str = "test") -> dict:
+    return {
+        "header": {
+            "msg_id": uuid.uuid4().hex,
+            "msg_type": msg_type,
+            "session": session,
+            "username": "test",
+            "date": "2026-01-01T00:00:00Z",
+            "version": "5.3",
+        },
+        "parent_header": {},
+        "metadata": {},
+        "content": content,
+        "channel": channel,
+        "buffers": [],
+    }
+
+
+class Client:
+    """A plain JSON-framing WebSocket client, as a script would write one."""
+
+    def __init__(self, daemon: Daemon, kernel_id: str, session: str | None = None, **kw):
+        self.session = session or uuid.uuid4().hex
+        self.ws = websocket.create_connection(
+            f"{daemon.ws_url}/api/kernels/{kernel_id}/channels?session_id={self.session}", timeout=30, **kw
+        )
+        self.backlog: list[dict] = []
+
+    def send(self, m: dict) -> dict:
+        m["header"]["session"] = self.session
+        self.ws.send(json.dumps(m))
+        return m
+
+    def recv(self, timeout: float = 30.0) -> dict:
+        if self.backlog:
+            return self.backlog.pop(0)
+        self.ws.settimeout(timeout)
+        data = self.ws.recv()
+        return json.loads(data)
+
+    def execute(self, code: str, timeout: float = 30.0, allow_stdin: bool = False, stdin_reply: str | None = None):
+        """Run code; return (reply content, [iopub messages with this parent])."""
+        req = self.send(
+            msg(
+                "execute_request",
+                {"code": code, "silent": False, "store_history": True, "user_expressions": {}, "allow_stdin": allow_stdin, "stop_on_error": True},
+            )
+        )
+        mid = req["header"]["msg_id"]
+        reply, outputs, idle = None, [], False
+        deadline = time.monotonic() + timeout
+        while (reply is None or not idle) and time.monotonic() < deadline:
+            m = self.recv(max(0.1, deadline - time.monotonic()))
+            if m.get("parent_header", {}).get("msg_id") != mid:
+                continue
+            if m["channel"] == "shell" and m["msg_type"].endswith("_reply"):
+                reply = m
+            elif m["channel"] == "stdin" and m["msg_type"] == "input_request":
+                r = msg("input_reply", {"value": stdin_reply or ""}, channel="stdin")
+                r["parent_header"] = m["header"]
+                self.send(r)
+            elif m["channel"] == "iopub":
+                outputs.append(m)
+                if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+                    idle = True
+        assert reply is not None, "no execute_reply in time"
+        return reply["content"], outputs
+
+    def close(self):
+        self.ws.close()
+
+
+def stdout_of(outputs: list[dict]) -> str:
+    return "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream" and m["content"]["name"] == "stdout")

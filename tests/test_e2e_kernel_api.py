@@ -1,0 +1,119 @@
+"""End to end: the Jupyter kernel API of a real daemon with real forked kernels."""
+
+import time
+
+from support import Client, msg, stdout_of
+
+
+def test_execute_streams_output(daemon):
+    kid = daemon.new_kernel()
+    c = Client(daemon, kid)
+    reply, outputs = c.execute("for i in range(3): print('line', i)\n6*7")
+    assert reply["status"] == "ok"
+    assert stdout_of(outputs) == "line 0\nline 1\nline 2\n"
+    results = [m for m in outputs if m["msg_type"] == "execute_result"]
+    assert results[0]["content"]["data"]["text/plain"] == "42"
+    states = [m["content"]["execution_state"] for m in outputs if m["msg_type"] == "status"]
+    assert states[0] == "busy" and states[-1] == "idle"
+    c.close()
+
+
+def test_error_has_traceback(daemon):
+    c = Client(daemon, daemon.new_kernel())
+    reply, outputs = c.execute("1/0")
+    assert reply["status"] == "error" and reply["ename"] == "ZeroDivisionError"
+    err = [m for m in outputs if m["msg_type"] == "error"][0]
+    assert any("ZeroDivisionError" in line for line in err["content"]["traceback"])
+
+
+def test_input_over_stdin(daemon):
+    c = Client(daemon, daemon.new_kernel())
+    reply, outputs = c.execute("x = input('name? ')\nprint('hello', x)", allow_stdin=True, stdin_reply="world")
+    assert reply["status"] == "ok"
+    assert "hello world" in stdout_of(outputs)
+
+
+def test_sessions_do_not_share_kernels_or_output(daemon):
+    a, b = daemon.new_kernel(), daemon.new_kernel()
+    ca, cb = Client(daemon, a), Client(daemon, b)
+    ca.execute("import os; secret = 'a'; pid = os.getpid()")
+    reply, outputs = cb.execute("print('secret' in dir())")
+    assert stdout_of(outputs) == "False\n"
+    _, pa = ca.execute("print(pid)")
+    _, pb = cb.execute("import os; print(os.getpid())")
+    assert stdout_of(pa) != stdout_of(pb)
+
+
+def test_interrupt_sleep_within_a_second(daemon):
+    kid = daemon.new_kernel()
+    c = Client(daemon, kid)
+    c.execute("import time")
+    req = c.send(msg("execute_request", {"code": "time.sleep(30)", "silent": False}))
+    # wait for busy
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        m = c.recv(10)
+        if m["msg_type"] == "status" and m["parent_header"].get("msg_id") == req["header"]["msg_id"]:
+            break
+    t0 = time.monotonic()
+    status, _, _ = daemon.request("POST", f"/api/kernels/{kid}/interrupt")
+    assert status == 204
+    while time.monotonic() - t0 < 5:
+        m = c.recv(5)
+        if m["msg_type"] == "execute_reply":
+            break
+    assert m["msg_type"] == "execute_reply" and m["content"]["status"] == "error"
+    assert m["content"]["ename"] == "KeyboardInterrupt"
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_restart_gives_fresh_kernel_same_id(daemon):
+    kid = daemon.new_kernel()
+    c = Client(daemon, kid)
+    c.execute("marker = 1")
+    status, body, _ = daemon.request("POST", f"/api/kernels/{kid}/restart")
+    assert status == 200 and body["id"] == kid
+    reply, outputs = c.execute("print('marker' in dir())")
+    assert stdout_of(outputs) == "False\n"
+
+
+def test_delete_shuts_kernel_down(daemon):
+    kid = daemon.new_kernel()
+    c = Client(daemon, kid)
+    _, out = c.execute("import os; print(os.getpid())")
+    pid = int(stdout_of(out))
+    status, _, _ = daemon.request("DELETE", f"/api/kernels/{kid}")
+    assert status == 204
+    status, body, _ = daemon.request("GET", f"/api/kernels/{kid}")
+    assert status == 404 and "message" in body
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[1].split()[0] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("kernel process still alive after DELETE")
+
+
+def test_killed_kernel_reports_dead(daemon):
+    import os
+    import signal
+
+    kid = daemon.new_kernel()
+    c = Client(daemon, kid)
+    _, out = c.execute("import os; print(os.getpid())")
+    pid = int(stdout_of(out))
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 5:
+        m = c.recv(5)
+        if m["msg_type"] == "status" and m["content"]["execution_state"] == "dead":
+            break
+    assert m["content"]["execution_state"] == "dead"
+    assert time.monotonic() - t0 < 1.0
+    _, body, _ = daemon.request("GET", f"/api/kernels/{kid}")
+    assert body["execution_state"] == "dead"
