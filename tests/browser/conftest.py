@@ -17,10 +17,7 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
-import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -44,7 +41,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SERVER_START_TIMEOUT = 60.0
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -116,70 +112,10 @@ def http_json(method: str, url: str, body: object = None, timeout: float = 10.0)
         return status, raw.decode("utf-8", "replace")
 
 
-def _wait_until_up(base: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        for path in ("/api", "/api/"):
-            try:
-                with urllib.request.urlopen(base + path, timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-        time.sleep(0.2)
-    pytest.fail(f"the server did not answer at {base}/api:\n{log.read_text()[-4000:]}")
-
-
-@pytest.fixture(scope="session")
-def sagecell_server(embed_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL of a real `twistd -n sagecell` on a loopback port."""
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("sagecell-server")
-    # Kernels may run as another account (when root): their run dir must be
-    # reachable by it, which pytest's private 0700 temp tree is not.
-    run_dir = Path(tempfile.mkdtemp(prefix="sagecell-browser-"))
-    run_dir.chmod(0o755)
-    log = workdir / "twistd.log"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    cmd = [
-        sys.executable,
-        "-c",
-        "from twisted.scripts.twistd import run; run()",
-        "-n",
-        "--pidfile=",
-        f"--logfile={log}",
-        "sagecell",
-        "--port",
-        f"tcp:{port}:interface=127.0.0.1",
-        "--run-dir",
-        str(run_dir / "run"),
-        "--permalink-db",
-        str(workdir / "permalinks.sqlite3"),
-    ]
-    with open(workdir / "stdout.log", "wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_up(base, proc, log if log.exists() else workdir / "stdout.log")
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        shutil.rmtree(run_dir, ignore_errors=True)
+@pytest.fixture(scope="module")
+def sagecell_server(embed_bundle: Path, daemon) -> str:
+    """Base URL of the real `twistd -n sagecell` that tests/conftest.py starts."""
+    return daemon.url
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

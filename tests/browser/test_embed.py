@@ -61,7 +61,7 @@ def embed_page(server: str, body: str, script: str, script_src: str | None = Non
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def files_api(sagecell_server: str) -> str:
     """Skip file tests while the files endpoints (issue 4) are not served."""
     status, model = http_json("POST", f"{sagecell_server}/api/kernels", {"name": "python3"})
@@ -162,7 +162,8 @@ def test_interrupt_stops_a_long_computation(page: Page, sagecell_server: str) ->
     interrupt.click()
     expect(output(page)).to_have_attribute("data-state", "done", timeout=20_000)
     expect(output(page).locator(".sagecell-error")).to_contain_text("KeyboardInterrupt")
-    expect(output(page)).not_to_contain_text("never")
+    # The traceback quotes the source line; what matters is that nothing ran on.
+    expect(output(page).locator(".sagecell-stdout")).to_have_text("started")
     expect(status).to_have_attribute("data-status", "idle")
     expect(interrupt).to_be_disabled()
 
