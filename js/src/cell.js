@@ -251,8 +251,10 @@ export class Cell {
                     if (state === "busy" && ours) {
                         sawBusy = true;
                     } else if (state === "dead") {
-                        out.notice("The kernel died: it may have hit a resource limit or " +
-                            "crashed. Evaluate again to start a new session.", "error");
+                        if (out.state !== "dead") {
+                            out.notice("The session has ended. Evaluate again to start a new one.",
+                                "error");
+                        }
                         out.finish("dead");
                     } else if (running && (state === "restarting" || state === "autorestarting" ||
                         (state === "starting" && sawBusy && !ours))) {
@@ -272,9 +274,22 @@ export class Cell {
                 }
                 out.inputRequest(msg.content, (value) => kernel.inputReply(value, msg.header));
             },
-            shell: () => {},
+            shell: (msg) => {
+                if (!isCurrent() || msg.header.msg_type !== "execute_reply") {
+                    return;
+                }
+                const c = msg.content || {};
+                if (c.status === "error" && c.ename === "BadRequest" && !sawBusy) {
+                    // The server refused the request; the kernel never saw it.
+                    out.error(c);
+                    out.finish("failed");
+                } else if (c.status === "aborted") {
+                    out.notice("Not run: an earlier computation in this session failed.", "info");
+                    out.finish("done");
+                }
+            },
             closed: (info) => {
-                if (!isCurrent() || info.intentional) {
+                if (!isCurrent() || info.intentional || out.state === "dead") {
                     return;
                 }
                 out.notice(`The connection to the server closed: ${closeReason(info)}. ` +

@@ -7,6 +7,7 @@ import { uuid } from "./ids.js";
 
 const CONNECT_TIMEOUT_MS = 20000;
 const MAX_HANDLERS = 200;
+const ORPHAN_OUTPUT = ["stream", "error", "display_data"];
 
 /** Decode a binary frame (Jupyter's default framing: u32 BE count, u32 BE offsets). */
 export function decodeBinaryFrame(buffer) {
@@ -42,6 +43,7 @@ export class Kernel {
         this.status = "new";
         this.closed = false; // shut down on purpose
         this.handlers = new Map(); // request msg_id -> {iopub, shell, stdin, closed}
+        this.lastHandler = null; // of the latest execute_request
         this.statusListeners = new Set();
         this.closeListeners = new Set();
     }
@@ -171,7 +173,12 @@ export class Kernel {
             }
         }
         const parent = msg.parent_header && msg.parent_header.msg_id;
-        const handler = parent ? this.handlers.get(parent) : undefined;
+        let handler = parent ? this.handlers.get(parent) : undefined;
+        if (!handler && channel === "iopub" && ORPHAN_OUTPUT.includes(msgType)) {
+            // The server's own notices (session ended, kernel died) have no
+            // parent: show them where the latest run is shown.
+            handler = this.lastHandler;
+        }
         if (handler && handler[channel]) {
             try {
                 handler[channel](msg);
@@ -238,6 +245,7 @@ export class Kernel {
             "shell",
         );
         this.handlers.set(msg.header.msg_id, handler);
+        this.lastHandler = handler;
         while (this.handlers.size > MAX_HANDLERS) {
             this.handlers.delete(this.handlers.keys().next().value);
         }

@@ -219,6 +219,8 @@ def test_a_dead_kernel_is_reported_and_replaced(page: Page, sagecell_server: str
     cell(page).locator(".sagecell-evalButton").click()
     notice = output(page).locator(".sagecell-notice-error")
     expect(notice).to_be_visible(timeout=RUN_TIMEOUT)
+    # The server says why, in the cell.
+    expect(output(page)).to_contain_text("kernel died")
     expect(cell(page).locator(".sagecell-status")).to_have_attribute("data-status", re.compile("dead|disconnected"))
     run(page, "print('back', 'x' in dir())")
     expect(output(page)).to_contain_text("A new session was started")
@@ -251,6 +253,41 @@ def test_share_button_makes_a_working_link(page: Page, sagecell_server: str) -> 
     expect(link).to_have_value(re.compile(r"\?z="))
     open_demo(page, sagecell_server, link.input_value()[len(sagecell_server) + 1 :])
     page.wait_for_function("(c) => demoCell.getCode() === c", arg=code)
+
+
+# -- limits -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def strict_server(embed_bundle) -> str:
+    """A second daemon with short limits, to see how the widget explains them."""
+    from support import Daemon
+
+    d = Daemon("--exec-timeout", "2", "--idle-timeout", "4", pool_size=1).start()
+    try:
+        yield d.url
+    finally:
+        d.stop()
+
+
+def test_a_time_limit_is_explained(page: Page, strict_server: str) -> None:
+    open_demo(page, strict_server)
+    run(page, "import time\nprint('working', flush=True)\ntime.sleep(30)\n", timeout=30_000)
+    expect(output(page)).to_contain_text("working")
+    expect(output(page)).to_contain_text("limit of 2 s")
+    expect(output(page).locator(".sagecell-error")).to_contain_text("KeyboardInterrupt")
+
+
+def test_an_idle_session_end_is_explained(page: Page, strict_server: str) -> None:
+    open_demo(page, strict_server)
+    run(page, "x = 1")
+    # The server ends the idle session: its explanation reaches the cell.
+    expect(output(page)).to_contain_text("idle", timeout=30_000)
+    status = cell(page).locator(".sagecell-status")
+    expect(status).to_have_attribute("data-status", re.compile("dead|disconnected"))
+    run(page, "print('x' in dir())")
+    expect(output(page)).to_contain_text("A new session was started")
+    expect(output(page).locator(".sagecell-stdout")).to_have_text("False")
 
 
 # -- files (issue 4) ----------------------------------------------------------
