@@ -254,6 +254,13 @@ def test_share_button_makes_a_working_link(page: Page, sagecell_server: str) -> 
     open_demo(page, sagecell_server, link.input_value()[len(sagecell_server) + 1 :])
     page.wait_for_function("(c) => demoCell.getCode() === c", arg=code)
 
+    # The server also stores it for a short ?q= link.
+    cell(page).locator(".sagecell-permalink").first.click()
+    short = cell(page).locator(".sagecell-permalink-url").nth(1)
+    expect(short).to_have_value(re.compile(r"\?q=\w+"))
+    open_demo(page, sagecell_server, short.input_value()[len(sagecell_server) + 1 :])
+    page.wait_for_function("(c) => demoCell.getCode() === c", arg=code)
+
 
 # -- limits -------------------------------------------------------------------
 
@@ -405,6 +412,27 @@ def test_embedding_from_another_origin(page: Page, sagecell_server: str, other_o
     page.locator("#mycell .sagecell-evalButton").click()
     expect(out).to_have_attribute("data-state", "done", timeout=RUN_TIMEOUT)
     expect(out).to_have_text("42")
+
+
+def test_templates_hide_parts_of_a_cell(page: Page, sagecell_server: str, other_origin: OtherOrigin) -> None:
+    body = (
+        "<div id='minimal'><script type='text/x-sage'>\n    print('only the output')\n</script></div>"
+        "<div id='restricted'>print('read only')</div>"
+    )
+    script = (
+        "sagecell.makeSagecell({inputLocation: '#minimal', template: sagecell.templates.minimal,"
+        " evalButtonText: 'Show'});"
+        "sagecell.makeSagecell({inputLocation: '#restricted', template: sagecell.templates.restricted});"
+    )
+    page.goto(other_origin.page("templates.html", embed_page(sagecell_server, body, script)))
+    expect(page.locator("#minimal .sagecell-editor")).to_be_hidden()
+    expect(page.locator("#minimal .sagecell-upload-button")).to_be_hidden()
+    expect(page.locator("#restricted .sagecell-editor")).to_be_visible()
+    expect(page.locator("#restricted .cm-content")).to_have_attribute("contenteditable", "false")
+    assert page.evaluate("sagecell.cells()[0].getCode()") == "print('only the output')"
+    page.locator("#minimal .sagecell-evalButton", has_text="Show").click()
+    expect(output(page, 0)).to_have_attribute("data-state", "done", timeout=RUN_TIMEOUT)
+    expect(output(page, 0)).to_have_text("only the output")
 
 
 def test_an_unreachable_server_is_reported(page: Page, embed_bundle, other_origin: OtherOrigin) -> None:
