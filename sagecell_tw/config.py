@@ -41,6 +41,7 @@ class Config:
     pool_size: int = 4
     preload: tuple[str, ...] | None = None  # None: whichever of numpy, sympy, matplotlib exist
     worker_user: str = "sagecell-worker"
+    daemon_group: str = ""  # "" : the group twistd --gid gives us, where known
     run_dir: str = ""  # "" : a fresh private dir under $XDG_RUNTIME_DIR or /tmp
     control: str = ""  # "" : ipc://{run_dir}/control
     embedded_spawner: bool = True
@@ -143,6 +144,9 @@ def _coerce(name: str, value, current):
                 return parse_size(value)
             except ValueError:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a whole number, not {value!r}") from None
+        if not isinstance(value, int) or isinstance(value, bool):
+            # A TOML 2.5 or true must not reach setrlimit() in a kernel.
+            raise ConfigError(f"--{name.replace('_', '-')} must be a whole number, not {value!r}")
         return value
     if isinstance(current, float):
         if isinstance(value, str):
@@ -179,10 +183,13 @@ def load_toml(path: str) -> dict:
     # Sections are for the reader only: [web], [kernels], [limits] ... all
     # hold plain option names.
     for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key] = value
+        items = value.items() if isinstance(value, dict) else [(key, value)]
+        for name, v in items:
+            if isinstance(v, dict):
+                raise ConfigError(f"--config: {path}: [{key}.{name}] is not a known section; sections hold plain settings")
+            if name in flat:
+                raise ConfigError(f"--config: {path}: {name!r} is set twice")
+            flat[name] = v
     return flat
 
 

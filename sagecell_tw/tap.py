@@ -21,6 +21,7 @@ HELP = {
     "pool_size": "kernels kept forked and ready",
     "preload": "comma-separated modules the fork server imports once (default: numpy, sympy, matplotlib where installed)",
     "worker_user": "the unprivileged account kernels run as (when started as root)",
+    "daemon_group": "the group the daemon drops to (twistd --gid): kernel dirs are made reachable by it",
     "run_dir": "directory for the control socket and kernel dirs (default: a fresh one in /tmp)",
     "control": "zmq address spawners connect to (default: ipc:// in the run dir)",
     "embedded_spawner": "start a spawner ourselves (true/false)",
@@ -56,12 +57,34 @@ class Options(usage.Options):
     ]
 
     def postOptions(self):
-        file_values = configmod.load_toml(self["config"]) if self["config"] else {}
         given = {k: v for k, v in self.items() if k != "config" and v is not None}
         try:
+            file_values = configmod.load_toml(self["config"]) if self["config"] else {}
             self.config = configmod.build(file_values, given)
         except configmod.ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        check_port(self.config.port)
+        parent = getattr(self, "parent", None)
+        if self.config.log_json and parent is not None and not parent.get("logger"):
+            # twistd reads its observer factory after parsing, before it
+            # starts logging: JSON lines become its one and only observer.
+            from .logs import json_observer
+
+            parent["logger"] = json_observer
+
+
+def check_port(port: str) -> None:
+    """Parse the endpoint string now (and load TLS files): a bad one fails at start, naming --port."""
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(_NoReactor(), port)
+    except Exception as e:
+        raise usage.UsageError(f"--port {port!r}: {e}") from None
+
+
+class _NoReactor:
+    """Parsing an endpoint string only stores the reactor; the real one is not ours to install here."""
 
 
 def makeService(options: Options):
