@@ -23,7 +23,7 @@ setup(
     ],
     extras_require={
         "scientific": ["numpy", "sympy", "matplotlib"],
-        "test": ["pytest>=8", "pytest-timeout", "playwright", "jupyter_client", "numpy", "matplotlib", "ruff"],
+        "test": ["pytest>=8", "pytest-timeout", "playwright", "websocket-client", "jupyter_client", "ruff"],
     },
     entry_points={"console_scripts": ["sagecell-spawner=sagecell_tw.spawner:main"]},
 )

@@ -115,6 +115,26 @@ def _reseed() -> None:
         numpy.random.seed()
 
 
+def _inline_matplotlib() -> None:
+    """
+    Plots inline. The master imported pyplot before any shell existed, so
+    matplotlib chose 'agg' and the inline backend never hooked into IPython:
+    do now what importing it under a live shell would have done.
+    """
+    if "matplotlib" not in sys.modules:
+        return
+    try:
+        import matplotlib
+        from matplotlib_inline import backend_inline
+
+        matplotlib.rcParams["backend"] = "module://matplotlib_inline.backend_inline"
+        if "matplotlib.pyplot" in sys.modules:
+            sys.modules["matplotlib.pyplot"].switch_backend("module://matplotlib_inline.backend_inline")
+        backend_inline._enable_matplotlib_integration()
+    except Exception:  # a kernel without plots beats no kernel
+        traceback.print_exc()
+
+
 def _start_kernel(spec: dict, ready_fd: int) -> None:
     from ipykernel.kernelapp import IPKernelApp
 
@@ -133,6 +153,7 @@ def _start_kernel(spec: dict, ready_fd: int) -> None:
             "--Session.key=" + spec["key"],
         ]
     )
+    _inline_matplotlib()
     # Sockets are bound: tell the fork server we can take messages.
     os.write(ready_fd, b"R")
     os.close(ready_fd)

@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class Daemon:
     """``twistd -n sagecell`` on a free loopback port, stopped by its PID."""
 
-    def __init__(self, *args: str, pool_size: int = 2, env: dict | None = None):
+    def __init__(self, *args: str, pool_size: int = 2, env: dict | None = None, **options):
         self.tmp = tempfile.mkdtemp(prefix="sagecell-test-")
         os.chmod(self.tmp, 0o711)
         self.log_path = os.path.join(self.tmp, "twistd.log")
@@ -41,6 +41,8 @@ class Daemon:
             os.path.join(self.tmp, "run"),
             *args,
         ]
+        for key, value in options.items():
+            self.args += [f"--{key.replace('_', '-')}", str(value)]
         self.env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
         self.proc: subprocess.Popen | None = None
         self.port = 0

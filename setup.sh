@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Set up sagecell_tw on this machine: Debian packages (as root), the worker
+# account (as root), the widget bundle, and a virtualenv with the package.
+#
+# As root the venv lives in /opt/sagecell_tw/venv (the unprivileged worker
+# account must be able to read the Python that kernels run on) and .venv
+# points at it; otherwise it is ./.venv. Set SAGECELL_VENV to choose.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if [ "$(id -u)" = 0 ]; then
+    venv=${SAGECELL_VENV:-/opt/sagecell_tw/venv}
+    missing=()
+    for pkg in python3 python3-venv python3-dev nodejs npm; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    if [ ${#missing[@]} -gt 0 ] && ! { [ -x /usr/bin/node ] && [ -x /usr/bin/npm ] && [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null; }; then
+        apt-get update -qq
+        apt-get install -y -qq "${missing[@]}"
+    fi
+    if ! id sagecell-worker >/dev/null 2>&1; then
+        if command -v systemd-sysusers >/dev/null 2>&1; then
+            systemd-sysusers etc/sagecell-sysusers.conf
+        else
+            useradd --system --no-create-home --shell /usr/sbin/nologin sagecell-worker
+        fi
+    fi
+else
+    venv=${SAGECELL_VENV:-$PWD/.venv}
+fi
+
+# The widget: npm packages from the lock file, bundled into sagecell_tw/static.
+(cd js && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build)
+
+if [ ! -x "$venv/bin/python" ]; then
+    mkdir -p "$(dirname "$venv")"
+    /usr/bin/python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install -q --upgrade pip
+"$venv/bin/pip" install -q ".[scientific,test]"
+if [ "$venv" != "$PWD/.venv" ]; then
+    ln -sfn "$venv" .venv
+fi
+echo "sagecell_tw is set up in $venv"
