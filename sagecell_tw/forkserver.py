@@ -9,8 +9,11 @@ packet:
 
 front -> here   {"cmd": "take", "id"}       a ready kernel now belongs to a session
                 {"cmd": "kill", "id"}       SIGKILL its process group, clean up
+                {"cmd": "sync", "keep"}     kernels in base_dir that are not ours: adopt
+                                            those in ``keep`` (still in use), end the rest;
+                                            end our taken ones not in ``keep``
                 {"cmd": "shutdown"}         kill everything, remove every dir, exit
-here -> front   {"event": "ready", "kernel": {...}}
+here -> front   {"event": "ready", "kernel": {...}}   (kernel["spawn_seconds"]: fork to ready)
                 {"event": "dead", "id", "status", "reason"}
                 {"event": "pool", "ready", "starting", "taken"}
 """
@@ -68,6 +71,8 @@ class Child:
     started: float
     state: str = "starting"  # starting -> ready -> taken; dying once killed
     reason: str = ""
+    #: left by an earlier fork server: not our child, so watched through /proc
+    adopted_start: str | None = None
 
     def info(self, config: ForkConfig) -> dict:
         ipc = os.path.join(self.dir, "ipc", "k")
@@ -214,6 +219,9 @@ class ForkServer:
         self.children: dict[str, Child] = {}
         self.by_pid: dict[int, Child] = {}
         self.stopping = False
+        #: the front went away without a shutdown (it crashed): leave the
+        #: kernels in use running for the next spawner to adopt
+        self.abandoned = False
         #: consecutive kernels that died before they were ready, and when the
         #: next fork may happen: a broken setup must not fork in a tight loop.
         self.failures = 0
@@ -242,6 +250,7 @@ class ForkServer:
                 else:
                     self._child_ready(fd)
             self._reap()
+            self._watch_adopted()
             self._expire_starting()
         self._shutdown()
 
@@ -252,8 +261,10 @@ class ForkServer:
         try:
             data = self.sock.recv(1 << 16)
         except (ConnectionResetError, OSError):
+            self.abandoned = True
             return False
         if not data:
+            self.abandoned = True
             return False
         try:
             msg = json.loads(data)
@@ -264,6 +275,9 @@ class ForkServer:
             self._take(str(msg.get("id")))
         elif cmd == "kill":
             self._kill(str(msg.get("id")), str(msg.get("reason", "killed")))
+        elif cmd == "sync":
+            keep = msg.get("keep")
+            self._sync({str(k) for k in keep} if isinstance(keep, list) else set())
         elif cmd == "shutdown":
             return False
         elif cmd == "status":
@@ -347,7 +361,9 @@ class ForkServer:
         if data.startswith(b"R") and child.state == "starting":
             child.state = "ready"
             self.failures = 0
-            self._send({"event": "ready", "kernel": child.info(self.config), "state": "ready"})
+            info = child.info(self.config)
+            info["spawn_seconds"] = round(time.monotonic() - child.started, 4)
+            self._send({"event": "ready", "kernel": info, "state": "ready"})
             self._announce_pool()
         # On EOF the child died before binding: _reap reports it.
 
@@ -370,6 +386,49 @@ class ForkServer:
     def _announce_pool(self) -> None:
         ready, starting, taken = self._counts()
         self._send({"event": "pool", "ready": ready, "starting": starting, "taken": taken})
+
+    # -- a restarted spawner: kernels of the last one ---------------------------
+
+    def _sync(self, keep: set[str]) -> None:
+        """Adopt the kernels in use that an earlier fork server left; end everything else not ours."""
+        for child in list(self.children.values()):
+            if child.state == "taken" and child.id not in keep:
+                self._kill(child.id, "no session uses it")
+        try:
+            names = os.listdir(self.config.base_dir)
+        except OSError:
+            return
+        for name in names:
+            if name.startswith(".") or name in self.children:
+                continue
+            kdir = os.path.join(self.config.base_dir, name)
+            if name in keep and self._adopt(name, kdir):
+                keep.discard(name)
+                continue
+            end_orphan(kdir)
+        for kid in keep - set(self.children):
+            self._send({"event": "dead", "id": kid, "status": None, "reason": "the kernel ended while no spawner watched it"})
+
+    def _adopt(self, kid: str, kdir: str) -> bool:
+        try:
+            with open(os.path.join(kdir, "pid")) as f:
+                pid_text, started = f.read().split()
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            return False
+        if _start_time(pid) != started or _zombie(pid):
+            return False
+        child = Child(kid, pid, kdir, "", None, time.monotonic(), state="taken", adopted_start=started)
+        self.children[kid] = child
+        sys.stderr.write(f"sagecell fork server: adopted kernel {kid} (pid {pid})\n")
+        return True
+
+    def _watch_adopted(self) -> None:
+        """Adopted kernels are not our children: no SIGCHLD, so look at /proc each turn."""
+        for child in list(self.children.values()):
+            if child.adopted_start is not None and (_start_time(child.pid) != child.adopted_start or _zombie(child.pid)):
+                child.reason = child.reason or "the kernel ended"
+                self._bury(child, None)
 
     # -- deaths --------------------------------------------------------------
 
@@ -395,7 +454,7 @@ class ForkServer:
                 continue
             self._bury(child, status)
 
-    def _bury(self, child: Child, status: int) -> None:
+    def _bury(self, child: Child, status: int | None) -> None:
         # Whatever the kernel started lives in its process group: end it too.
         _killpg(child.pid)
         if child.ready_fd is not None:
@@ -412,6 +471,15 @@ class ForkServer:
         self._announce_pool()
 
     def _shutdown(self) -> None:
+        if self.abandoned:
+            # Our front died under a live daemon: a new spawner adopts the
+            # kernels in use; pooled ones are nobody's, end them.
+            for child in list(self.children.values()):
+                if child.state == "taken":
+                    if child.ready_fd is not None:
+                        os.close(child.ready_fd)
+                    self.by_pid.pop(child.pid, None)
+                    del self.children[child.id]
         for child in self.children.values():
             child.reason = child.reason or "spawner shut down"
             _killpg(child.pid)
@@ -436,7 +504,17 @@ def _killpg(pid: int) -> None:
             raise
 
 
-def _describe(status: int) -> str:
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def _describe(status: int | None) -> str:
+    if status is None:
+        return "the kernel ended"
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         try:

@@ -144,6 +144,8 @@ class KernelManager:
         self.kernels: dict[str, Kernel] = {}
         self.waiters: deque[defer.Deferred] = deque()
         self.on_pool_change: list[Callable[[], None]] = []
+        #: called with (event, kernel) for "ready" and "died": logs and metrics
+        self.observers: list[Callable[[str, Kernel], None]] = []
         self.spawned = 0
 
     # -- what spawners report ------------------------------------------------
@@ -154,7 +156,15 @@ class KernelManager:
         kernel = Kernel(info, spawner, self.zmq, self.clock)
         self.kernels[kernel.id] = kernel
         self.spawned += 1
-        log.info("kernel {kernel} ready (pid {pid}) on {spawner}", kernel=kernel.id, pid=kernel.pid, spawner=spawner.name)
+        log.info(
+            "kernel {kernel} ready (pid {pid}) on {spawner}",
+            event="kernel_ready",
+            kernel=kernel.id,
+            pid=kernel.pid,
+            spawner=spawner.name,
+            spawn_seconds=info.get("spawn_seconds"),
+        )
+        self._notify("ready", kernel)
         while self.waiters:
             d = self.waiters.popleft()
             if not d.called:
@@ -173,8 +183,9 @@ class KernelManager:
             self.pool.remove(kernel)
         except ValueError:
             pass
-        log.info("kernel {kernel} died: {reason}", kernel=kernel_id, reason=reason)
+        log.info("kernel {kernel} died: {reason}", event="kernel_died", kernel=kernel_id, reason=reason)
         kernel.died(reason)
+        self._notify("died", kernel)
         self._pool_changed()
 
     def spawner_lost(self, spawner: SpawnerLink) -> None:
@@ -184,6 +195,18 @@ class KernelManager:
             self.kernels.pop(kernel.id, None)
             kernel.died("its spawner went away")
         self._pool_changed()
+
+    def adopt(self, spawner: SpawnerLink, orphaned: Callable[[SpawnerLink], bool]) -> list[str]:
+        """
+        The kernels in use that a joining ``spawner`` must keep: its own, and
+        those whose spawner is gone (``orphaned``), which are its from now on.
+        """
+        keep = []
+        for kernel in self.kernels.values():
+            if kernel.state in ("assigned", "dying") and orphaned(kernel.spawner):
+                kernel.spawner = spawner
+                keep.append(kernel.id)
+        return keep
 
     # -- what sessions ask for ----------------------------------------------
 
@@ -219,6 +242,10 @@ class KernelManager:
 
     def live_count(self) -> int:
         return sum(1 for k in self.kernels.values() if k.state in ("assigned", "dying"))
+
+    def _notify(self, event: str, kernel: Kernel) -> None:
+        for observer in list(self.observers):
+            observer(event, kernel)
 
     def _pool_changed(self) -> None:
         for hook in list(self.on_pool_change):

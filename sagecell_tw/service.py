@@ -21,7 +21,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from . import spawners
+from .health import Health
 from .kernels import KernelManager
+from .logs import SessionEvents
+from .metrics import Metrics
 from .sessions import SessionManager
 from .zmqtransport import ZmqContext
 
@@ -43,9 +46,15 @@ class SageCellService(service.MultiService):
         self.run_dir = ""
         self._own_run_dir = False
         self.warnings: list[str] = []
+        self.metrics = Metrics(self)
+        self.metrics.attach()
+        self.health = Health(self)
+        SessionEvents(self.sessions).attach()
 
     def extend_site(self, children: dict, api, ws_resource) -> None:
         """Top-level web resources beyond the API: health, metrics, SageMathCell's."""
+        children[b"healthz"] = self.health.resource()
+        children[b"metrics"] = self.metrics.resource()
 
     # -- start ------------------------------------------------------------------
 
@@ -55,6 +64,7 @@ class SageCellService(service.MultiService):
         control = self.config.control or f"ipc://{os.path.join(self.run_dir, 'control')}"
         self.control = spawners.ControlChannel(self.zmq, control, self.kernels, self.reactor)
         self.control.listen()
+        self.metrics.attach_control(self.control)
         worker_gid = self._worker_gid()
         if control.startswith("ipc://"):
             path = control[len("ipc://") :]
@@ -88,6 +98,10 @@ class SageCellService(service.MultiService):
         """The group the daemon runs as after twistd's --gid, which must reach kernel dirs."""
         if os.geteuid() != 0:
             return None
+        if self.config.daemon_group:
+            return self.config.daemon_group
+        # twistd does not tell its services about --gid; an Application's
+        # IProcess gid is only set by .tac files.
         from twisted.application.service import IProcess
 
         top = self
@@ -113,7 +127,14 @@ class SageCellService(service.MultiService):
             self.reactor, argv, spawners.spawner_env(), self.run_dir, self.config.spawner_restart_max
         )
         self.control.observers.append(lambda event, sp: event == "joined" and self.embedded.joined())
+        self.embedded.on_exit.append(lambda pid, why: self.control.lost_process(pid, f"its process ended ({why})"))
+        self.embedded.on_cannot_restart.append(self._cannot_restart_spawner)
         self.embedded.start()
+
+    def _cannot_restart_spawner(self, why: str) -> None:
+        """Stop cleanly: the service manager (systemd's Restart=always) starts us again as root."""
+        log.critical("shutting down so that the service manager restarts the daemon: {why}", why=why)
+        self.reactor.callLater(0, self.reactor.stop)
 
     def startService(self) -> None:
         for warning in self.warnings:

@@ -34,6 +34,13 @@ MAX_PENDING = 64
 KILL_AFTER_INTERRUPT = 5.0
 
 
+def _size(msg: Message) -> int:
+    n = len(msg.header) + len(msg.parent) + len(msg.metadata) + len(msg.content)
+    if msg.buffers:
+        n += sum(map(len, msg.buffers))
+    return n
+
+
 class LimitExceeded(Exception):
     """A client or the whole server is at its kernel limit (HTTP 429/503)."""
 
@@ -65,6 +72,9 @@ class SessionManager:
         self._sweeper.clock = clock
         #: observers called with (event, session, detail) for logs and metrics
         self.observers: list[Callable[[str, WebSession, str], None]] = []
+        #: messages and bytes relayed, for metrics: plain ints, cheap on the hot path
+        self.msgs_to_kernels = self.bytes_to_kernels = 0
+        self.msgs_from_kernels = self.bytes_from_kernels = 0
         #: called with (session, execute_request parent header) when an
         #: execution ends (its kernel went idle): the files watcher uses it
         self.on_execute_done: list[Callable[[WebSession, dict], None]] = []
@@ -84,8 +94,10 @@ class SessionManager:
 
     def create(self, client: str, name: str = "python3") -> WebSession:
         if len(self.routes) >= self.config.max_kernels:
+            self._event("limit", None, "max_kernels")
             raise LimitExceeded(f"the server runs its maximum of {self.config.max_kernels} kernels; try again later", 503)
         if self.routes.count_for(client) >= self.config.max_kernels_per_client:
+            self._event("limit", None, "max_kernels_per_client")
             raise LimitExceeded(
                 f"you already have {self.config.max_kernels_per_client} kernels, the most one client may have; "
                 "shut one down first"
@@ -93,7 +105,7 @@ class SessionManager:
         now = self.clock.seconds()
         session = WebSession(uuid.uuid4().hex, client, name, now, now, disconnected_since=now)
         self.routes.add(session)
-        log.info("session {session} started for {client}", session=session.id, client=client)
+        log.info("session {session} started for {client}", event="session_start", session=session.id, client=client)
         self._event("start", session)
         self._ensure_kernel(session).addErrback(lambda _f: None)
         return session
@@ -114,7 +126,7 @@ class SessionManager:
         self._broadcast(session, messages.status("dead", DAEMON_SESSION))
         for conn in list(session.connections):
             conn.close_for(reason)
-        log.info("session {session} ended: {reason}", session=session.id, reason=reason)
+        log.info("session {session} ended: {reason}", event="session_stop", session=session.id, reason=reason)
         self._event("stop", session, reason)
         if kernel is None:
             return defer.succeed(None)
@@ -185,7 +197,9 @@ class SessionManager:
         self.routes.detach(session)
         session.executions.clear()
         session.execution_state = "dead"
-        log.info("the kernel of session {session} died: {reason}", session=session.id, reason=reason)
+        log.info(
+            "the kernel of session {session} died: {reason}", event="session_kernel_died", session=session.id, reason=reason
+        )
         self._event("kernel_died", session, reason)
         self._broadcast(session, messages.stream(f"\n[sagecell] The kernel died: {reason}.\n", DAEMON_SESSION))
         self._broadcast(session, messages.status("dead", DAEMON_SESSION))
@@ -242,6 +256,10 @@ class SessionManager:
             return
         if msg.msg_type == "execute_request":
             session.executions[msg.msg_id] = Execution(msg.msg_id, self.clock.seconds())
+            if self.config.log_code:
+                log.info("session {session} runs: {code}", event="code", session=session.id, code=msg.content_dict().get("code"))
+        self.msgs_to_kernels += 1
+        self.bytes_to_kernels += _size(msg)
         if not kernel.send(msg):
             session.executions.pop(msg.msg_id, None)
             self._refuse(conn, msg, "the kernel is not keeping up; message dropped")
@@ -255,6 +273,8 @@ class SessionManager:
     def _from_kernel(self, session: WebSession, kernel, msg: Message) -> None:
         if session.kernel is not kernel:
             return
+        self.msgs_from_kernels += 1
+        self.bytes_from_kernels += _size(msg)
         parent = msg.parent_dict
         if msg.channel == "iopub":
             if msg.msg_type == "status":

@@ -81,6 +81,11 @@ def end_orphans(path: str) -> None:
     """
     End kernels left by an earlier spawner that died, and remove their dirs.
 
+    The spawner itself no longer calls this at start: kernels of a spawner
+    that died under a live daemon may still serve sessions. The daemon sends
+    ``sync`` with the kernels it still uses instead; the fork server adopts
+    those and ends the rest the same way.
+
     Runs only after the privilege drop: a kernel can forge its pid file, so
     this may only ever signal processes of the worker account.
     """
@@ -99,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         sandbox.drop_privileges(account)
     if args.exit_with_parent:  # after the drop, which clears it
         sandbox.prctl(sandbox.PR_SET_PDEATHSIG, signal.SIGTERM)
-    end_orphans(config.base_dir)
     os.environ["HOME"] = config.base_dir
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
@@ -132,20 +136,7 @@ class Front:
         dealer.setsockopt(zmq.IDENTITY, self.name.encode())
         dealer.connect(self.args.control)
         self.dealer = dealer
-        self._to_daemon(
-            {
-                "event": "hello",
-                "protocol": PROTOCOL,
-                "name": self.name,
-                "host": self.config.host,
-                "pid": os.getpid(),
-                "pool_size": self.config.pool_size,
-                "max_kernels": self.config.max_kernels,
-                "userns": self.config.userns,
-                "network": self.config.network,
-                "uid": os.getuid(),
-            }
-        )
+        self._hello()
         poller = zmq.Poller()
         poller.register(dealer, zmq.POLLIN)
         poller.register(self.sock.fileno(), zmq.POLLIN)
@@ -173,6 +164,23 @@ class Front:
         dealer.close()
         ctx.term()
         return code
+
+    def _hello(self) -> None:
+        self._to_daemon(
+            {
+                "event": "hello",
+                "protocol": PROTOCOL,
+                "name": self.name,
+                "host": self.config.host,
+                "base_dir": self.config.base_dir,
+                "pid": os.getpid(),
+                "pool_size": self.config.pool_size,
+                "max_kernels": self.config.max_kernels,
+                "userns": self.config.userns,
+                "network": self.config.network,
+                "uid": os.getuid(),
+            }
+        )
 
     def _on_term(self, _signo, _frame) -> None:
         self.stopping = True
@@ -203,7 +211,9 @@ class Front:
             self._to_daemon({"event": "pong", "t": msg.get("t")})
         elif cmd == "shutdown":
             self.stopping = True
-        elif cmd in ("take", "kill", "status"):
+        elif cmd == "hello":  # a daemon that does not know us (it restarted)
+            self._hello()
+        elif cmd in ("take", "kill", "status", "sync"):
             self.sock.send(json.dumps(msg).encode())
 
     def _stop_server(self) -> None:

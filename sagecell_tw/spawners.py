@@ -97,15 +97,29 @@ class ControlChannel:
             if spawner is not None:
                 self._lost(spawner, "it said hello again (restarted)")
             spawner = Spawner(identity, self, msg, now)
+            base_dir = msg.get("base_dir")
+            for other in list(self.spawners.values()):
+                if base_dir is not None and other.host == spawner.host and other.hello.get("base_dir") == base_dir:
+                    self._lost(other, f"spawner {spawner.name} replaced it")
             self.spawners[identity] = spawner
-            log.info("spawner {name} joined (pid {pid}, pool {pool})", name=spawner.name, pid=msg.get("pid"), pool=msg.get("pool_size"))
+            log.info(
+                "spawner {name} joined (pid {pid}, pool {pool})",
+                event="spawner_joined",
+                name=spawner.name,
+                pid=msg.get("pid"),
+                pool=msg.get("pool_size"),
+            )
             self._notify("joined", spawner)
+            # Kernels in use whose spawner is gone become this one's; it ends
+            # every other kernel it finds that is not its own.
+            keep = self.manager.adopt(spawner, lambda s: s is spawner or s not in self.spawners.values())
+            spawner.send({"cmd": "sync", "keep": keep})
             spawner.send({"cmd": "status"})
             return
         if spawner is None:
             # A spawner we do not know (the daemon restarted under it): ask it
             # to introduce itself again.
-            self.send(identity, {"cmd": "status"})
+            self.send(identity, {"cmd": "hello"})
             return
         spawner.last_heard = now
         if event == "ready":
@@ -116,6 +130,12 @@ class ControlChannel:
             spawner.pool = {k: int(msg.get(k, 0)) for k in ("ready", "starting", "taken")}
         elif event == "bye":
             self._lost(spawner, "it shut down")
+
+    def lost_process(self, pid: int, why: str) -> None:
+        """The spawner process ``pid`` (ours) ended: no need to wait for its silence."""
+        for spawner in list(self.spawners.values()):
+            if spawner.hello.get("pid") == pid:
+                self._lost(spawner, why)
 
     def _ping(self) -> None:
         now = self.clock.seconds()
@@ -128,7 +148,7 @@ class ControlChannel:
     def _lost(self, spawner: Spawner, why: str) -> None:
         if self.spawners.get(spawner.identity) is spawner:
             del self.spawners[spawner.identity]
-        log.warn("spawner {name} lost: {why}", name=spawner.name, why=why)
+        log.warn("spawner {name} lost: {why}", event="spawner_lost", name=spawner.name, why=why)
         self.manager.spawner_lost(spawner)
         self._notify("lost", spawner)
 
@@ -167,6 +187,12 @@ class EmbeddedSpawner:
 
     def __init__(self, reactor, argv: list[str], env: dict, cwd: str, restart_max: float = 30.0):
         self.reactor = reactor
+        #: called with (pid, reason) when the process ends, before any restart
+        self.on_exit: list = []
+        #: called with a message when the spawner cannot be restarted as it was
+        self.on_cannot_restart: list = []
+        self.started_as_root = False
+        self.pid: int | None = None
         self.argv = argv
         self.env = env
         self.cwd = cwd
@@ -179,20 +205,40 @@ class EmbeddedSpawner:
         self._restart_call = None
 
     def start(self) -> None:
+        if self.proc is None and self.restarts == 0:
+            self.started_as_root = os.geteuid() == 0
+        elif self.started_as_root and os.geteuid() != 0:
+            # twistd dropped us to the service account: a spawner started now
+            # could not drop to the worker account, and kernels would run as
+            # the daemon. Better no spawner than that.
+            why = "the daemon no longer runs as root, so it cannot start a spawner that drops to the worker account"
+            log.critical("cannot restart the spawner: {why}", event="spawner_restart_impossible", why=why)
+            for hook in list(self.on_cannot_restart):
+                hook(why)
+            return
         self.proc = _SpawnerProcess(self)
         self.transport = self.reactor.spawnProcess(
             self.proc, self.argv[0], self.argv, env=self.env, path=self.cwd, childFDs={0: "w", 1: "r", 2: "r"}
         )
-        log.info("started spawner process {pid}", pid=self.transport.pid)
+        self.pid = self.transport.pid
+        log.info("started spawner process {pid}", event="spawner_started", pid=self.pid)
 
     def _ended(self, proc: _SpawnerProcess, reason) -> None:
         if proc is not self.proc:
             return
         self.proc = None
+        for hook in list(self.on_exit):
+            hook(self.pid, str(reason))
         if self.stopping:
             return
         self.restarts += 1
-        log.error("the spawner died ({reason}); restarting it in {delay:.1f} s", reason=str(reason), delay=self.backoff)
+        log.error(
+            "the spawner died ({reason}); restarting it in {delay:.1f} s",
+            event="spawner_died",
+            reason=str(reason),
+            delay=self.backoff,
+            restarts=self.restarts,
+        )
         self._restart_call = self.reactor.callLater(self.backoff, self._restart)
         self.backoff = min(self.backoff * 2, self.restart_max)
 

@@ -68,9 +68,7 @@ class Options(usage.Options):
         if self.config.log_json and parent is not None and not parent.get("logger"):
             # twistd reads its observer factory after parsing, before it
             # starts logging: JSON lines become its one and only observer.
-            from .logs import json_observer
-
-            parent["logger"] = json_observer
+            parent["logger"] = "sagecell_tw.logs.json_observer"
 
 
 def check_port(port: str) -> None:

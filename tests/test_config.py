@@ -36,7 +36,7 @@ def test_file_values_under_options(tmp_path):
 def test_the_example_file_is_valid():
     cfg = configmod.build(configmod.load_toml(os.path.join(ROOT, "etc", "sagecell.toml")))
     assert cfg.run_dir == "/run/sagecell" and cfg.worker_user == "sagecell-worker"
-    assert cfg.daemon_group == "sagecell" and not cfg.log_code
+    assert cfg.daemon_group == "sagecell-worker" and not cfg.log_code
 
 
 @pytest.mark.parametrize(

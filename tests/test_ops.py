@@ -1,0 +1,496 @@
+"""
+Operations, end to end on real daemons: the systemd units' command lines,
+health and metrics, JSON logs, graceful shutdown, restarts without orphans,
+and a spawner that dies under a live daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+import websocket
+from support import ROOT, Client, Daemon, stdout_of
+
+pytestmark = pytest.mark.slow
+
+VENV_IN_UNITS = "/opt/sagecell_tw/venv"
+
+
+# -- helpers --------------------------------------------------------------------
+
+
+def wait_for(cond, timeout: float = 15.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def kernel_pid(client: Client) -> int:
+    _, out = client.execute("import os; print(os.getpid())")
+    return int(stdout_of(out))
+
+
+def spawner_pids(log: str) -> list[int]:
+    return [int(p) for p in re.findall(r"started spawner process (\d+)", log)]
+
+
+def get(url: str, timeout: float = 10.0) -> tuple[int, bytes, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
+    assert m, f"{name}{labels} not in metrics"
+    return float(m.group(1))
+
+
+def kill_leftovers(pids):
+    """Our own kernels that a test left orphaned on purpose (no systemd here to clean its cgroup)."""
+    for pid in pids:
+        if alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def tmp711():
+    """A temp dir the worker account can pass through (pytest's tmp_path sits under a 0700 dir)."""
+    import pathlib
+
+    path = tempfile.mkdtemp(prefix="sagecell-ops-")
+    os.chmod(path, 0o711)
+    yield pathlib.Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class NoPoolDaemon(Daemon):
+    """A daemon whose pool may stay empty (no embedded spawner)."""
+
+    def wait_pool(self, n: int, timeout: float = 30.0) -> None:
+        pass
+
+
+# -- systemd units, run as written --------------------------------------------
+
+
+def unit_service_section(path: str) -> dict[str, list[str]]:
+    values: dict[str, list[str]] = {}
+    section = None
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line or line[0] in "#;":
+                continue
+            if line.startswith("["):
+                section = line
+                continue
+            if section == "[Service]" and "=" in line:
+                key, value = line.split("=", 1)
+                values.setdefault(key, []).append(value)
+    return values
+
+
+def unit_command(path: str, env: dict) -> tuple[list[str], dict]:
+    """ExecStart as systemd would run it: ${VAR} from Environment= (ours where given), the venv mapped."""
+    service = unit_service_section(path)
+    unit_env = {}
+    for assignment in service.get("Environment", []):
+        for item in shlex.split(assignment):
+            k, v = item.split("=", 1)
+            unit_env[k] = v
+    unit_env.update(env)
+    (line,) = service["ExecStart"]
+    line = line.lstrip("-+@!:")
+    line = re.sub(r"\$\{(\w+)\}", lambda m: unit_env[m.group(1)], line)
+    argv = shlex.split(line)
+    venv = os.path.realpath(os.path.dirname(os.path.dirname(sys.executable)))
+    assert argv[0].startswith(VENV_IN_UNITS + "/"), argv[0]
+    argv[0] = venv + argv[0][len(VENV_IN_UNITS) :]
+    if service.get("NoNewPrivileges") == ["yes"] and shutil.which("setpriv"):
+        # What systemd would apply too, as far as a plain process can: no new
+        # privileges and the unit's capability bounding set.
+        caps = service["CapabilityBoundingSet"][0].split()
+        bounding = ",".join(["-all"] + ["+" + c.lower().removeprefix("cap_") for c in caps])
+        argv = ["setpriv", "--no-new-privs", "--inh-caps=-all", f"--bounding-set={bounding}", "--", *argv]
+    return argv, unit_env
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(v)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for the units' privilege drops")
+
+
+def ensure_accounts() -> None:
+    for name in ("sagecell", "sagecell-worker"):
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            if not shutil.which("systemd-sysusers"):
+                pytest.skip("no sagecell accounts and no systemd-sysusers to make them")
+            subprocess.run(["systemd-sysusers", os.path.join(ROOT, "etc", "sagecell-sysusers.conf")], check=True)
+
+
+@pytest.mark.root
+@needs_root
+def test_daemon_unit_execstart_serves_and_drops_root(tmp711):
+    tmp_path = tmp711
+    import tomllib
+
+    ensure_accounts()
+    os.chmod(tmp_path, 0o711)
+    with open(os.path.join(ROOT, "etc", "sagecell.toml"), "rb") as f:
+        example = tomllib.load(f)
+    state = tmp_path / "state"
+    state.mkdir()
+    shutil.chown(state, "sagecell", "sagecell")  # the unit's ExecStartPre
+    example["web"]["port"] = "tcp:0:interface=127.0.0.1"
+    example["kernels"]["run_dir"] = str(tmp_path / "run")
+    example["kernels"]["pool_size"] = 1
+    example["storage"]["permalink_db"] = str(state / "permalinks.sqlite3")
+    conf = tmp_path / "sagecell.toml"
+    conf.write_text(
+        "".join(f"[{s}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in kv.items()) for s, kv in example.items())
+    )
+    argv, unit_env = unit_command(os.path.join(ROOT, "etc", "sagecell.service"), {"SAGECELL_CONFIG": str(conf)})
+    # A development install is editable: the plugin is found through PYTHONPATH.
+    env = dict(os.environ, **unit_env, PYTHONPATH=ROOT)
+    log_path = tmp_path / "out.log"
+    leftovers = []
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
+    try:
+        port = int(
+            wait_for(lambda: re.search(r"Site starting on (\d+)", log_path.read_text()), 30, "the site").group(1)
+        )
+        status, body, _ = get(f"http://127.0.0.1:{port}/api")
+        assert status == 200 and json.loads(body)["server"] == "sagecell_tw"
+        wait_for(lambda: get(f"http://127.0.0.1:{port}/healthz")[0] == 200, 30, "readiness")
+        # The daemon really dropped to `sagecell`, and still reaches its kernels.
+        assert "set uid/gid" in log_path.read_text()
+        with open(f"/proc/{proc.pid}/status") as f:
+            uid = int(re.search(r"^Uid:\s+(\d+)", f.read(), re.M).group(1))
+        assert uid == pwd.getpwnam("sagecell").pw_uid
+        d = Daemon()
+        d.port = port
+        client = Client(d, d.new_kernel())
+        reply, out = client.execute("import os; print(6 * 7, os.getuid())")
+        assert reply["status"] == "ok"
+        answer, kuid = stdout_of(out).split()
+        assert answer == "42" and int(kuid) == pwd.getpwnam("sagecell-worker").pw_uid
+        leftovers.append(kernel_pid(client))
+        # Dropped from root, it cannot start a spawner that drops to the
+        # worker account: it shuts down for systemd to restart it.
+        (spawner,) = spawner_pids(log_path.read_text())
+        os.kill(spawner, signal.SIGKILL)
+        proc.wait(30)
+        assert "cannot restart the spawner" in log_path.read_text()
+    except BaseException:
+        print(log_path.read_text())
+        raise
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        kill_leftovers(leftovers)
+        shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+@pytest.mark.root
+@needs_root
+def test_spawner_unit_execstart_and_restart_keeps_sessions():
+    ensure_accounts()
+    d = NoPoolDaemon("--embedded-spawner", "false", "--daemon-group", "sagecell-worker").start()
+    procs = []
+    try:
+        os.chmod(d.run_dir, 0o711)
+        argv, unit_env = unit_command(
+            os.path.join(ROOT, "etc", "sagecell-spawner.service"), {"SAGECELL_RUN_DIR": d.run_dir}
+        )
+        env = dict(os.environ, **unit_env, PYTHONPATH=ROOT)
+        status, body, _ = get(d.url + "/healthz")
+        assert status == 503 and json.loads(body)["ready"] is False
+        assert get(d.url + "/healthz/live")[0] == 200
+
+        def start_spawner():
+            p = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(p)
+            return p
+
+        first = start_spawner()
+        wait_for(lambda: get(d.url + "/healthz")[0] == 200, 30, "a ready pool")
+        client = Client(d, d.new_kernel())
+        client.execute("x = 41")
+        pid = kernel_pid(client)
+        # The spawner crashes; systemd (here: we) starts it again.
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        start_spawner()
+        wait_for(lambda: len(re.findall(r"spawner \S+ joined", d.log())) >= 2, 30, "the new spawner")
+        reply, out = client.execute("print(x + 1)")
+        assert stdout_of(out) == "42\n" and alive(pid)
+        wait_for(lambda: get(d.url + "/healthz")[0] == 200, 30, "a ready pool again")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(20)
+        d.stop()
+
+
+# -- health, metrics, logs ----------------------------------------------------
+
+
+def test_health_and_metrics(daemon):
+    status, body, headers = get(daemon.url + "/healthz")
+    state = json.loads(body)
+    assert status == 200 and state["live"] and state["ready"] and state["pool"] >= 1 and state["spawners"] == 1
+    assert get(daemon.url + "/healthz/live")[0] == 200
+    assert get(daemon.url + "/healthz/ready")[0] == 200
+    _, before, _ = get(daemon.url + "/metrics")
+    before = before.decode()
+    client = Client(daemon, daemon.new_kernel())
+    client.execute("print('x' * 1000)")
+    status, text, headers = get(daemon.url + "/metrics")
+    text = text.decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=")
+    assert metric(text, "sagecell_kernels_running") >= 1
+    assert metric(text, "sagecell_sessions") >= 1
+    assert metric(text, "sagecell_spawners_connected") == 1
+    assert metric(text, "sagecell_spawn_seconds_count") >= 1
+    assert 0 < metric(text, "sagecell_spawn_seconds_sum") / metric(text, "sagecell_spawn_seconds_count") < 5
+    grew = metric(text, "sagecell_messages_total", '{direction="from_kernel"}') - metric(
+        before, "sagecell_messages_total", '{direction="from_kernel"}'
+    )
+    assert grew >= 3  # at least the stream, the reply and idle (a young SUB may miss busy)
+    assert metric(text, "sagecell_message_bytes_total", '{direction="from_kernel"}') > 1000
+    assert metric(text, "sagecell_messages_total", '{direction="to_kernel"}') >= 1
+    assert metric(text, "sagecell_sessions_started_total") >= 1
+    assert metric(text, "sagecell_spawner_restarts_total") == 0
+    client.close()
+
+
+def test_json_log_lines_without_users_code(tmp711):
+    tmp_path = tmp711
+    os.chmod(tmp_path, 0o711)
+    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "sagecell"]
+    argv += ["--port", "tcp:0:interface=127.0.0.1", "--pool-size", "1", "--run-dir", str(tmp_path / "run")]
+    argv += ["--permalink-db", str(tmp_path / "p.sqlite3"), "--log-json", "true", "--exec-timeout", "1"]
+    log_path = tmp_path / "out.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT)
+        )
+
+    def events():
+        return [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+
+    try:
+        ready = wait_for(lambda: [e for e in events() if e.get("event") == "kernel_ready"], 30, "a ready kernel")
+        assert 0 < ready[0]["spawn_seconds"] < 10 and ready[0]["pid"] > 0
+        port = int(wait_for(lambda: re.search(r"starting on (\d+)", log_path.read_text()), 10, "port").group(1))
+        d = Daemon()
+        d.port = port
+        kid = d.new_kernel()
+        c = Client(d, kid)
+        secret = "never-log-this-7f3a"
+        c.execute(f"print('{secret}')")
+        c.execute("import time; time.sleep(3)", timeout=20)  # over --exec-timeout: a limit is hit
+        d.request("DELETE", f"/api/kernels/{kid}")
+        wait_for(lambda: [e for e in events() if e.get("event") == "session_stop"], 10, "session_stop")
+        all_events = events()
+        names = {e.get("event") for e in all_events}
+        assert {
+            "session_start",
+            "session_kernel",
+            "session_stop",
+            "kernel_ready",
+            "limit_hit",
+            "spawner_started",
+        } <= names
+        start = [e for e in all_events if e.get("event") == "session_start"][0]
+        assert start["session"] == kid and start["client"] == "127.0.0.1" and start["log_level"]["name"] == "info"
+        limit = [e for e in all_events if e.get("event") == "limit_hit"][0]
+        assert limit["kind"] == "exec_timeout" and limit["session"] == kid
+        assert secret not in log_path.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+# -- shutdown, restart, supervision --------------------------------------------
+
+
+def test_sigterm_tells_sessions_and_ends_every_kernel():
+    d = Daemon(pool_size=2).start()
+    try:
+        clients = [Client(d, d.new_kernel()) for _ in range(2)]
+        pids = [kernel_pid(c) for c in clients]
+        pooled = [int(p) for p in re.findall(r"ready \(pid (\d+)\)", d.log())]
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        for c in clients:
+            seen, close = list(c.backlog), None
+            c.ws.settimeout(10)
+            while close is None:
+                opcode, data = c.ws.recv_data(control_frame=True)
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    close = data
+                elif opcode == websocket.ABNF.OPCODE_TEXT:
+                    seen.append(json.loads(data))
+            assert int.from_bytes(close[:2], "big") == 1000 and b"shutting down" in close[2:]
+            texts = "".join(m["content"].get("text", "") for m in seen if m["msg_type"] == "stream")
+            assert "the server is shutting down" in texts
+            assert seen[-1]["msg_type"] == "status" and seen[-1]["content"]["execution_state"] == "dead"
+        d.proc.wait(30)
+        assert time.monotonic() - t0 < 15
+        assert not [p for p in pids + pooled if alive(p)]
+        kernels = os.path.join(d.run_dir, "kernels")
+        assert not os.path.exists(kernels) or not [n for n in os.listdir(kernels) if not n.startswith(".")]
+    finally:
+        d.stop()
+
+
+def test_restart_with_same_run_dir_leaves_no_orphans():
+    a = Daemon(pool_size=1).start()
+    leftovers = []
+    try:
+        client = Client(a, a.new_kernel())
+        pid = kernel_pid(client)
+        leftovers.append(pid)
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait(10)
+        # Its spawner goes with it (PDEATHSIG) and ends its kernels; a
+        # SIGKILLed spawner would have left them: make sure of the worst case.
+        wait_for(lambda: not [p for p in spawner_pids(a.log()) if alive(p)], 15, "the spawner to go")
+        b = Daemon(pool_size=1)
+        b.tmp, b.log_path = a.tmp, os.path.join(a.tmp, "twistd-b.log")
+        b.args = list(a.args)
+        b.start()
+        try:
+            wait_for(lambda: not alive(pid), 10, "the old kernel to end")
+            kdir = os.path.join(b.run_dir, "kernels")
+            wait_for(lambda: len([n for n in os.listdir(kdir) if not n.startswith(".")]) == 1, 10, "only the new pool")
+        finally:
+            b.stop()
+    finally:
+        kill_leftovers(leftovers)
+        a.stop()
+
+
+def test_orphans_of_a_killed_spawner_end_when_a_daemon_starts():
+    """The worst case: the whole tree SIGKILLed at once, kernels left behind."""
+    a = Daemon(pool_size=1).start()
+    leftovers = []
+    try:
+        client = Client(a, a.new_kernel())
+        pid = kernel_pid(client)
+        leftovers.append(pid)
+        log = a.log()
+        for spawner in spawner_pids(log):
+            os.kill(spawner, signal.SIGSTOP)  # no PDEATHSIG clean-up this time
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait(10)
+        # The front and the fork server die without a word: SIGKILL both.
+        fork_servers = [
+            int(p)
+            for p in subprocess.run(
+                ["pgrep", "-P", str(spawner_pids(log)[0])], capture_output=True, text=True
+            ).stdout.split()
+        ]
+        for p in fork_servers + spawner_pids(log):
+            os.kill(p, signal.SIGKILL)
+        time.sleep(0.3)
+        assert alive(pid), "the kernel should have been orphaned for this test"
+        b = Daemon(pool_size=1)
+        b.tmp, b.log_path, b.args = a.tmp, os.path.join(a.tmp, "twistd-b.log"), list(a.args)
+        b.start()
+        try:
+            wait_for(lambda: not alive(pid), 10, "the orphan to end")
+        finally:
+            b.stop()
+    finally:
+        kill_leftovers(leftovers)
+        a.stop()
+
+
+def test_dead_spawner_is_restarted_and_sessions_keep_their_kernels():
+    d = Daemon(pool_size=1).start()
+    try:
+        client = Client(d, d.new_kernel())
+        client.execute("x = 41")
+        pid = kernel_pid(client)
+        other = Client(d, d.new_kernel())
+        other_pid = kernel_pid(other)
+        (spawner,) = spawner_pids(d.log())
+        os.kill(spawner, signal.SIGKILL)
+        wait_for(lambda: len(spawner_pids(d.log())) == 2, 15, "a new spawner")
+        wait_for(lambda: len(re.findall(r"spawner \S+ joined", d.log())) == 2, 30, "the new spawner to join")
+        assert "the spawner died" in d.log()
+        # The running kernels kept serving their sessions.
+        reply, out = client.execute("print(x + 1)")
+        assert stdout_of(out) == "42\n" and alive(pid)
+        wait_for(lambda: get(d.url + "/healthz")[0] == 200, 30, "a refilled pool")
+        _, text, _ = get(d.url + "/metrics")
+        assert metric(text.decode(), "sagecell_spawner_restarts_total") == 1
+        assert metric(text.decode(), "sagecell_spawners_lost_total") == 1
+        # The new spawner watches the adopted kernels: a death is noticed...
+        os.kill(other_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        state = None
+        while time.monotonic() < deadline and state != "dead":
+            m = other.recv(5)
+            state = m["content"].get("execution_state") if m["msg_type"] == "status" else state
+        assert state == "dead"
+        # ... and a shutdown really ends the process and removes its directory.
+        status, body, _ = d.request("GET", "/api/kernels")
+        ids = [k["id"] for k in body]
+        for k in ids:
+            d.request("DELETE", f"/api/kernels/{k}")
+        wait_for(lambda: not alive(pid), 10, "the adopted kernel to end")
+        kdir = os.path.join(d.run_dir, "kernels")
+        # Only the new pool's kernel keeps a directory (named by kernel, not session, id).
+        wait_for(lambda: len([n for n in os.listdir(kdir) if not n.startswith(".")]) == 1, 10, "their dirs to go")
+    finally:
+        d.stop()
+
+
+def test_unknown_health_path_is_404(daemon):
+    assert get(daemon.url + "/healthz/nope")[0] == 404
