@@ -69,7 +69,7 @@ class Daemon:
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            m = re.search(r"Site starting on (\d+)", self.log())
+            m = re.search(r"Site (?:\(TLS\) )?starting on (\d+)", self.log())
             if m:
                 self.port = int(m.group(1))
                 break
