@@ -22,8 +22,11 @@ import urllib.request
 import pytest
 import websocket
 from support import ROOT, Client, Daemon, stdout_of
+from twisted.internet import task
+from twisted.internet.error import ProcessTerminated
+from twisted.python.failure import Failure
 
-pytestmark = pytest.mark.slow
+from sagecell_tw import health, kernels, metrics, spawners
 
 VENV_IN_UNITS = "/opt/sagecell_tw/venv"
 
@@ -168,6 +171,7 @@ def ensure_accounts() -> None:
             subprocess.run(["systemd-sysusers", os.path.join(ROOT, "etc", "sagecell-sysusers.conf")], check=True)
 
 
+@pytest.mark.slow
 @pytest.mark.root
 @needs_root
 def test_daemon_unit_execstart_serves_and_drops_root(tmp711):
@@ -233,6 +237,7 @@ def test_daemon_unit_execstart_serves_and_drops_root(tmp711):
         shutil.rmtree(tmp_path / "run", ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.root
 @needs_root
 def test_spawner_unit_execstart_and_restart_keeps_sessions():
@@ -278,6 +283,7 @@ def test_spawner_unit_execstart_and_restart_keeps_sessions():
 # -- health, metrics, logs ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_health_and_metrics(daemon):
     status, body, headers = get(daemon.url + "/healthz")
     state = json.loads(body)
@@ -307,6 +313,7 @@ def test_health_and_metrics(daemon):
     client.close()
 
 
+@pytest.mark.slow
 def test_json_log_lines_without_users_code(tmp711):
     tmp_path = tmp711
     os.chmod(tmp_path, 0o711)
@@ -358,6 +365,7 @@ def test_json_log_lines_without_users_code(tmp711):
 # -- shutdown, restart, supervision --------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigterm_tells_sessions_and_ends_every_kernel():
     d = Daemon(pool_size=2).start()
     try:
@@ -388,6 +396,7 @@ def test_sigterm_tells_sessions_and_ends_every_kernel():
         d.stop()
 
 
+@pytest.mark.slow
 def test_restart_with_same_run_dir_leaves_no_orphans():
     a = Daemon(pool_size=1).start()
     leftovers = []
@@ -415,6 +424,7 @@ def test_restart_with_same_run_dir_leaves_no_orphans():
         a.stop()
 
 
+@pytest.mark.slow
 def test_orphans_of_a_killed_spawner_end_when_a_daemon_starts():
     """The worst case: the whole tree SIGKILLed at once, kernels left behind."""
     a = Daemon(pool_size=1).start()
@@ -451,6 +461,7 @@ def test_orphans_of_a_killed_spawner_end_when_a_daemon_starts():
         a.stop()
 
 
+@pytest.mark.slow
 def test_dead_spawner_is_restarted_and_sessions_keep_their_kernels():
     d = Daemon(pool_size=1).start()
     try:
@@ -492,5 +503,221 @@ def test_dead_spawner_is_restarted_and_sessions_keep_their_kernels():
         d.stop()
 
 
+@pytest.mark.slow
 def test_unknown_health_path_is_404(daemon):
     assert get(daemon.url + "/healthz/nope")[0] == 404
+
+
+# -- the same logic, fast: fakes and task.Clock -----------------------------------
+
+
+class FakeTransport:
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.signals: list[str] = []
+
+    def signalProcess(self, sig):
+        self.signals.append(sig)
+
+
+class FakeReactor(task.Clock):
+    def __init__(self):
+        super().__init__()
+        self.spawned: list = []
+
+    def spawnProcess(self, proto, executable, args, env=None, path=None, childFDs=None):
+        transport = FakeTransport(1000 + len(self.spawned))
+        self.spawned.append((proto, transport))
+        return transport
+
+
+def end_process(proto):
+    proto.processEnded(Failure(ProcessTerminated(signal=9)))
+
+
+def test_embedded_spawner_restarts_with_backoff_and_reports_exits(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    reactor = FakeReactor()
+    sp = spawners.EmbeddedSpawner(reactor, ["spawner"], {}, "/", restart_max=2.0)
+    exits = []
+    sp.on_exit.append(lambda pid, why: exits.append(pid))
+    sp.start()
+    for n, delay in enumerate([0.5, 1.0, 2.0, 2.0], start=1):
+        end_process(reactor.spawned[-1][0])
+        assert exits[-1] == 999 + n and sp.restarts == n
+        reactor.advance(delay - 0.01)
+        assert len(reactor.spawned) == n
+        reactor.advance(0.01)
+        assert len(reactor.spawned) == n + 1
+    sp.joined()  # it said hello: the next death waits 0.5 s again
+    end_process(reactor.spawned[-1][0])
+    reactor.advance(0.5)
+    assert len(reactor.spawned) == 6
+
+
+def test_embedded_spawner_is_not_restarted_once_root_is_dropped(monkeypatch):
+    euid = [0]
+    monkeypatch.setattr(os, "geteuid", lambda: euid[0])
+    reactor = FakeReactor()
+    sp = spawners.EmbeddedSpawner(reactor, ["spawner"], {}, "/")
+    refused = []
+    sp.on_cannot_restart.append(refused.append)
+    sp.start()
+    euid[0] = 994  # twistd --uid
+    end_process(reactor.spawned[-1][0])
+    reactor.advance(60)
+    assert len(reactor.spawned) == 1 and len(refused) == 1 and "root" in refused[0]
+
+
+class FakeChannel:
+    def __init__(self):
+        self.sent: list = []
+
+    def send(self, parts):
+        self.sent.append(parts)
+        return True
+
+    def close(self):
+        pass
+
+
+class FakeZmq:
+    def __init__(self):
+        self.routers: list[FakeChannel] = []
+
+    def router(self, address, on_message):
+        ch = FakeChannel()
+        ch.on_message = on_message
+        self.routers.append(ch)
+        return ch
+
+    def dealer(self, address, on_message, identity=None):
+        return FakeChannel()
+
+    def sub(self, address, on_message):
+        return FakeChannel()
+
+
+def kernel_info(kid: str) -> dict:
+    conn = {"ip": f"/tmp/{kid}/k", "key": "k" * 64, **{f"{c}_port": i for i, c in enumerate(kernels.CHANNELS, 1)}}
+    return {"id": kid, "pid": 4242, "workdir": "/tmp/w", "connection": conn, "spawn_seconds": 0.04}
+
+
+def control_messages(router: FakeChannel, identity: bytes) -> list[dict]:
+    return [json.loads(p[1]) for p in router.sent if p[0] == identity]
+
+
+def test_new_spawner_replaces_old_one_and_adopts_kernels_in_use():
+    clock = task.Clock()
+    zmq = FakeZmq()
+    manager = kernels.KernelManager(zmq, clock, max_kernels=8, shutdown_grace=1.0)
+    channel = spawners.ControlChannel(zmq, "ipc:///x", manager, clock)
+    channel.listen()
+    router = zmq.routers[0]
+
+    def hear(identity: bytes, msg: dict):
+        router.on_message([identity, json.dumps(msg).encode()])
+
+    hello = {"event": "hello", "host": "h", "base_dir": "/run/k", "pid": 1}
+    hear(b"old", dict(hello, name="old"))
+    assert {"cmd": "sync", "keep": []} in control_messages(router, b"old")
+    hear(b"old", {"event": "ready", "kernel": kernel_info("k1")})
+    hear(b"old", {"event": "ready", "kernel": kernel_info("k2")})
+    taken = manager.take()
+    assert taken.result.id == "k1" and manager.pool[0].id == "k2"
+    # A new spawner for the same base dir: the old one is gone at once, its
+    # pooled kernel with it; the kernel in use moves to the new spawner.
+    hear(b"new", dict(hello, name="new", pid=2))
+    assert list(channel.spawners) == [b"new"]
+    assert not manager.pool and "k2" not in manager.kernels
+    assert {"cmd": "sync", "keep": ["k1"]} in control_messages(router, b"new")
+    assert taken.result.spawner.identity == b"new"
+    # Its death, reported by the new spawner, reaches the session's kernel.
+    hear(b"new", {"event": "dead", "id": "k1", "reason": "the kernel ended"})
+    assert taken.result.state == "dead"
+    # A spawner the daemon does not know (the daemon restarted) is asked to say hello.
+    hear(b"stranger", {"event": "pool", "ready": 1})
+    assert control_messages(router, b"stranger") == [{"cmd": "hello"}]
+    channel.close()
+
+
+def test_embedded_spawner_process_end_loses_it_at_once():
+    clock = task.Clock()
+    zmq = FakeZmq()
+    manager = kernels.KernelManager(zmq, clock, max_kernels=8, shutdown_grace=1.0)
+    channel = spawners.ControlChannel(zmq, "ipc:///x", manager, clock)
+    channel.listen()
+    zmq.routers[0].on_message([b"s", json.dumps({"event": "hello", "name": "s", "pid": 77}).encode()])
+    zmq.routers[0].on_message([b"s", json.dumps({"event": "ready", "kernel": kernel_info("k1")}).encode()])
+    assert len(manager.pool) == 1
+    channel.lost_process(77, "its process ended")
+    assert not channel.spawners and not manager.pool
+    channel.close()
+
+
+class FakeSvc:
+    def __init__(self, spawners_connected: int, pooled: int):
+        self.control = type("C", (), {"spawners": {i: None for i in range(spawners_connected)}})()
+        self.kernels = type(
+            "K", (), {"pool": [type("k", (), {"state": "pooled"})()] * pooled, "live_count": lambda self: 3}
+        )()
+        self.kernels.observers = []
+        self.sessions = type("S", (), {"routes": [1, 2], "observers": []})()
+        s = self.sessions
+        s.msgs_to_kernels, s.bytes_to_kernels, s.msgs_from_kernels, s.bytes_from_kernels = 5, 500, 7, 7000
+        self.embedded = type("E", (), {"restarts": 2})()
+
+
+@pytest.mark.parametrize(
+    "path, connected, pooled, status",
+    [
+        (b"/healthz", 1, 1, 200),
+        (b"/healthz", 1, 0, 503),
+        (b"/healthz", 0, 0, 503),
+        (b"/healthz/ready", 0, 1, 503),
+        (b"/healthz/live", 0, 0, 200),
+    ],
+)
+def test_health_resource(path, connected, pooled, status):
+    from twisted.web.resource import getChildForRequest
+    from twisted.web.test.requesthelper import DummyRequest
+
+    res = health.Health(FakeSvc(connected, pooled)).resource()
+    req = DummyRequest(path.split(b"/")[2:])
+    child = getChildForRequest(res, req)
+    child.render(req)
+    body = json.loads(b"".join(req.written))
+    assert req.responseCode == status and body["live"] is True and body["ready"] is bool(connected and pooled)
+    assert body["sessions"] == 2 and body["kernels"] == 3
+    if status == 503:
+        assert body["why"]
+
+
+def test_metrics_text():
+    svc = FakeSvc(1, 2)
+    m = metrics.Metrics(svc)
+    m.attach()
+    m.attach_control(type("C", (), {"observers": []})())
+    ready = type("k", (), {"info": {"spawn_seconds": 0.042}})()
+    for observer in svc.kernels.observers:
+        observer("ready", ready)
+        observer("died", ready)
+    for observer in svc.sessions.observers:
+        observer("start", None, "")
+        observer("limit", None, "exec_timeout")
+        observer("limit", None, "exec_timeout")
+    text = m.render().decode()
+    assert metric(text, "sagecell_pool_ready") == 2
+    assert metric(text, "sagecell_kernels_running") == 3
+    assert metric(text, "sagecell_sessions") == 2
+    assert metric(text, "sagecell_spawners_connected") == 1
+    assert metric(text, "sagecell_spawn_seconds_count") == 1
+    assert metric(text, "sagecell_spawn_seconds_bucket", '{le="0.05"}') == 1
+    assert metric(text, "sagecell_spawn_seconds_bucket", '{le="0.025"}') == 0
+    assert metric(text, "sagecell_kernels_spawned_total") == 1 and metric(text, "sagecell_kernels_died_total") == 1
+    assert metric(text, "sagecell_limits_hit_total", '{kind="exec_timeout"}') == 2
+    assert metric(text, "sagecell_messages_total", '{direction="from_kernel"}') == 7
+    assert metric(text, "sagecell_message_bytes_total", '{direction="to_kernel"}') == 500
+    assert metric(text, "sagecell_spawner_restarts_total") == 2
+    # A second service gets a registry of its own.
+    assert metric(metrics.Metrics(FakeSvc(0, 0)).render().decode(), "sagecell_spawn_seconds_count") == 0
