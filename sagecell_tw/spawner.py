@@ -26,6 +26,9 @@ from . import forkserver, sandbox
 PROTOCOL = 1
 #: Without a word from the daemon for this long, an embedded spawner stops.
 DAEMON_SILENCE = 30.0
+#: Without a ping for this long, speak first: a daemon that restarted does not
+#: know us, and answers with {"cmd": "hello"}.
+NUDGE_AFTER = 3.0
 
 
 def default_preload() -> tuple[str, ...]:
@@ -140,7 +143,7 @@ class Front:
         poller = zmq.Poller()
         poller.register(dealer, zmq.POLLIN)
         poller.register(self.sock.fileno(), zmq.POLLIN)
-        heard = time.monotonic()
+        heard = nudged = time.monotonic()
         code = 0
         while not self.stopping:
             events = dict(poller.poll(500))
@@ -157,8 +160,12 @@ class Front:
                     code = 1
                     break
                 self._send_raw(data)
-            if self.args.exit_with_parent and time.monotonic() - heard > DAEMON_SILENCE:
+            silent = time.monotonic() - heard
+            if self.args.exit_with_parent and silent > DAEMON_SILENCE:
                 break
+            if silent > NUDGE_AFTER and time.monotonic() - nudged > NUDGE_AFTER:
+                nudged = time.monotonic()
+                self._to_daemon({"event": "pong", "t": None})
         self._stop_server()
         self._to_daemon({"event": "bye", "name": self.name})
         dealer.close()

@@ -272,6 +272,20 @@ def test_spawner_unit_execstart_and_restart_keeps_sessions():
         reply, out = client.execute("print(x + 1)")
         assert stdout_of(out) == "42\n" and alive(pid)
         wait_for(lambda: get(d.url + "/healthz")[0] == 200, 30, "a ready pool again")
+        # The daemon crashes and a new one starts on the same run dir: the
+        # running spawner speaks first, joins it, and ends the kernels that
+        # no session of the new daemon uses.
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait(10)
+        b = NoPoolDaemon()
+        b.tmp, b.log_path, b.args = d.tmp, os.path.join(d.tmp, "twistd-b.log"), list(d.args)
+        b.start()
+        try:
+            wait_for(lambda: re.search(r"spawner \S+ joined", b.log()), 15, "the spawner to join the new daemon")
+            wait_for(lambda: not alive(pid), 10, "the old daemon's kernel to end")
+            wait_for(lambda: get(b.url + "/healthz")[0] == 200, 30, "a ready pool with the new daemon")
+        finally:
+            b.stop()
     finally:
         for p in procs:
             if p.poll() is None:
