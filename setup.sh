@@ -18,9 +18,10 @@ if [ "$(id -u)" = 0 ]; then
         apt-get update -qq
         apt-get install -y -qq "${missing[@]}"
     fi
-    if ! id sagecell-worker >/dev/null 2>&1; then
+    if ! id sagecell-worker >/dev/null 2>&1 || ! id sagecell >/dev/null 2>&1; then
         if command -v systemd-sysusers >/dev/null 2>&1; then
-            systemd-sysusers etc/sagecell-sysusers.conf
+            # An absolute path: a relative one is taken as a name in sysusers.d, and ignored.
+            systemd-sysusers "$PWD/etc/sagecell-sysusers.conf"
         else
             useradd --system --no-create-home --shell /usr/sbin/nologin sagecell-worker
         fi
