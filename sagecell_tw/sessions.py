@@ -139,6 +139,10 @@ class SessionManager:
 
     # -- kernels behind sessions ----------------------------------------------
 
+    def kernel_for(self, session: WebSession) -> defer.Deferred:
+        """Fires with the session once it has a kernel, taking one if needed (uploads wait on this)."""
+        return self._ensure_kernel(session)
+
     def _ensure_kernel(self, session: WebSession) -> defer.Deferred:
         """Fires with the session once it has a kernel (or fails if none came)."""
         if session.kernel is not None:

@@ -12,6 +12,7 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.web import resource, server, static
 
 from .api import Api
+from .files import KernelFiles
 from .webbase import LimitedRequest, NotFound
 from .websocket import KernelWebSocketFactory
 
@@ -41,6 +42,28 @@ class Root(resource.Resource):
         return NotFound(self.api.policy)
 
 
+class KernelFilesOnly(resource.Resource):
+    """
+    ``/kernel/{id}/files/...``, SageMathCell's file URLs, and nothing else:
+    the place of sagecell_compat's ``/kernel`` tree (POST /kernel, channels),
+    which routes files the same way, through ``svc.files_resource_for``.
+    """
+
+    def __init__(self, policy, files_resource_for):
+        super().__init__()
+        self.policy = policy
+        self.files_resource_for = files_resource_for
+
+    def render(self, request):
+        return NotFound(self.policy).render(request)
+
+    def getChild(self, name, request):
+        rest = [p.decode(errors="replace") for p in request.postpath]
+        if name and rest and rest[0] == "files":
+            return self.files_resource_for(name.decode(errors="replace"), rest[1:], request)
+        return NotFound(self.policy)
+
+
 class StaticFiles(static.File):
     """The widget's files, for any origin to load."""
 
@@ -64,6 +87,9 @@ def build_site(svc, config, reactor) -> server.Site:
     ws_resource = WebSocketResource(ws_factory)
     api = Api(svc.sessions, svc.kernels, svc, config, reactor)
     svc.api = api
+    api.files = KernelFiles(svc.sessions, config, reactor, api.policy)
+    #: (kernel_id, segments, request) -> resource, for /kernel/{id}/files/...
+    svc.files_resource_for = api.files.resource_for
     db = config.permalink_db or default_permalink_db()
     os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)
     store = PermalinkStore(db, reactor)
@@ -75,6 +101,7 @@ def build_site(svc, config, reactor) -> server.Site:
         b"static": static_dir,
         b"embedded_sagecell.js": StaticFiles(os.path.join(STATIC, "embed.js"), defaultType="application/javascript"),
         b"permalink": PermalinkResource(store, max_code_bytes=min(config.max_message_size, 1 << 20)),
+        b"kernel": KernelFilesOnly(api.policy, api.files.resource_for),
     }
     svc.extend_site(extra, api, ws_resource)
     site = server.Site(Root(api, extra))

@@ -204,6 +204,31 @@ class LimitedRequest(server.Request):
     """
 
     body_limit = 10 << 20
+    #: multipart bodies up to this size still fill ``request.args``, as
+    #: Twisted would (small forms); bigger ones are left to the resource that
+    #: wants them, which streams them from the temp file (files.py)
+    form_args_limit = 1 << 20
+    _multipart: bytes | None = None
+
+    def requestReceived(self, command, path, version):
+        ctype = self.requestHeaders.getRawHeaders(b"content-type")
+        if ctype and ctype[0].split(b";", 1)[0].strip().lower() == b"multipart/form-data":
+            # Twisted would read the whole body into memory to parse it, and
+            # answer a malformed one with a bare 400 and a dropped connection.
+            self._parsePOSTFormSubmission = False
+            self._multipart = ctype[0]
+        super().requestReceived(command, path, version)
+
+    def _form_args(self) -> None:
+        self.content.seek(0, 2)
+        size = self.content.tell()
+        if 0 < size <= self.form_args_limit and self.method == b"POST":
+            self.content.seek(0)
+            try:
+                self.args.update(http._getMultiPartArgs(self.content.read(), self._multipart))
+            except Exception:
+                pass  # malformed: whoever reads the form says so
+        self.content.seek(0)
 
     def gotLength(self, length):
         self._too_large = length is not None and length > self.body_limit
@@ -223,4 +248,6 @@ class LimitedRequest(server.Request):
             write_json(self, 413, error_body(413, f"the request body is over the limit of {self.body_limit} bytes"))
             self.finish()
             return
+        if self._multipart is not None:
+            self._form_args()
         super().process()
