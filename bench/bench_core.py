@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""
+Benchmark of the core service: session start, tiny execute round trip, PSS.
+
+Starts a real daemon on a loopback port (tests/support.py's Daemon), then
+prints medians and p99s:
+  - POST /api/kernels to the first execute_reply of ``1+1``, one new session
+    at a time (pool refilled between samples) and 20 sessions at once;
+  - the round trip of a tiny execute on a warm kernel;
+  - the PSS of each idle pooled kernel.
+
+    .venv/bin/python bench/bench_core.py [--samples 30] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+from support import Client, Daemon, msg  # noqa: E402
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def new_session_to_reply(d: Daemon) -> float:
+    t0 = time.perf_counter()
+    kid = d.new_kernel()
+    c = Client(d, kid)
+    req = c.send(msg("execute_request", {"code": "1+1", "silent": False}))
+    while True:
+        m = c.recv(30)
+        if m["msg_type"] == "execute_reply" and m["parent_header"].get("msg_id") == req["header"]["msg_id"]:
+            break
+    dt = time.perf_counter() - t0
+    c.close()
+    d.request("DELETE", f"/api/kernels/{kid}")
+    return dt
+
+
+def ready_pids(d: Daemon) -> list[int]:
+    return [int(p) for p in re.findall(r"kernel \w+ ready \(pid (\d+)\)", d.log())]
+
+
+def wait_pool_full(d: Daemon, total_ready: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(ready_pids(d)) < total_ready:
+        time.sleep(0.01)
+
+
+def pss_kib(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samples", type=int, default=30)
+    ap.add_argument("--pool-size", type=int, default=4)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    results: dict[str, dict] = {}
+    d = Daemon(pool_size=args.pool_size, max_kernels="200", max_kernels_per_client="200")
+    d.start()
+    try:
+        wait_pool_full(d, args.pool_size)
+        time.sleep(1.0)
+        pss = [p for p in (pss_kib(pid) for pid in ready_pids(d)[: args.pool_size]) if p]
+        results["pss_idle_pooled_kernel_mib"] = {"median": statistics.median(pss) / 1024, "max": max(pss) / 1024, "n": len(pss)}
+
+        # one new session at a time, warm pool
+        single = []
+        for _ in range(args.samples):
+            n = len(ready_pids(d))
+            single.append(new_session_to_reply(d))
+            wait_pool_full(d, n + 1)
+            time.sleep(0.05)
+        results["new_session_to_first_reply_ms"] = {"median": statistics.median(single) * 1e3, "p99": pct(single, 99) * 1e3, "n": len(single)}
+
+        # tiny execute on a warm kernel
+        c = Client(d, d.new_kernel())
+        c.execute("1+1")
+        rtts = []
+        for _ in range(max(200, args.samples)):
+            req = c.send(msg("execute_request", {"code": "1+1", "silent": False}))
+            mid = req["header"]["msg_id"]
+            t0 = time.perf_counter()
+            replied = idle = False
+            while not (replied and idle):
+                m = c.recv(30)
+                if m["parent_header"].get("msg_id") != mid:
+                    continue
+                if m["msg_type"] == "execute_reply":
+                    replied = True
+                    rtts.append(time.perf_counter() - t0)
+                elif m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+                    idle = True
+        results["tiny_execute_round_trip_ms"] = {"median": statistics.median(rtts) * 1e3, "p99": pct(rtts, 99) * 1e3, "n": len(rtts)}
+        c.close()
+
+        # bursts of 20 new sessions at once
+        bursts = []
+        for _ in range(3):
+            wait_pool_full(d, len(ready_pids(d)))
+            time.sleep(1.0)
+            out: list[float] = []
+            lock = threading.Lock()
+
+            def one():
+                dt = new_session_to_reply(d)
+                with lock:
+                    out.append(dt)
+
+            threads = [threading.Thread(target=one) for _ in range(20)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            bursts.extend(out)
+        results["burst20_new_session_to_first_reply_ms"] = {"median": statistics.median(bursts) * 1e3, "p99": pct(bursts, 99) * 1e3, "n": len(bursts)}
+    finally:
+        d.stop()
+
+    print(f"{'figure':45} {'median':>10} {'p99/max':>10} {'n':>5}")
+    for name, r in results.items():
+        second = r.get("p99", r.get("max"))
+        print(f"{name:45} {r['median']:10.2f} {second:10.2f} {r['n']:5d}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
