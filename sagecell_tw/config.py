@@ -49,6 +49,7 @@ class Config:
     # -- limits
     max_kernels: int = 64
     max_kernels_per_client: int = 8
+    max_kernels_per_page: int = 4  # SageMathCell's POST /kernel, per CellSessionID
     address_space: int = 1 << 30
     cpu_seconds: int = 600
     processes: int = 64
@@ -64,6 +65,8 @@ class Config:
     # -- output
     max_output_bytes: int = 16 << 20
     interrupt_on_output_cap: bool = False
+    # -- SageMathCell compatibility
+    requires_tos: bool = False
     # -- storage
     permalink_db: str = ""  # "" : {run_dir}/permalinks.sqlite3
     # -- files
@@ -73,13 +76,21 @@ class Config:
     log_code: bool = False
 
     def __post_init__(self):
-        for name in ("pool_size", "max_kernels", "max_kernels_per_client", "max_message_size", "open_files"):
+        for name in (
+            "pool_size",
+            "max_kernels",
+            "max_kernels_per_client",
+            "max_kernels_per_page",
+            "max_message_size",
+            "open_files",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a whole number, not {v!r}")
         _positive("pool-size", self.pool_size, allow_zero=True)
         _positive("max-kernels", self.max_kernels)
         _positive("max-kernels-per-client", self.max_kernels_per_client)
+        _positive("max-kernels-per-page", self.max_kernels_per_page)
         _positive("max-message-size", self.max_message_size)
         for name in (
             "exec_timeout",

@@ -266,12 +266,12 @@ def from_dict(msg, default_channel: str | None = None, buffers: list[bytes] | No
         raise BadMessage(f"cannot encode message: {e}", header, channel) from None
 
 
-def parse_json_frame(payload: bytes) -> Message:
+def parse_json_frame(payload: bytes, default_channel: str | None = None) -> Message:
     try:
         msg = json.loads(payload)
     except (ValueError, UnicodeDecodeError):
         raise BadMessage("the frame is not valid JSON") from None
-    return from_dict(msg)
+    return from_dict(msg, default_channel)
 
 
 def parse_default_binary(payload: bytes) -> Message:

@@ -13,6 +13,7 @@ from twisted.web import resource, server, static
 
 from .api import Api
 from .files import KernelFiles
+from .sagecell_compat import SageCellCompat
 from .webbase import LimitedRequest, NotFound
 from .websocket import KernelWebSocketFactory
 
@@ -103,6 +104,10 @@ def build_site(svc, config, reactor) -> server.Site:
         b"permalink": PermalinkResource(store, max_code_bytes=min(config.max_message_size, 1 << 20)),
         b"kernel": KernelFilesOnly(api.policy, api.files.resource_for),
     }
+    compat = SageCellCompat(api, ws_resource, reactor)
+    extra[b"kernel"] = compat.kernel_resource()
+    extra[b"service"] = compat.service_resource()
+    extra[b"permalink"] = compat.with_cors(extra[b"permalink"])
     svc.extend_site(extra, api, ws_resource)
     site = server.Site(Root(api, extra))
     site.displayTracebacks = False

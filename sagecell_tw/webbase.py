@@ -33,8 +33,10 @@ class HTTPError(Exception):
 
 
 def write_json(request, status: int, body) -> None:
-    data = json.dumps(body).encode()
     request.setResponseCode(status)
+    if status in (204, 304):
+        return  # no body, and no Content-Length claiming one
+    data = json.dumps(body).encode()
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
     request.setHeader(b"content-length", str(len(data)).encode())
@@ -77,7 +79,7 @@ class Policy:
 
     def apply_cors(self, request) -> bool:
         """Set CORS headers; False if the request's origin is not allowed."""
-        origin = request.getHeader(b"origin")
+        origin = request.getHeader("origin")  # str: origin_allowed compares str
         if origin is None:
             return True
         if not self.config.origin_allowed(origin):
@@ -100,7 +102,7 @@ class Policy:
         token = self.config.token
         if not token:
             return True
-        auth = (request.getHeader(b"authorization") or "").strip()
+        auth = (request.getHeader("authorization") or "").strip()
         given = auth[6:].strip() if auth.lower().startswith("token ") else ""
         if not given:
             given = (request.args.get(b"token") or [b""])[0].decode(errors="replace")
@@ -148,9 +150,10 @@ class JsonResource(resource.Resource):
 
     def _respond(self, request, result) -> bytes:
         if isinstance(result, Response):
-            write_json(request, result.status, result.body)
+            # Before the body: once written, headers are already on the wire.
             for k, v in result.headers.items():
                 request.setHeader(k.encode(), v.encode())
+            write_json(request, result.status, result.body)
         elif result is not None:
             write_json(request, 200, result)
         else:

@@ -5,7 +5,9 @@ The browser's WebSocket to a session: ``/api/kernels/{id}/channels``.
 Both Jupyter Server framings: the default one (JSON text frames; binary
 frames with u32 big-endian offsets when there are buffers) and the
 ``v1.kernel.websocket.jupyter.org`` subprotocol (u64 little-endian offsets).
-SageMathCell's ``/kernel/{id}/channels`` speaks the default framing too.
+SageMathCell's ``/kernel/{id}/channels`` speaks its own plain framing: JSON
+text frames only, a missing ``channel`` means shell (its server sends every
+browser message to shell), and buffers are dropped on the way out.
 Every frame goes to the session manager as a checked ``Message``; anything
 we refuse gets a Jupyter error reply, and the connection stays open.
 """
@@ -32,6 +34,12 @@ def kernel_id_from_path(path: str) -> str | None:
         if parts[-3:-2] == ["kernels"] or parts[-3:-2] == ["kernel"]:
             return parts[-2]
     return None
+
+
+def is_sagecell_path(path: str) -> bool:
+    """``/kernel/{id}/channels``: SageMathCell's socket, not Jupyter's."""
+    parts = [p for p in urlsplit(path).path.split("/") if p]
+    return len(parts) >= 3 and parts[-1] == "channels" and parts[-3] == "kernel"
 
 
 class KernelWebSocket(WebSocketServerProtocol):
@@ -66,6 +74,8 @@ class KernelWebSocket(WebSocketServerProtocol):
         if messages.V1_SUBPROTOCOL in request.protocols:
             self.framing = "v1"
             return messages.V1_SUBPROTOCOL
+        if is_sagecell_path(request.path):
+            self.framing = "sagecell"
         return None
 
     def onOpen(self):
@@ -80,6 +90,10 @@ class KernelWebSocket(WebSocketServerProtocol):
                 if not isBinary:
                     raise BadMessage("the v1 subprotocol takes binary frames")
                 msg = messages.parse_v1_frame(payload)
+            elif self.framing == "sagecell":
+                if isBinary:
+                    raise BadMessage("this socket takes JSON text frames")
+                msg = messages.parse_json_frame(payload, default_channel="shell")
             elif isBinary:
                 msg = messages.parse_default_binary(payload)
             else:
@@ -100,6 +114,8 @@ class KernelWebSocket(WebSocketServerProtocol):
             return
         if self.framing == "v1":
             self.sendMessage(msg.to_v1_frame(), isBinary=True)
+        elif self.framing == "sagecell":
+            self.sendMessage(msg.to_json_frame(), isBinary=False)
         else:
             payload, binary = msg.to_default_frame()
             self.sendMessage(payload, isBinary=binary)
