@@ -59,6 +59,8 @@ class ForkConfig:
     #: group that may reach kernel dirs (the daemon's), or None: private 0700
     daemon_gid: int | None = None
     host: str = "localhost"
+    #: dirs each kernel must not see (other kernels' dirs, the control socket)
+    hide: tuple[str, ...] = ()
 
 
 @dataclass
@@ -336,6 +338,7 @@ class ForkServer:
             "limits": self.config.limits.as_json(),
             "network": self.config.network,
             "userns": self.config.userns,
+            "hide": (self.config.base_dir, *self.config.hide),
         }
         r, w = os.pipe()
         pid = os.fork()
@@ -353,7 +356,7 @@ class ForkServer:
         if child is None:
             return
         try:
-            data = os.read(fd, 16)
+            data = os.read(fd, 4096)
         except OSError:
             data = b""
         os.close(fd)

@@ -38,8 +38,8 @@ def run(spec: dict, ready_fd: int, keep_fds: tuple[int, ...] = ()) -> None:
     code = 1
     try:
         _prepare_process(ready_fd, keep_fds, spec["log"])
-        _enter_sandbox(spec)
-        _start_kernel(spec, ready_fd)
+        missing = _enter_sandbox(spec, ready_fd)
+        _start_kernel(spec, ready_fd, missing)
         code = 0
     except BaseException:
         try:
@@ -75,13 +75,36 @@ def _prepare_process(ready_fd: int, keep_fds: tuple[int, ...], log_path: str) ->
     os.close(log)
 
 
-def _enter_sandbox(spec: dict) -> None:
+def _enter_sandbox(spec: dict, ready_fd: int) -> list[str]:
+    """
+    Box this process in; return the protections that could not be had.
+
+    With user namespaces (the normal case), the child unshares its own user,
+    mount, PID, IPC, UTS and (unless allowed) network namespaces, forks once
+    more so the kernel is PID 1 of its own PID namespace, hides every other
+    kernel's dir, the control socket and the shared temp dirs behind fresh
+    tmpfs mounts, and mounts a fresh /proc that shows only its own processes.
+    """
+    missing: list[str] = []
     uid, gid = os.getuid(), os.getgid()
     if spec.get("userns"):
-        extra = 0 if spec.get("network") else sandbox.CLONE_NEWNET
-        sandbox.enter_user_namespace(uid, gid, extra)
+        flags = sandbox.CLONE_NEWNS | sandbox.CLONE_NEWPID | sandbox.CLONE_NEWIPC | sandbox.CLONE_NEWUTS
         if not spec.get("network"):
-            sandbox.bring_up_loopback()
+            flags |= sandbox.CLONE_NEWNET
+        try:
+            sandbox.enter_user_namespace(uid, gid, flags)
+        except OSError as e:
+            missing.append(f"user/mount/PID/network namespaces ({e.strerror})")
+        else:
+            _become_pid1(ready_fd)
+            missing += _private_filesystem(spec)
+            if not spec.get("network"):
+                try:
+                    sandbox.bring_up_loopback()
+                except OSError:
+                    pass
+    else:
+        missing.append("user/mount/PID/network namespaces (not available here)")
     sandbox.prctl(sandbox.PR_SET_NO_NEW_PRIVS, 1)
     sandbox.apply_rlimits(sandbox.Limits(**spec["limits"]))
     os.umask(0o007)
@@ -103,6 +126,56 @@ def _enter_sandbox(spec: dict) -> None:
         }
     )
     _reseed()
+    return missing
+
+
+def _become_pid1(ready_fd: int) -> None:
+    """
+    Fork into the new PID namespace; this process stays outside and waits.
+
+    The fork server knows the outer process; it exits with the kernel, and
+    SIGKILL of the process group (which both share) ends both.
+    """
+    pid = os.fork()
+    if pid == 0:
+        sandbox.prctl(sandbox.PR_SET_PDEATHSIG, signal.SIGKILL)
+        return
+    os.close(ready_fd)
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            status = 0
+            break
+    os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+
+
+def _private_filesystem(spec: dict) -> list[str]:
+    """Fresh tmpfs over shared and other kernels' dirs; our own dir bound back; a fresh /proc."""
+    missing = []
+    kdir = spec["dir"]
+    try:
+        sandbox.mount("none", "/", None, sandbox.MS_REC | sandbox.MS_PRIVATE)
+        keep = os.open(kdir, os.O_PATH | os.O_DIRECTORY)
+        hidden: list[str] = []
+        for path in ("/tmp", "/var/tmp", "/dev/shm", *spec.get("hide", ())):
+            if not os.path.isdir(path) or any(path == h or path.startswith(h + "/") for h in hidden):
+                continue
+            sandbox.mount("tmpfs", path, "tmpfs", sandbox.MS_NOSUID | sandbox.MS_NODEV, "size=16m,mode=1777")
+            hidden.append(path)
+        os.makedirs(kdir, exist_ok=True)
+        sandbox.mount(f"/proc/self/fd/{keep}", kdir, None, sandbox.MS_BIND | sandbox.MS_REC)
+        os.close(keep)
+    except OSError as e:
+        missing.append(f"a private view of the file system ({e.strerror})")
+    try:
+        sandbox.mount("proc", "/proc", "proc", sandbox.MS_NOSUID | sandbox.MS_NODEV | sandbox.MS_NOEXEC)
+    except OSError as e:
+        missing.append(f"a private /proc ({e.strerror})")
+    return missing
 
 
 def _reseed() -> None:
@@ -135,7 +208,7 @@ def _inline_matplotlib() -> None:
         traceback.print_exc()
 
 
-def _start_kernel(spec: dict, ready_fd: int) -> None:
+def _start_kernel(spec: dict, ready_fd: int, missing: list[str]) -> None:
     from ipykernel.kernelapp import IPKernelApp
 
     conn_file = os.path.join(spec["private"], "kernel.json")
@@ -154,7 +227,8 @@ def _start_kernel(spec: dict, ready_fd: int) -> None:
         ]
     )
     _inline_matplotlib()
-    # Sockets are bound: tell the fork server we can take messages.
-    os.write(ready_fd, b"R")
+    # Sockets are bound: tell the fork server we can take messages, and
+    # which protections we could not have.
+    os.write(ready_fd, b"R" + json.dumps(missing).encode())
     os.close(ready_fd)
     app.start()

@@ -147,6 +147,7 @@ class KernelManager:
         #: called with (event, kernel) for "ready" and "died": logs and metrics
         self.observers: list[Callable[[str, Kernel], None]] = []
         self.spawned = 0
+        self._warned: set[tuple[str, ...]] = set()
 
     # -- what spawners report ------------------------------------------------
 
@@ -156,6 +157,14 @@ class KernelManager:
         kernel = Kernel(info, spawner, self.zmq, self.clock)
         self.kernels[kernel.id] = kernel
         self.spawned += 1
+        missing = tuple(info.get("missing_protections") or ())
+        if missing and missing not in self._warned:
+            self._warned.add(missing)
+            log.warn(
+                "kernels on {spawner} run WITHOUT these protections: {missing}",
+                spawner=spawner.name,
+                missing="; ".join(missing),
+            )
         log.info(
             "kernel {kernel} ready (pid {pid}) on {spawner}",
             event="kernel_ready",

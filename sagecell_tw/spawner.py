@@ -69,6 +69,7 @@ def fork_config(args: argparse.Namespace) -> forkserver.ForkConfig:
         userns=not args.no_userns and sandbox.user_namespaces_available(),
         daemon_gid=gid,
         host=socket.gethostname(),
+        hide=(os.path.dirname(args.control[len("ipc://") :]),) if args.control.startswith("ipc://") else (),
     )
 
 

@@ -127,6 +127,20 @@ class Daemon:
             parsed = payload
         return status, parsed, hdrs
 
+    def kernel_pid(self, kernel_id: str, timeout: float = 10.0) -> int:
+        """The host pid of the process behind a session (from the daemon's log).
+
+        Inside its PID namespace a kernel is pid 1: never ask it for its pid
+        to signal it from outside.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.findall(rf"session {kernel_id} got kernel \w+ \(pid (\d+)\)", self.log())
+            if found:
+                return int(found[-1])
+            time.sleep(0.05)
+        raise AssertionError(f"no kernel pid logged for {kernel_id}")
+
     def new_kernel(self) -> str:
         status, body, _ = self.request("POST", "/api/kernels", {"name": "python3"})
         assert status == 201, (status, body)
@@ -156,6 +170,8 @@ class Client:
 
     def __init__(self, daemon: Daemon, kernel_id: str, session: str | None = None, **kw):
         self.session = session or uuid.uuid4().hex
+        self.daemon = daemon
+        self.kernel_id = kernel_id
         self.ws = websocket.create_connection(
             f"{daemon.ws_url}/api/kernels/{kernel_id}/channels?session_id={self.session}", timeout=30, **kw
         )

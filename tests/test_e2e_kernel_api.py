@@ -36,12 +36,10 @@ def test_input_over_stdin(daemon):
 def test_sessions_do_not_share_kernels_or_output(daemon):
     a, b = daemon.new_kernel(), daemon.new_kernel()
     ca, cb = Client(daemon, a), Client(daemon, b)
-    ca.execute("import os; secret = 'a'; pid = os.getpid()")
+    ca.execute("secret = 'a'")
     reply, outputs = cb.execute("print('secret' in dir())")
     assert stdout_of(outputs) == "False\n"
-    _, pa = ca.execute("print(pid)")
-    _, pb = cb.execute("import os; print(os.getpid())")
-    assert stdout_of(pa) != stdout_of(pb)
+    assert daemon.kernel_pid(a) != daemon.kernel_pid(b)
 
 
 def test_interrupt_sleep_within_a_second(daemon):
@@ -80,8 +78,8 @@ def test_restart_gives_fresh_kernel_same_id(daemon):
 def test_delete_shuts_kernel_down(daemon):
     kid = daemon.new_kernel()
     c = Client(daemon, kid)
-    _, out = c.execute("import os; print(os.getpid())")
-    pid = int(stdout_of(out))
+    c.execute("1")
+    pid = daemon.kernel_pid(kid)
     status, _, _ = daemon.request("DELETE", f"/api/kernels/{kid}")
     assert status == 204
     status, body, _ = daemon.request("GET", f"/api/kernels/{kid}")
@@ -105,9 +103,8 @@ def test_killed_kernel_reports_dead(daemon):
 
     kid = daemon.new_kernel()
     c = Client(daemon, kid)
-    _, out = c.execute("import os; print(os.getpid())")
-    pid = int(stdout_of(out))
-    os.kill(pid, signal.SIGKILL)
+    c.execute("1")
+    os.kill(daemon.kernel_pid(kid), signal.SIGKILL)
     t0 = time.monotonic()
     while time.monotonic() - t0 < 5:
         m = c.recv(5)

@@ -53,8 +53,11 @@ def alive(pid: int) -> bool:
 
 
 def kernel_pid(client: Client) -> int:
-    _, out = client.execute("import os; print(os.getpid())")
-    return int(stdout_of(out))
+    """The kernel's host pid. Inside its own PID namespace a kernel is pid 1: never signal that."""
+    client.execute("1")
+    pid = client.daemon.kernel_pid(client.kernel_id)
+    assert pid > 1
+    return pid
 
 
 def spawner_pids(log: str) -> list[int]:
