@@ -52,6 +52,7 @@ class FakeKernel:
 
     def __init__(self, clock, answer=True, deaf_until=0.0):
         self.id = uuid.uuid4().hex
+        self.pid = 0
         self.clock = clock
         self.answer = answer
         self.deaf_until = deaf_until
