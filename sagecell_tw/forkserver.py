@@ -496,23 +496,15 @@ class ForkServer:
 
 
 def _killpg(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    except PermissionError:  # pragma: no cover - not ours any more
-        pass
-    except OSError as e:  # pragma: no cover
-        if e.errno != errno.ESRCH:
-            raise
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return True
+    """SIGKILL the kernel's process group, and the process itself in case it has not called setsid yet."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        except OSError as e:  # pragma: no cover
+            if e.errno != errno.ESRCH:
+                raise
 
 
 def _describe(status: int | None) -> str:

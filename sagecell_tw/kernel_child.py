@@ -141,6 +141,8 @@ def _become_pid1(ready_fd: int) -> None:
         sandbox.prctl(sandbox.PR_SET_PDEATHSIG, signal.SIGKILL)
         return
     os.close(ready_fd)
+    # ipykernel interrupts by signalling its process group, which we share.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
         try:
             _, status = os.waitpid(pid, 0)

@@ -40,16 +40,24 @@ class SpawnerLink(Protocol):
     def kill(self, kernel_id: str, reason: str) -> None: ...
 
 
-class Kernel:
-    """One forked kernel. States: pooled -> assigned -> dying -> dead."""
+#: how often, and how many times, a new kernel is nudged until its iopub answers
+NUDGE_INTERVAL = 0.02
+NUDGE_TRIES = 250
 
-    def __init__(self, info: dict, spawner: SpawnerLink, zmq, clock):
+
+class Kernel:
+    """One forked kernel. States: warming -> pooled -> assigned -> dying -> dead."""
+
+    def __init__(self, info: dict, spawner: SpawnerLink, zmq, clock, on_warm: Callable[["Kernel"], None] | None = None):
         self.id: str = info["id"]
         self.info = info
         self.spawner = spawner
         self.clock = clock
         self.signer = Signer(info["connection"]["key"])
-        self.state = "pooled"
+        self.state = "warming"
+        self._on_warm = on_warm
+        self._nudge_call = None
+        self._nudges = 0
         self.born = clock.seconds()
         self.death_reason = ""
         #: set by the session that owns the kernel
@@ -69,6 +77,37 @@ class Kernel:
                 self.sockets[channel] = zmq.sub(address, handler)
             else:
                 self.sockets[channel] = zmq.dealer(address, handler, identity)
+        self._nudge()
+
+    def _nudge(self) -> None:
+        """
+        Ask for kernel_info until something arrives on iopub.
+
+        A SUB socket drops whatever is published before its subscription
+        reaches the kernel ("slow joiner"): a kernel handed out earlier could
+        lose its first output. Once iopub has delivered anything, it is live.
+        """
+        self._nudge_call = None
+        if self.state != "warming":
+            return
+        if self._nudges >= NUDGE_TRIES:
+            log.warn("kernel {kernel} never answered on iopub; using it anyway", kernel=self.id)
+            self._warm()
+            return
+        self._nudges += 1
+        req = Message.build("shell", "kernel_info_request", {}, session="sagecell-daemon")
+        self.sockets["shell"].send(self.signer.to_wire(req))
+        self._nudge_call = self.clock.callLater(NUDGE_INTERVAL, self._nudge)
+
+    def _warm(self) -> None:
+        if self.state != "warming":
+            return
+        self.state = "pooled"
+        if self._nudge_call is not None and self._nudge_call.active():
+            self._nudge_call.cancel()
+        self._nudge_call = None
+        if self._on_warm is not None:
+            self._on_warm(self)
 
     def __repr__(self) -> str:
         return f"<Kernel {self.id[:8]} {self.state}>"
@@ -83,6 +122,10 @@ class Kernel:
 
     def _handler(self, channel: str) -> Callable[[list[bytes]], None]:
         def handle(frames: list[bytes]) -> None:
+            if self.state == "warming":
+                if channel == "iopub":
+                    self._warm()
+                return
             if self.on_message is None:
                 return  # pooled, or between owners: nobody to tell
             try:
@@ -120,6 +163,8 @@ class Kernel:
             return
         self.state = "dead"
         self.death_reason = self.death_reason or reason
+        if self._nudge_call is not None and self._nudge_call.active():
+            self._nudge_call.cancel()
         if self._kill_call is not None and self._kill_call.active():
             self._kill_call.cancel()
         for sock in self.sockets.values():
@@ -154,7 +199,7 @@ class KernelManager:
     def kernel_ready(self, info: dict, spawner: SpawnerLink) -> None:
         if info["id"] in self.kernels:
             return
-        kernel = Kernel(info, spawner, self.zmq, self.clock)
+        kernel = Kernel(info, spawner, self.zmq, self.clock, self._kernel_warm)
         self.kernels[kernel.id] = kernel
         self.spawned += 1
         missing = tuple(info.get("missing_protections") or ())
@@ -174,6 +219,11 @@ class KernelManager:
             spawn_seconds=info.get("spawn_seconds"),
         )
         self._notify("ready", kernel)
+
+    def _kernel_warm(self, kernel: Kernel) -> None:
+        """Its iopub is live: pool it, or hand it to whoever waits longest."""
+        if self.kernels.get(kernel.id) is not kernel:
+            return
         while self.waiters:
             d = self.waiters.popleft()
             if not d.called:
@@ -199,8 +249,10 @@ class KernelManager:
 
     def spawner_lost(self, spawner: SpawnerLink) -> None:
         """A spawner went away: its pooled kernels are no use to anyone now."""
-        for kernel in [k for k in self.pool if k.spawner is spawner]:
-            self.pool.remove(kernel)
+        unused = [k for k in self.kernels.values() if k.spawner is spawner and k.state in ("warming", "pooled")]
+        for kernel in unused:
+            if kernel in self.pool:
+                self.pool.remove(kernel)
             self.kernels.pop(kernel.id, None)
             kernel.died("its spawner went away")
         self._pool_changed()
