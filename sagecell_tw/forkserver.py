@@ -507,6 +507,14 @@ def _killpg(pid: int) -> None:
                 raise
 
 
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
 def _describe(status: int | None) -> str:
     if status is None:
         return "the kernel ended"

@@ -48,7 +48,7 @@ NUDGE_TRIES = 250
 class Kernel:
     """One forked kernel. States: warming -> pooled -> assigned -> dying -> dead."""
 
-    def __init__(self, info: dict, spawner: SpawnerLink, zmq, clock, on_warm: Callable[["Kernel"], None] | None = None):
+    def __init__(self, info: dict, spawner: SpawnerLink, zmq, clock, on_warm: Callable[[Kernel], None] | None = None):
         self.id: str = info["id"]
         self.info = info
         self.spawner = spawner
