@@ -52,6 +52,8 @@ class ForkConfig:
     base_dir: str
     pool_size: int = 4
     max_kernels: int = 64
+    #: most bytes a kernel's working dir may hold (0: no check)
+    disk_quota: int = 0
     preload: tuple[str, ...] = ()
     limits: sandbox.Limits = field(default_factory=sandbox.Limits)
     network: bool = False
@@ -172,6 +174,41 @@ def _initialize_imports() -> list[str]:
     return [n for n in names if not n.startswith("__main__")]
 
 
+#: seconds between two checks of the kernels' disk use
+QUOTA_EVERY = 1.0
+#: at most this many directory entries are looked at per kernel and check
+QUOTA_MAX_ENTRIES = 50000
+
+
+def dir_usage(path: str, stop_above: int) -> int:
+    """Bytes allocated under ``path`` (no symlinks followed); stops early once over ``stop_above``."""
+    total = 0
+    seen = 0
+    stack = [path]
+    while stack:
+        top = stack.pop()
+        try:
+            entries = os.scandir(top)
+        except OSError:
+            continue
+        with entries:
+            for entry in entries:
+                seen += 1
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                total += st.st_blocks * 512
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                if total > stop_above:
+                    return total
+                if seen > QUOTA_MAX_ENTRIES:
+                    # So many files are a quota breach of their own.
+                    return stop_above + 1
+    return total
+
+
 def remove_tree(path: str) -> None:
     """Remove a kernel dir even if the code in it chmod-ed parts of it to 000."""
 
@@ -254,6 +291,7 @@ class ForkServer:
             self._reap()
             self._watch_adopted()
             self._expire_starting()
+            self._check_quotas()
         self._shutdown()
 
     def _on_term(self, _signo, _frame) -> None:
@@ -369,6 +407,17 @@ class ForkServer:
             self._send({"event": "ready", "kernel": info, "state": "ready"})
             self._announce_pool()
         # On EOF the child died before binding: _reap reports it.
+
+    def _check_quotas(self) -> None:
+        """RLIMIT_FSIZE bounds one file; this bounds the whole working dir, every QUOTA_EVERY s."""
+        quota = self.config.disk_quota
+        now = time.monotonic()
+        if not quota or now < getattr(self, "_next_quota", 0.0):
+            return
+        self._next_quota = now + QUOTA_EVERY
+        for child in list(self.children.values()):
+            if child.state in ("ready", "taken") and dir_usage(os.path.join(child.dir, "work"), quota) > quota:
+                self._kill(child.id, f"its files exceeded the disk quota of {quota // (1 << 20)} MiB")
 
     def _expire_starting(self) -> None:
         now = time.monotonic()

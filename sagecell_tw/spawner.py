@@ -45,6 +45,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--base-dir", required=True, help="where kernel directories are made")
     p.add_argument("--pool-size", type=int, default=4)
     p.add_argument("--max-kernels", type=int, default=64)
+    p.add_argument("--disk-quota", type=int, default=0, help="most bytes in a kernel's working dir (0: unchecked)")
     p.add_argument("--preload", default=None, help="comma-separated modules to import once")
     p.add_argument("--worker-user", default=None, help="account to run as (only when started as root)")
     p.add_argument("--daemon-group", default=None, help="group whose members may reach kernel dirs")
@@ -63,6 +64,7 @@ def fork_config(args: argparse.Namespace) -> forkserver.ForkConfig:
         base_dir=args.base_dir,
         pool_size=args.pool_size,
         max_kernels=args.max_kernels,
+        disk_quota=args.disk_quota,
         preload=preload,
         limits=sandbox.Limits(**json.loads(args.limits)),
         network=args.network,

@@ -94,6 +94,12 @@ class ControlChannel:
         now = self.clock.seconds()
         spawner = self.spawners.get(identity)
         if event == "hello":
+            if spawner is not None and spawner.hello.get("pid") == msg.get("pid"):
+                # The same process again (it answered several of our
+                # {"cmd": "hello"}): nothing was lost, just sync once more.
+                spawner.last_heard = now
+                spawner.send({"cmd": "sync", "keep": self.manager.adopt(spawner, lambda s: s is spawner)})
+                return
             if spawner is not None:
                 self._lost(spawner, "it said hello again (restarted)")
             spawner = Spawner(identity, self, msg, now)
@@ -287,6 +293,8 @@ def spawner_argv(config, run_dir: str, control: str, daemon_group: str | None) -
         os.path.join(run_dir, "kernels"),
         "--pool-size",
         str(config.pool_size),
+        "--disk-quota",
+        str(config.disk_quota),
         "--max-kernels",
         str(config.max_kernels + config.pool_size),
         "--limits",
