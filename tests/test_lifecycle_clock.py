@@ -1,0 +1,245 @@
+"""
+Timing logic of kernels and sessions, driven by task.Clock: no sleeps, no processes.
+
+The zmq side is a fake that records what would have been sent; the spawner a
+fake that records takes and kills.
+"""
+
+import json
+
+from twisted.internet import task
+from twisted.trial import unittest
+
+from sagecell_tw import config as configmod
+from sagecell_tw import messages
+from sagecell_tw.kernels import NUDGE_INTERVAL, KernelManager, NoKernelAvailable
+from sagecell_tw.sessions import KILL_AFTER_INTERRUPT, LimitExceeded, SessionManager
+
+
+class FakeChannel:
+    def __init__(self, address, handler):
+        self.address = address
+        self.handler = handler
+        self.sent = []
+        self.closed = False
+
+    def send(self, parts):
+        self.sent.append(parts)
+        return True
+
+    def close(self):
+        self.closed = True
+
+
+class FakeZmq:
+    def __init__(self):
+        self.channels = []
+
+    def dealer(self, address, handler, identity=None):
+        ch = FakeChannel(address, handler)
+        self.channels.append(ch)
+        return ch
+
+    def sub(self, address, handler):
+        ch = FakeChannel(address, handler)
+        self.channels.append(ch)
+        return ch
+
+
+class FakeSpawner:
+    name = "fake"
+
+    def __init__(self):
+        self.taken = []
+        self.killed = []
+
+    def take(self, kid):
+        self.taken.append(kid)
+
+    def kill(self, kid, reason="killed"):
+        self.killed.append((kid, reason))
+
+
+class FakeConnection:
+    def __init__(self):
+        self.got = []
+        self.closed_for = None
+        self.client_sessions = {"browser"}
+
+    def deliver(self, msg):
+        self.got.append(msg)
+
+    def close_for(self, reason):
+        self.closed_for = reason
+
+    def texts(self):
+        return "".join(m.content_dict().get("text", "") for m in self.got if m.msg_type == "stream")
+
+    def states(self):
+        return [m.content_dict()["execution_state"] for m in self.got if m.msg_type == "status"]
+
+
+def info(n):
+    return {
+        "id": f"k{n}",
+        "pid": 1000 + n,
+        "dir": f"/x/k{n}",
+        "workdir": f"/x/k{n}/work",
+        "connection": {"ip": f"/x/k{n}/ipc/k", "key": "secret", "shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5},
+    }
+
+
+def iopub_welcome(kernel):
+    """Make the kernel's iopub deliver something, as a live subscription would."""
+    sub = kernel.sockets["iopub"]
+    msg = messages.status("idle", "k")
+    sub.handler([messages.DELIM, b"", msg.header, msg.parent, msg.metadata, msg.content])
+
+
+class Base(unittest.TestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.zmq = FakeZmq()
+        self.spawner = FakeSpawner()
+        self.config = configmod.build({}, {"exec_timeout": "10", "idle_timeout": "100", "disconnect_timeout": "30", "max_lifetime": "1000", "max_kernels_per_client": "2", "max_kernels": "3", "pool_size": "1"})
+        self.kernels = KernelManager(self.zmq, self.clock, self.config.max_kernels, shutdown_grace=1.0, wait_timeout=5.0)
+        self.sessions = SessionManager(self.kernels, self.config, self.clock)
+
+    def ready(self, n):
+        self.kernels.kernel_ready(info(n), self.spawner)
+        kernel = self.kernels.kernels[f"k{n}"]
+        iopub_welcome(kernel)
+        return kernel
+
+
+class KernelManagerTests(Base):
+    def test_new_kernel_is_nudged_until_iopub_answers(self):
+        self.kernels.kernel_ready(info(1), self.spawner)
+        kernel = self.kernels.kernels["k1"]
+        self.assertEqual(kernel.state, "warming")
+        self.assertEqual(len(self.kernels.pool), 0)
+        shell = kernel.sockets["shell"]
+        self.assertEqual(len(shell.sent), 1)
+        self.clock.pump([NUDGE_INTERVAL] * 3)
+        self.assertEqual(len(shell.sent), 4)
+        self.assertIn(b"kernel_info_request", shell.sent[-1][2])
+        iopub_welcome(kernel)
+        self.assertEqual(kernel.state, "pooled")
+        self.assertEqual(list(self.kernels.pool), [kernel])
+        self.clock.advance(1)
+        self.assertEqual(len(shell.sent), 4)  # no more nudges
+
+    def test_take_waits_for_a_kernel_then_times_out(self):
+        d = self.kernels.take()
+        self.assertNoResult(d)
+        self.clock.advance(4.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.2)
+        self.failureResultOf(d, NoKernelAvailable)
+
+    def test_waiter_gets_the_next_warm_kernel(self):
+        d = self.kernels.take()
+        kernel = self.ready(1)
+        self.assertIs(self.successResultOf(d), kernel)
+        self.assertEqual(self.spawner.taken, ["k1"])
+        self.assertEqual(kernel.state, "assigned")
+
+    def test_shutdown_asks_then_kills_after_grace(self):
+        kernel = self.ready(1)
+        self.successResultOf(self.kernels.take())
+        d = self.kernels.shutdown(kernel, "bye")
+        control = kernel.sockets["control"].sent
+        self.assertIn(b"shutdown_request", control[-1][2])
+        self.clock.advance(0.9)
+        self.assertEqual(self.spawner.killed, [])
+        self.clock.advance(0.2)
+        self.assertEqual(self.spawner.killed, [("k1", "bye")])
+        self.assertNoResult(d)
+        self.kernels.kernel_dead("k1", "killed")
+        self.assertEqual(self.successResultOf(d), "bye")
+        self.assertTrue(all(s.closed for s in kernel.sockets.values()))
+
+    def test_kernel_that_exits_in_grace_is_not_killed(self):
+        kernel = self.ready(1)
+        self.successResultOf(self.kernels.take())
+        self.kernels.shutdown(kernel, "bye")
+        self.kernels.kernel_dead("k1", "exited")
+        self.clock.advance(5)
+        self.assertEqual(self.spawner.killed, [])
+
+
+class SessionTimingTests(Base):
+    def connect(self):
+        self.ready(1)
+        session = self.sessions.create("1.2.3.4")
+        conn = FakeConnection()
+        self.sessions.connect(session, conn)
+        return session, conn
+
+    def test_disconnected_session_ends_after_timeout(self):
+        session, conn = self.connect()
+        self.sessions.start()
+        self.sessions.disconnect(session, conn)
+        self.clock.advance(29)
+        self.assertIs(self.sessions.get(session.id), session)
+        self.clock.advance(2)
+        self.assertIsNone(self.sessions.get(session.id))
+
+    def test_idle_session_ends_and_says_why(self):
+        session, conn = self.connect()
+        self.sessions.start()
+        self.clock.pump([1] * 101)
+        self.assertIsNone(self.sessions.get(session.id))
+        self.assertIn("idle for 100 s", conn.texts())
+        self.assertEqual(conn.states()[-1], "dead")
+        self.assertIsNotNone(conn.closed_for)
+
+    def test_long_execution_is_interrupted_then_restarted(self):
+        session, conn = self.connect()
+        kernel = session.kernel
+        self.sessions.start()
+        req = messages.Message.build("shell", "execute_request", {"code": "while True: pass"}, session="browser")
+        self.sessions.send(session, req, conn)
+        self.clock.pump([1] * 10)
+        control = kernel.sockets["control"].sent
+        self.assertTrue(any(b"interrupt_request" in parts[2] for parts in control))
+        self.assertIn("longer than the limit of 10 s", conn.texts())
+        self.ready(2)
+        self.clock.pump([1] * int(KILL_AFTER_INTERRUPT + 1))
+        self.assertIn("did not stop when interrupted", conn.texts())
+        self.assertIsNot(session.kernel, kernel)
+        self.assertEqual(kernel.state, "dying")
+
+    def test_per_client_and_overall_limits(self):
+        self.sessions.create("a")
+        self.sessions.create("a")
+        with self.assertRaises(LimitExceeded) as e:
+            self.sessions.create("a")
+        self.assertEqual(e.exception.status, 429)
+        self.sessions.create("b")
+        with self.assertRaises(LimitExceeded) as e:
+            self.sessions.create("c")
+        self.assertEqual(e.exception.status, 503)
+
+    def test_message_without_kernel_waits_and_is_delivered(self):
+        session = self.sessions.create("1.2.3.4")
+        conn = FakeConnection()
+        self.sessions.connect(session, conn)
+        req = messages.Message.build("shell", "execute_request", {"code": "1"}, session="browser")
+        self.sessions.send(session, req, conn)
+        self.assertEqual(len(session.pending), 1)
+        kernel = self.ready(1)
+        self.assertIs(session.kernel, kernel)
+        shell = kernel.sockets["shell"].sent
+        self.assertIn(b"execute_request", shell[-1][2])
+        # signed with the kernel's key, never the browser's
+        header, parent, meta, content = shell[-1][2:6]
+        self.assertEqual(shell[-1][1], messages.Signer("secret").sign([header, parent, meta, content]))
+        self.assertEqual(json.loads(content)["code"], "1")
+
+    def test_dead_kernel_is_reported(self):
+        session, conn = self.connect()
+        self.kernels.kernel_dead("k1", "the kernel was killed by SIGKILL")
+        self.assertEqual(conn.states()[-1], "dead")
+        self.assertIn("SIGKILL", conn.texts())
+        self.assertIsNone(session.kernel)
