@@ -78,12 +78,31 @@ def metric(text: str, name: str, labels: str = "") -> float:
     return float(m.group(1))
 
 
-def kill_leftovers(pids):
-    """Our own kernels that a test left orphaned on purpose (no systemd here to clean its cgroup)."""
-    for pid in pids:
-        if alive(pid):
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
             try:
-                os.killpg(pid, signal.SIGKILL)
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def kill_leftovers(pids):
+    """Our own kernels (host pids, > 1) that a test left orphaned on purpose: no systemd cgroup here."""
+    for pid in pids:
+        assert pid > 1
+        for p in descendants(pid):
+            try:
+                os.kill(p, signal.SIGKILL)
             except OSError:
                 pass
 
@@ -216,7 +235,7 @@ def test_daemon_unit_execstart_serves_and_drops_root(tmp711):
             uid = int(re.search(r"^Uid:\s+(\d+)", f.read(), re.M).group(1))
         assert uid == pwd.getpwnam("sagecell").pw_uid
         d = Daemon()
-        d.port = port
+        d.port, d.log_path = port, str(log_path)
         client = Client(d, d.new_kernel())
         reply, out = client.execute("import os; print(6 * 7, os.getuid())")
         assert reply["status"] == "ok"
@@ -634,6 +653,8 @@ def test_new_spawner_replaces_old_one_and_adopts_kernels_in_use():
 
     def hear(identity: bytes, msg: dict):
         router.on_message([identity, json.dumps(msg).encode()])
+        if msg["event"] == "ready":  # its iopub answered: poolable
+            manager.kernels[msg["kernel"]["id"]]._warm()
 
     hello = {"event": "hello", "host": "h", "base_dir": "/run/k", "pid": 1}
     hear(b"old", dict(hello, name="old"))
@@ -649,6 +670,11 @@ def test_new_spawner_replaces_old_one_and_adopts_kernels_in_use():
     assert not manager.pool and "k2" not in manager.kernels
     assert {"cmd": "sync", "keep": ["k1"]} in control_messages(router, b"new")
     assert taken.result.spawner.identity == b"new"
+    # The same process saying hello again (it answered several nudges) loses nothing.
+    hear(b"new", {"event": "ready", "kernel": kernel_info("k3")})
+    hear(b"new", dict(hello, name="new", pid=2))
+    assert list(channel.spawners) == [b"new"] and [k.id for k in manager.pool] == ["k3"]
+    assert control_messages(router, b"new")[-1] == {"cmd": "sync", "keep": ["k1"]}
     # Its death, reported by the new spawner, reaches the session's kernel.
     hear(b"new", {"event": "dead", "id": "k1", "reason": "the kernel ended"})
     assert taken.result.state == "dead"
@@ -666,6 +692,7 @@ def test_embedded_spawner_process_end_loses_it_at_once():
     channel.listen()
     zmq.routers[0].on_message([b"s", json.dumps({"event": "hello", "name": "s", "pid": 77}).encode()])
     zmq.routers[0].on_message([b"s", json.dumps({"event": "ready", "kernel": kernel_info("k1")}).encode()])
+    manager.kernels["k1"]._warm()
     assert len(manager.pool) == 1
     channel.lost_process(77, "its process ended")
     assert not channel.spawners and not manager.pool
