@@ -11,7 +11,7 @@ event              fields
 =================  ==============================================================
 session_start      session, client
 session_stop       session, reason
-session_kernel     session, kernel            (a session got its kernel)
+session_kernel     session, kernel, pid       (a session got its kernel; pid on the host)
 session_kernel_died session, reason
 kernel_ready       kernel, pid, spawner, spawn_seconds (fork to ready, or None)
 kernel_died        kernel, reason
@@ -57,7 +57,5 @@ class SessionEvents:
 
     def __call__(self, event: str, session, detail: str) -> None:
         sid = session.id if session is not None else None
-        if event == "kernel":
-            log.info("session {session} has kernel {kernel}", event="session_kernel", session=sid, kernel=detail)
-        elif event == "limit":
+        if event == "limit":
             log.info("limit hit: {kind} (session {session})", event="limit_hit", kind=detail, session=sid)

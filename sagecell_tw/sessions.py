@@ -174,7 +174,13 @@ class SessionManager:
         self.routes.attach(session, kernel)
         kernel.on_message = lambda msg: self._from_kernel(session, kernel, msg)
         kernel.on_death = lambda reason: self._kernel_died(session, kernel, reason)
-        log.info("session {session} got kernel {kernel} (pid {pid})", session=session.id, kernel=kernel.id, pid=kernel.pid)
+        log.info(
+            "session {session} got kernel {kernel} (pid {pid})",
+            event="session_kernel",
+            session=session.id,
+            kernel=kernel.id,
+            pid=kernel.pid,
+        )
         self._event("kernel", session, kernel.id)
         if session.execution_state in ("starting", "restarting", "dead"):
             session.execution_state = "idle"
