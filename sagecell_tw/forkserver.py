@@ -38,6 +38,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from . import kernel_child, sandbox
+from .quota import DiskQuota
 
 #: How long a kernel may take from fork to bound sockets before it is killed.
 START_TIMEOUT = 60.0
@@ -265,6 +266,13 @@ class ForkServer:
         #: next fork may happen: a broken setup must not fork in a tight loop.
         self.failures = 0
         self.next_fork = 0.0
+        self._next_quota = 0.0
+        self.quota: DiskQuota | None = None
+        if config.disk_quota:
+            try:
+                self.quota = DiskQuota(config.disk_quota)
+            except OSError as e:
+                sys.stderr.write(f"sagecell fork server: no inotify ({e}); disk quota checked every {QUOTA_EVERY} s only\n")
 
     # -- the loop ----------------------------------------------------------
 
@@ -277,12 +285,17 @@ class ForkServer:
         while not self.stopping:
             self._fill_pool()
             fds = [self.sock.fileno()] + [c.ready_fd for c in self.children.values() if c.ready_fd is not None]
+            if self.quota is not None:
+                fds.append(self.quota.fileno())
             try:
                 readable, _, _ = select.select(fds, [], [], TICK)
             except InterruptedError:
                 readable = []
             for fd in readable:
-                if fd == self.sock.fileno():
+                if self.quota is not None and fd == self.quota.fileno():
+                    for kid in self.quota.read():
+                        self._over_quota(kid)
+                elif fd == self.sock.fileno():
                     if not self._read_command():
                         self.stopping = True
                         break
@@ -388,6 +401,8 @@ class ForkServer:
         child = Child(kid, pid, kdir, key, r, time.monotonic())
         self.children[kid] = child
         self.by_pid[pid] = child
+        if self.quota is not None:
+            self.quota.watch(kid, work)
 
     def _child_ready(self, fd: int) -> None:
         child = next((c for c in self.children.values() if c.ready_fd == fd), None)
@@ -409,15 +424,23 @@ class ForkServer:
         # On EOF the child died before binding: _reap reports it.
 
     def _check_quotas(self) -> None:
-        """RLIMIT_FSIZE bounds one file; this bounds the whole working dir, every QUOTA_EVERY s."""
+        """
+        A full count of every working dir each QUOTA_EVERY s: backs up the
+        inotify accounting (DiskQuota), which cannot see writes through mmap.
+        """
         quota = self.config.disk_quota
         now = time.monotonic()
-        if not quota or now < getattr(self, "_next_quota", 0.0):
+        if not quota or now < self._next_quota:
             return
         self._next_quota = now + QUOTA_EVERY
         for child in list(self.children.values()):
             if child.state in ("ready", "taken") and dir_usage(os.path.join(child.dir, "work"), quota) > quota:
-                self._kill(child.id, f"its files exceeded the disk quota of {quota // (1 << 20)} MiB")
+                self._over_quota(child.id)
+
+    def _over_quota(self, kid: str) -> None:
+        child = self.children.get(kid)
+        if child is not None and child.state != "dying":
+            self._kill(kid, f"its files exceeded the disk quota of {self.config.disk_quota // (1 << 20)} MiB")
 
     def _expire_starting(self) -> None:
         now = time.monotonic()
@@ -509,6 +532,8 @@ class ForkServer:
     def _bury(self, child: Child, status: int | None) -> None:
         # Whatever the kernel started lives in its process group: end it too.
         _killpg(child.pid)
+        if self.quota is not None:
+            self.quota.unwatch(child.id)
         if child.ready_fd is not None:
             os.close(child.ready_fd)
             child.ready_fd = None

@@ -106,6 +106,10 @@ def _enter_sandbox(spec: dict, ready_fd: int) -> list[str]:
     else:
         missing.append("user/mount/PID/network namespaces (not available here)")
     sandbox.prctl(sandbox.PR_SET_NO_NEW_PRIVS, 1)
+    try:
+        sandbox.drop_capabilities()
+    except OSError as e:
+        missing.append(f"dropping capabilities ({e.strerror})")
     sandbox.apply_rlimits(sandbox.Limits(**spec["limits"]))
     os.umask(0o007)
     work = spec["workdir"]
@@ -171,6 +175,13 @@ def _private_filesystem(spec: dict) -> list[str]:
         os.makedirs(kdir, exist_ok=True)
         sandbox.mount(f"/proc/self/fd/{keep}", kdir, None, sandbox.MS_BIND | sandbox.MS_REC)
         os.close(keep)
+        # The path down to our dir exists only in our tmpfs; make it
+        # traversable, not listable, like the real one.
+        base = next((h for h in hidden if kdir.startswith(h + "/")), None)
+        parent = os.path.dirname(kdir)
+        while base is not None and parent != base and parent.startswith(base + "/"):
+            os.chmod(parent, 0o111)
+            parent = os.path.dirname(parent)
     except OSError as e:
         missing.append(f"a private view of the file system ({e.strerror})")
     try:

@@ -202,7 +202,13 @@ class Client:
         deadline = time.monotonic() + timeout
         while (reply is None or not idle) and time.monotonic() < deadline:
             m = self.recv(max(0.1, deadline - time.monotonic()))
+            if m["msg_type"] == "status" and m["content"]["execution_state"] == "dead":
+                # The kernel was ended (a limit, a kill): no reply will come.
+                outputs.append(m)
+                return {"status": "dead"}, outputs
             if m.get("parent_header", {}).get("msg_id") != mid:
+                if m["channel"] == "iopub" and m["msg_type"] == "stream" and not m.get("parent_header"):
+                    outputs.append(m)  # the daemon's own notices
                 continue
             if m["channel"] == "shell" and m["msg_type"].endswith("_reply"):
                 reply = m

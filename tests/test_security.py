@@ -860,7 +860,7 @@ time.sleep({EXEC_TIMEOUT} - 0.5)
             except Exception:
                 break
         text = "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream")
-        assert "written" in text, text
+        # Ended at once by the inotify accounting, or by the periodic scan after "written".
         assert died(outputs), f"a kernel over its {DISK_QUOTA >> 20} MiB quota was not ended: {text!r}"
         assert re.search(r"\[sagecell\].*quota", text), text
         env.assert_serving("a kernel over its disk quota")

@@ -1,0 +1,65 @@
+"""The inotify disk accounting: real files in a temp dir, no kernels."""
+
+import os
+
+from sagecell_tw.quota import DiskQuota
+
+MiB = 1 << 20
+
+
+def write(path, size):
+    with open(path, "wb") as f:
+        f.write(os.urandom(size))
+
+
+def test_total_follows_writes_moves_and_deletes(tmp_path):
+    q = DiskQuota(10 * MiB)
+    try:
+        write(tmp_path / "before", MiB)  # made before the watch: counted by the first scan
+        q.watch("k", str(tmp_path))
+        assert q.usage("k") >= MiB
+        write(tmp_path / "a", 4 * MiB)
+        (tmp_path / "sub").mkdir()
+        write(tmp_path / "sub" / "b", 3 * MiB)
+        assert q.read() == []
+        assert 8 * MiB <= q.usage("k") < 9 * MiB
+        os.rename(tmp_path / "a", tmp_path / "sub" / "a2")
+        q.read()
+        assert 8 * MiB <= q.usage("k") < 9 * MiB
+        write(tmp_path / "c", 3 * MiB)
+        assert q.read() == ["k"]
+        os.remove(tmp_path / "c")
+        os.remove(tmp_path / "sub" / "a2")
+        assert q.read() == []
+        assert q.usage("k") < 5 * MiB
+    finally:
+        q.close()
+
+
+def test_kernels_are_counted_apart_and_unwatched(tmp_path):
+    q = DiskQuota(2 * MiB)
+    try:
+        (tmp_path / "one").mkdir()
+        (tmp_path / "two").mkdir()
+        q.watch("one", str(tmp_path / "one"))
+        q.watch("two", str(tmp_path / "two"))
+        write(tmp_path / "one" / "x", 3 * MiB)
+        write(tmp_path / "two" / "y", MiB)
+        assert q.read() == ["one"]
+        q.unwatch("one")
+        write(tmp_path / "one" / "z", 3 * MiB)
+        assert q.read() == []
+        assert q.usage("one") == 0
+    finally:
+        q.close()
+
+
+def test_too_many_directories_is_over_quota(tmp_path):
+    q = DiskQuota(100 * MiB, max_dirs=5)
+    try:
+        q.watch("k", str(tmp_path))
+        for i in range(6):
+            (tmp_path / f"d{i}").mkdir()
+        assert q.read() == ["k"]
+    finally:
+        q.close()
