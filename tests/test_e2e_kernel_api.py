@@ -51,8 +51,9 @@ def test_interrupt_sleep_within_a_second(daemon):
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         m = c.recv(10)
-        if m["msg_type"] == "status" and m["parent_header"].get("msg_id") == req["header"]["msg_id"]:
+        if m["msg_type"] == "execute_input" and m["parent_header"].get("msg_id") == req["header"]["msg_id"]:
             break
+    time.sleep(0.3)  # let the code reach time.sleep, as a person would
     t0 = time.monotonic()
     status, _, _ = daemon.request("POST", f"/api/kernels/{kid}/interrupt")
     assert status == 204
