@@ -835,6 +835,9 @@ def test_disk_fill_many_files_stops_at_the_quota(env, where):
             f"wrote {total >> 20} MiB into {where} (quota {DISK_QUOTA >> 20} MiB); reply {reply.get('status')}, "
             f"{stdout_of(outputs)[-300:]!r}"
         )
+        text = "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream")
+        stopped = re.search(r"^\(\d+, '\w*Error", text, re.M) or re.search(r"\[sagecell\].*quota", text)
+        assert stopped, f"nothing said why the writes stopped: {text[-300:]!r}"
     env.assert_serving(f"filling {where}")
 
 
