@@ -25,5 +25,7 @@ setup(
         "scientific": ["numpy", "sympy", "matplotlib"],
         "test": ["pytest>=8", "pytest-timeout", "playwright", "websocket-client", "jupyter_client", "ruff"],
     },
-    entry_points={"console_scripts": ["sagecell-spawner=sagecell_tw.spawner:main"]},
+    entry_points={
+        "console_scripts": ["sagecell-spawner=sagecell_tw.spawner:main", "sagecell-keys=sagecell_tw.keys:main"]
+    },
 )

@@ -46,6 +46,9 @@ class Config:
     control: str = ""  # "" : ipc://{run_dir}/control
     embedded_spawner: bool = True
     spawner_restart_max: float = 30.0
+    # -- worker hosts (CurveZMQ on the control channel and kernel relays)
+    curve_secret_key: str = ""  # the daemon's NAME.key_secret (sagecell-keys generate)
+    worker_keys: str = ""  # directory of the worker hosts' public NAME.key files
     # -- limits
     max_kernels: int = 64
     max_kernels_per_client: int = 8
@@ -109,6 +112,15 @@ class Config:
         for origin in self.allow_origin:
             if origin != "*" and "://" not in origin:
                 raise ConfigError(f"--allow-origin: {origin!r} is not '*' nor an origin like https://example.org")
+        if bool(self.curve_secret_key) != bool(self.worker_keys):
+            raise ConfigError("--curve-secret-key and --worker-keys go together: set both or neither")
+        if self.worker_keys and not self.control.startswith("tcp://"):
+            raise ConfigError("--worker-keys needs --control tcp://ADDRESS:PORT for the worker hosts to connect to")
+        if self.worker_keys and self.embedded_spawner:
+            raise ConfigError(
+                "--worker-keys: the embedded spawner has no CURVE keys; set --embedded-spawner false "
+                "(run sagecell-worker.service on this host too for local kernels)"
+            )
         if not self.port:
             raise ConfigError("--port must be a Twisted endpoint string such as tcp:8888")
 

@@ -45,6 +45,13 @@ NUDGE_INTERVAL = 0.02
 NUDGE_TRIES = 250
 
 
+def kernel_address(conn: dict, channel: str) -> str:
+    """The zmq address of one channel of a Jupyter connection info (ipc or tcp)."""
+    if conn.get("transport") == "tcp":
+        return f"tcp://{conn['ip']}:{conn[channel + '_port']}"
+    return f"ipc://{conn['ip']}-{conn[channel + '_port']}"
+
+
 class Kernel:
     """One forked kernel. States: warming -> pooled -> assigned -> dying -> dead."""
 
@@ -70,13 +77,18 @@ class Kernel:
         # sent the execute_request on shell: both sockets must share one.
         identity = os.urandom(8).hex().encode()
         self.sockets = {}
+        # A kernel on a worker host is reached through that host's relay:
+        # tcp, encrypted and authenticated with CURVE (its key is in the info).
+        curve = {}
+        if conn.get("curve_serverkey"):
+            curve = {"server_key": conn["curve_serverkey"].encode()}
         for channel in CHANNELS:
-            address = f"ipc://{conn['ip']}-{conn[channel + '_port']}"
+            address = kernel_address(conn, channel)
             handler = self._handler(channel)
             if channel == "iopub":
-                self.sockets[channel] = zmq.sub(address, handler)
+                self.sockets[channel] = zmq.sub(address, handler, **curve)
             else:
-                self.sockets[channel] = zmq.dealer(address, handler, identity)
+                self.sockets[channel] = zmq.dealer(address, handler, identity, **curve)
         self._nudge()
 
     def _nudge(self) -> None:
@@ -247,10 +259,20 @@ class KernelManager:
         self._notify("died", kernel)
         self._pool_changed()
 
-    def spawner_lost(self, spawner: SpawnerLink) -> None:
-        """A spawner went away: its pooled kernels are no use to anyone now."""
-        unused = [k for k in self.kernels.values() if k.spawner is spawner and k.state in ("warming", "pooled")]
-        for kernel in unused:
+    def spawner_lost(self, spawner: SpawnerLink, in_use_reason: str | None = None) -> None:
+        """
+        A spawner went away: its pooled kernels are no use to anyone now.
+
+        Kernels in use stay for a spawner on this host to adopt, unless
+        ``in_use_reason`` says they are gone too (a worker host that went
+        away: nothing here can reach them any more).
+        """
+        states = ("warming", "pooled") if in_use_reason is None else ("warming", "pooled", "assigned", "dying")
+        gone = [k for k in self.kernels.values() if k.spawner is spawner and k.state in states]
+        for kernel in gone:
+            if kernel.state in ("assigned", "dying"):
+                self.kernel_dead(kernel.id, in_use_reason)
+                continue
             if kernel in self.pool:
                 self.pool.remove(kernel)
             self.kernels.pop(kernel.id, None)
@@ -273,12 +295,12 @@ class KernelManager:
 
     def take(self) -> defer.Deferred:
         """A ready kernel now, or as soon as one is ready (bounded wait)."""
-        while self.pool:
-            kernel = self.pool.popleft()
-            if kernel.state == "pooled":
-                self._assign(kernel)
-                self._pool_changed()
-                return defer.succeed(kernel)
+        kernel = self._least_loaded()
+        if kernel is not None:
+            self.pool.remove(kernel)
+            self._assign(kernel)
+            self._pool_changed()
+            return defer.succeed(kernel)
         if self.live_count() >= self.max_kernels:
             return defer.fail(NoKernelAvailable(f"the server runs its maximum of {self.max_kernels} kernels"))
         d: defer.Deferred = defer.Deferred()
@@ -286,6 +308,29 @@ class KernelManager:
         call = self.clock.callLater(self.wait_timeout, self._expire, d)
         d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
         return d
+
+    def in_use(self, spawner: SpawnerLink) -> int:
+        return sum(1 for k in self.kernels.values() if k.spawner is spawner and k.state in ("assigned", "dying"))
+
+    def _least_loaded(self) -> Kernel | None:
+        """
+        The pooled kernel whose spawner (worker host) has the fewest kernels
+        in use, among those below their own ``max_kernels``; the oldest on a tie.
+        """
+        best, best_load = None, None
+        loads: dict[int, int] = {}
+        for kernel in self.pool:
+            if kernel.state != "pooled":
+                continue
+            key = id(kernel.spawner)
+            if key not in loads:
+                loads[key] = self.in_use(kernel.spawner)
+            cap = getattr(kernel.spawner, "max_kernels", None)
+            if cap is not None and loads[key] >= cap:
+                continue
+            if best_load is None or loads[key] < best_load:
+                best, best_load = kernel, loads[key]
+        return best
 
     def _expire(self, d: defer.Deferred) -> None:
         try:

@@ -62,7 +62,15 @@ class SageCellService(service.MultiService):
         self.zmq.start()
         self.run_dir = self._make_run_dir()
         control = self.config.control or f"ipc://{os.path.join(self.run_dir, 'control')}"
-        self.control = spawners.ControlChannel(self.zmq, control, self.kernels, self.reactor)
+        allowed = None
+        if self.config.curve_secret_key:
+            from . import keys
+
+            self.zmq.curve = keys.load_secret(self.config.curve_secret_key)
+            allowed = self.config.worker_keys
+        elif control.startswith("tcp://"):
+            self.warnings.append(f"the control channel {control} is neither encrypted nor authenticated: set --worker-keys")
+        self.control = spawners.ControlChannel(self.zmq, control, self.kernels, self.reactor, allowed_keys=allowed)
         self.control.listen()
         self.metrics.attach_control(self.control)
         worker_gid = self._worker_gid()

@@ -54,7 +54,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-userns", action="store_true", help="do not use user namespaces")
     p.add_argument("--exit-with-parent", action="store_true", help="die when the daemon process dies")
     p.add_argument("--name", default=None, help="this spawner's name (default: host name and pid)")
-    return p.parse_args(argv)
+    w = p.add_argument_group("worker host", "a spawner on another host than the daemon's, over CurveZMQ")
+    w.add_argument("--curve-secret", default=None, help="this worker's NAME.key_secret (sagecell-keys generate)")
+    w.add_argument("--daemon-key", default=None, help="the daemon's public NAME.key")
+    w.add_argument("--public-host", default=None, help="address of this host the daemon reaches kernels at (relay)")
+    w.add_argument("--relay-ports", default=None, help="LOW-HIGH: ports the relay may bind (for firewalls)")
+    args = p.parse_args(argv)
+    if bool(args.curve_secret) != bool(args.daemon_key):
+        p.error("--curve-secret and --daemon-key go together")
+    if args.public_host and not args.curve_secret:
+        p.error("--public-host (a relay over the network) needs --curve-secret and --daemon-key")
+    if args.relay_ports:
+        try:
+            low, high = (int(x) for x in args.relay_ports.split("-"))
+        except ValueError:
+            p.error(f"--relay-ports must be LOW-HIGH, not {args.relay_ports!r}")
+        if not 0 < low <= high < 65536:
+            p.error(f"--relay-ports {args.relay_ports!r} is not a port range")
+        args.relay_ports = (low, high)
+    return args
 
 
 def fork_config(args: argparse.Namespace) -> forkserver.ForkConfig:
@@ -106,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() == 0:
         account = sandbox.lookup_account(args.worker_user or "sagecell-worker")
     prepare_base_dir(config.base_dir, account, config.daemon_gid)
+    curve = None
+    if args.curve_secret:
+        from . import keys
+
+        # Read as root, before the drop: the key file may be root's only.
+        curve = keys.load_secret(args.curve_secret), keys.load_public(args.daemon_key)
     if account is not None:
         sandbox.drop_privileges(account)
     if args.exit_with_parent:  # after the drop, which clears it
@@ -117,13 +141,16 @@ def main(argv: list[str] | None = None) -> int:
         ours.close()
         forkserver.serve(theirs, config)
     theirs.close()
-    return Front(ours, pid, args, config).run()
+    return Front(ours, pid, args, config, curve).run()
 
 
 class Front:
     """Relays between the daemon (zmq) and the fork server (socket pair)."""
 
-    def __init__(self, sock: socket.socket, server_pid: int, args: argparse.Namespace, config):
+    def __init__(self, sock: socket.socket, server_pid: int, args: argparse.Namespace, config, curve=None):
+        #: ((public, secret), daemon's public key) on a worker host
+        self.curve = curve
+        self.relay = None
         self.sock = sock
         self.server_pid = server_pid
         self.args = args
@@ -140,10 +167,19 @@ class Front:
         dealer = ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 1000)
         dealer.setsockopt(zmq.IDENTITY, self.name.encode())
+        poller = zmq.Poller()
+        self.poller = poller
+        if self.curve is not None:
+            (public, secret), daemon_key = self.curve
+            dealer.curve_publickey, dealer.curve_secretkey, dealer.curve_serverkey = public, secret, daemon_key
+            if self.args.public_host:
+                from .relay import Relay
+
+                self.relay = Relay(ctx, self.args.public_host, public, secret, daemon_key, self.args.relay_ports)
+                poller.register(self.relay.zap, zmq.POLLIN)
         dealer.connect(self.args.control)
         self.dealer = dealer
         self._hello()
-        poller = zmq.Poller()
         poller.register(dealer, zmq.POLLIN)
         poller.register(self.sock.fileno(), zmq.POLLIN)
         heard = nudged = time.monotonic()
@@ -162,7 +198,13 @@ class Front:
                 if not data:
                     code = 1
                     break
-                self._send_raw(data)
+                self._send_raw(self._relayed(data) if self.relay is not None else data)
+            if self.relay is not None:
+                for sock in events:
+                    if sock is self.relay.zap:
+                        self.relay.authenticate()
+                    elif sock in self.relay.peers:
+                        self.relay.forward(sock)
             silent = time.monotonic() - heard
             if self.args.exit_with_parent and silent > DAEMON_SILENCE:
                 break
@@ -171,6 +213,8 @@ class Front:
                 self._to_daemon({"event": "pong", "t": None})
         self._stop_server()
         self._to_daemon({"event": "bye", "name": self.name})
+        if self.relay is not None:
+            self.relay.close_all()
         dealer.close()
         ctx.term()
         return code
@@ -189,8 +233,29 @@ class Front:
                 "userns": self.config.userns,
                 "network": self.config.network,
                 "uid": os.getuid(),
+                "relay": self.relay is not None,
+                "public_host": self.args.public_host,
             }
         )
+
+    def _relayed(self, data: bytes) -> bytes:
+        """A fork server event, with ready kernels' addresses turned into the relay's."""
+        import zmq
+
+        try:
+            msg = json.loads(data)
+        except ValueError:
+            return data
+        event = msg.get("event") if isinstance(msg, dict) else None
+        if event == "ready":
+            info, socks = self.relay.open(msg["kernel"])
+            for sock in socks:
+                self.poller.register(sock, zmq.POLLIN)
+            return json.dumps(dict(msg, kernel=info)).encode()
+        if event == "dead":
+            for sock in self.relay.close(str(msg.get("id"))):
+                self.poller.unregister(sock)
+        return data
 
     def _on_term(self, _signo, _frame) -> None:
         self.stopping = True

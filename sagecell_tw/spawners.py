@@ -32,7 +32,12 @@ class Spawner:
         self.channel = channel
         self.hello = hello
         self.name = str(hello.get("name") or identity.decode(errors="replace"))
-        self.host = str(hello.get("host", ""))
+        #: a spawner on a worker host relays its kernels over the network
+        self.remote = bool(hello.get("relay"))
+        self.host = str(hello.get("public_host") or hello.get("host", ""))
+        cap = hello.get("max_kernels")
+        #: most kernels in use at once on it (None: no limit of its own)
+        self.max_kernels: int | None = cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None
         self.last_heard = now
         self.pool = {"ready": 0, "starting": 0, "taken": 0}
 
@@ -52,9 +57,12 @@ class Spawner:
 class ControlChannel:
     """The ROUTER every spawner connects to; feeds the kernel manager."""
 
-    def __init__(self, zmq, address: str, manager, clock):
+    def __init__(self, zmq, address: str, manager, clock, allowed_keys: str | None = None):
         self.zmq = zmq
         self.address = address
+        #: directory of the worker hosts' public CURVE keys; None: no CURVE
+        self.allowed_keys = allowed_keys
+        self.zap = None
         self.manager = manager
         self.clock = clock
         self.spawners: dict[bytes, Spawner] = {}
@@ -65,12 +73,41 @@ class ControlChannel:
         self.observers: list = []
 
     def listen(self) -> None:
-        self.router = self.zmq.router(self.address, self._received)
+        if self.allowed_keys is not None:
+            # Before the ROUTER exists: libzmq asks this handler about every
+            # CURVE handshake from then on.
+            self.zap = self.zmq.zap(self._authenticate)
+            self.router = self.zmq.router(self.address, self._received, curve_server=True)
+        else:
+            self.router = self.zmq.router(self.address, self._received)
         self._pinger.start(PING_INTERVAL, now=False)
+
+    def _authenticate(self, frames: list[bytes]) -> None:
+        """
+        A ZAP request (RFC 27): admit a CURVE client whose public key is in
+        the allow-list directory, read afresh each time so that adding or
+        removing a worker's key needs no restart.
+        """
+        from . import keys
+
+        reply, ok = keys.zap_answer(frames, keys.load_allowed(self.allowed_keys))
+        if reply is None:
+            return
+        if not ok:
+            log.warn(
+                "refused a control connection from {address} ({mechanism}): key not in {dir}",
+                event="worker_refused",
+                address=frames[5].decode(errors="replace"),
+                mechanism=frames[7].decode(errors="replace"),
+                dir=self.allowed_keys,
+            )
+        self.zap.send(reply)
 
     def close(self) -> None:
         if self._pinger.running:
             self._pinger.stop()
+        if self.zap is not None:
+            self.zap.close()
         if self.router is not None:
             self.router.close()
 
@@ -155,7 +192,11 @@ class ControlChannel:
         if self.spawners.get(spawner.identity) is spawner:
             del self.spawners[spawner.identity]
         log.warn("spawner {name} lost: {why}", event="spawner_lost", name=spawner.name, why=why)
-        self.manager.spawner_lost(spawner)
+        if spawner.remote:
+            # Its kernels were reached through its relay, which is gone.
+            self.manager.spawner_lost(spawner, f"the worker host {spawner.host} went away ({why})")
+        else:
+            self.manager.spawner_lost(spawner)
         self._notify("lost", spawner)
 
     def _notify(self, event: str, spawner: Spawner) -> None:

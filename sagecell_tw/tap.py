@@ -25,6 +25,8 @@ HELP = {
     "run_dir": "directory for the control socket and kernel dirs (default: a fresh one in /tmp)",
     "control": "zmq address spawners connect to (default: ipc:// in the run dir)",
     "embedded_spawner": "start a spawner ourselves (true/false)",
+    "curve_secret_key": "the daemon's CurveZMQ secret key file (sagecell-keys generate): encrypts the link to worker hosts",
+    "worker_keys": "directory of worker hosts' public key files allowed to connect to --control tcp://...",
     "spawner_restart_max": "longest wait, in seconds, before restarting a dead spawner",
     "max_kernels": "most kernels running at once, overall",
     "max_kernels_per_client": "most kernels one client address may have",
@@ -66,6 +68,13 @@ class Options(usage.Options):
         except configmod.ConfigError as e:
             raise usage.UsageError(str(e)) from None
         check_port(self.config.port)
+        if self.config.curve_secret_key:
+            from . import keys
+
+            try:
+                keys.load_secret(self.config.curve_secret_key)
+            except (OSError, ValueError) as e:
+                raise usage.UsageError(f"--curve-secret-key: {e}") from None
         parent = getattr(self, "parent", None)
         if self.config.log_json and parent is not None and not parent.get("logger"):
             # twistd reads its observer factory after parsing, before it

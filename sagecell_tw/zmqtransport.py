@@ -24,9 +24,13 @@ HWM = 10000
 class _Socket(ZmqConnection):
     highWaterMark = HWM
 
-    def __init__(self, factory, endpoint, on_message: Callable[[list[bytes]], None], identity=None):
+    def __init__(self, factory, endpoint, on_message: Callable[[list[bytes]], None], identity=None, options=None):
         self._on_message = on_message
-        super().__init__(factory, endpoint, identity=identity)
+        # Options such as the CURVE keys must be set before connect or bind.
+        super().__init__(factory, None, identity=identity)
+        for option, value in (options or {}).items():
+            self.socket.setsockopt(option, value)
+        self.addEndpoints([endpoint])
 
     def messageReceived(self, message: list[bytes]) -> None:
         self._on_message(message)
@@ -81,6 +85,9 @@ class ZmqContext:
     def __init__(self, reactor):
         self.reactor = reactor
         self.factory = None
+        #: (public, secret) CURVE keys of the daemon: the control ROUTER is a
+        #: CURVE server with them, connections to worker hosts' relays clients
+        self.curve: tuple[bytes, bytes] | None = None
 
     def start(self) -> None:
         """Create the zmq context: only after twistd has forked into the background."""
@@ -93,18 +100,41 @@ class ZmqContext:
         if self.factory is not None and self.factory.connections is not None:
             self.factory.shutdown()
 
-    def router(self, address: str, on_message: Callable[[list[bytes]], None]) -> Channel:
-        """A bound ROUTER: the spawners' control channel."""
-        sock = _Router(self.factory, ZmqEndpoint(ZmqEndpointType.bind, address), on_message)
+    def router(self, address: str, on_message: Callable[[list[bytes]], None], curve_server: bool = False) -> Channel:
+        """A bound ROUTER: the spawners' control channel (a CURVE server when asked)."""
+        options = {}
+        if curve_server:
+            options = {zmq.CURVE_SERVER: 1, zmq.CURVE_PUBLICKEY: self.curve[0], zmq.CURVE_SECRETKEY: self.curve[1]}
+            # A worker host whose link came back reconnects under the same
+            # identity before the old connection is noticed dead: let it in.
+            options[zmq.ROUTER_HANDOVER] = 1
+        sock = _Router(self.factory, ZmqEndpoint(ZmqEndpointType.bind, address), on_message, options=options)
         return Channel(sock)
 
-    def dealer(
-        self, address: str, on_message: Callable[[list[bytes]], None], identity: bytes | None = None
-    ) -> Channel:
-        return Channel(_Dealer(self.factory, ZmqEndpoint(ZmqEndpointType.connect, address), on_message, identity))
+    def zap(self, on_message: Callable[[list[bytes]], None]) -> Channel:
+        """The ZAP handler's socket: libzmq asks it about every CURVE client of this context."""
+        return Channel(_Router(self.factory, ZmqEndpoint(ZmqEndpointType.bind, "inproc://zeromq.zap.01"), on_message))
 
-    def sub(self, address: str, on_message: Callable[[list[bytes]], None]) -> Channel:
-        sock = _Sub(self.factory, ZmqEndpoint(ZmqEndpointType.connect, address), on_message)
+    def _client_options(self, server_key: bytes | None) -> dict:
+        if server_key is None:
+            return {}
+        if self.curve is None:
+            raise ValueError("a CURVE server key without the daemon's own CURVE keys (--curve-secret-key)")
+        return {zmq.CURVE_SERVERKEY: server_key, zmq.CURVE_PUBLICKEY: self.curve[0], zmq.CURVE_SECRETKEY: self.curve[1]}
+
+    def dealer(
+        self,
+        address: str,
+        on_message: Callable[[list[bytes]], None],
+        identity: bytes | None = None,
+        server_key: bytes | None = None,
+    ) -> Channel:
+        endpoint = ZmqEndpoint(ZmqEndpointType.connect, address)
+        return Channel(_Dealer(self.factory, endpoint, on_message, identity, self._client_options(server_key)))
+
+    def sub(self, address: str, on_message: Callable[[list[bytes]], None], server_key: bytes | None = None) -> Channel:
+        endpoint = ZmqEndpoint(ZmqEndpointType.connect, address)
+        sock = _Sub(self.factory, endpoint, on_message, options=self._client_options(server_key))
         sock.socket.setsockopt(zmq.SUBSCRIBE, b"")
         return Channel(sock)
 

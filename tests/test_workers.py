@@ -1,0 +1,512 @@
+"""
+Worker hosts: least-loaded placement, lost hosts, CURVE keys, and (as root)
+a daemon and two workers in network namespaces this test makes.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+import zmq
+from support import ROOT, Client, stdout_of
+from twisted.internet import task
+
+from sagecell_tw import config as configmod
+from sagecell_tw import kernels, keys, spawners
+
+# -- fakes ---------------------------------------------------------------------
+
+
+class FakeChannel:
+    def __init__(self, on_message=None):
+        self.on_message = on_message
+        self.sent: list = []
+        self.closed = False
+
+    def send(self, parts):
+        self.sent.append(parts)
+        return True
+
+    def close(self):
+        self.closed = True
+
+
+class FakeZmq:
+    def __init__(self):
+        self.routers: list[FakeChannel] = []
+        self.connects: list[tuple] = []
+
+    def router(self, address, on_message, curve_server=False):
+        ch = FakeChannel(on_message)
+        self.routers.append(ch)
+        return ch
+
+    def dealer(self, address, on_message, identity=None, **curve):
+        self.connects.append((address, curve))
+        return FakeChannel(on_message)
+
+    def sub(self, address, on_message, **curve):
+        self.connects.append((address, curve))
+        return FakeChannel(on_message)
+
+
+def kernel_info(kid: str, relay: str | None = None) -> dict:
+    conn = {"ip": f"/tmp/{kid}/k", "key": "k" * 64, **{f"{c}_port": i for i, c in enumerate(kernels.CHANNELS, 1)}}
+    if relay:
+        conn.update(transport="tcp", ip=relay, curve_serverkey="S" * 40)
+    return {"id": kid, "pid": 4242, "workdir": "/tmp/w", "connection": conn}
+
+
+class Hosts:
+    """A control channel fed by hand, with a task.Clock."""
+
+    def __init__(self):
+        self.clock = task.Clock()
+        self.zmq = FakeZmq()
+        self.manager = kernels.KernelManager(self.zmq, self.clock, max_kernels=50, shutdown_grace=1.0)
+        self.channel = spawners.ControlChannel(self.zmq, "tcp://10.0.0.1:5555", self.manager, self.clock)
+        self.channel.listen()
+        self.router = self.zmq.routers[0]
+        self.n = 0
+
+    def hear(self, identity: bytes, msg: dict) -> None:
+        self.router.on_message([identity, json.dumps(msg).encode()])
+
+    def join(self, name: str, max_kernels: int = 10, pool: int = 0) -> None:
+        hello = {"event": "hello", "name": name, "host": "same-hostname", "public_host": name, "base_dir": "/k"}
+        self.hear(name.encode(), dict(hello, pid=hash(name) & 0xFFFF, max_kernels=max_kernels, relay=True))
+        for _ in range(pool):
+            self.ready(name)
+
+    def ready(self, name: str) -> str:
+        self.n += 1
+        kid = f"{name}-k{self.n}"
+        self.hear(name.encode(), {"event": "ready", "kernel": kernel_info(kid, relay=name)})
+        self.manager.kernels[kid]._warm()  # its iopub answered
+        return kid
+
+    def take(self) -> kernels.Kernel:
+        return self.manager.take().result
+
+    def pongs(self, *names: str) -> None:
+        for name in names:
+            self.hear(name.encode(), {"event": "pong", "t": self.clock.seconds()})
+
+
+# -- placement -------------------------------------------------------------------
+
+
+def test_sessions_go_to_the_least_loaded_host_within_its_capacity():
+    h = Hosts()
+    h.join("a", max_kernels=2, pool=4)
+    h.join("b", max_kernels=10, pool=4)
+    placed = [h.take().spawner.name for _ in range(4)]
+    # a, b, a, b: each new session goes where fewest are in use ...
+    assert placed == ["a", "b", "a", "b"]
+    # ... and "a" is full at 2, though it still has pooled kernels.
+    assert [h.take().spawner.name for _ in range(2)] == ["b", "b"]
+    assert sum(1 for k in h.manager.pool if k.spawner.name == "a") == 2
+    # The kernels reach the relays over tcp, with the worker's CURVE key.
+    address, curve = h.zmq.connects[0]
+    assert address == "tcp://a:1" and curve == {"server_key": b"S" * 40}
+
+
+def test_a_finished_session_frees_room_on_its_host():
+    h = Hosts()
+    h.join("a", max_kernels=1, pool=2)
+    h.join("b", max_kernels=1, pool=2)
+    first = h.take()
+    second = h.take()
+    assert {first.spawner.name, second.spawner.name} == {"a", "b"}
+    d = h.manager.take()
+    assert not d.called  # both hosts full: the session waits
+    d.addErrback(lambda f: None)
+    h.hear(first.spawner.name.encode(), {"event": "dead", "id": first.id, "reason": "done"})
+    assert h.take().spawner.name == first.spawner.name
+
+
+def test_a_silent_host_ends_its_sessions_and_new_ones_go_elsewhere():
+    h = Hosts()
+    h.join("a", pool=2)
+    h.join("b", pool=2)
+    on_a = h.take()
+    on_b = h.take()
+    assert (on_a.spawner.name, on_b.spawner.name) == ("a", "b")
+    deaths = []
+    on_a.on_death = deaths.append
+    # "a" goes quiet; "b" keeps answering pings.
+    for _ in range(7):
+        h.clock.advance(spawners.PING_INTERVAL)
+        h.pongs("b")
+    assert deaths and "the worker host a went away" in deaths[0]
+    assert on_a.state == "dead" and on_b.state == "assigned"
+    assert all(s.closed for s in on_a.sockets.values())
+    assert [sp.name for sp in h.channel.spawners.values()] == ["b"]
+    assert {h.take().spawner.name for _ in range(1)} == {"b"}
+    # "a" comes back (its link healed, or it restarted): it says hello and rejoins.
+    h.join("a", pool=1)
+    assert h.take().spawner.name == "a"
+
+
+def test_a_local_spawner_lost_keeps_its_sessions_for_adoption():
+    h = Hosts()
+    h.hear(b"local", {"event": "hello", "name": "local", "host": "h", "base_dir": "/k", "pid": 1})
+    h.hear(b"local", {"event": "ready", "kernel": kernel_info("k1")})
+    h.manager.kernels["k1"]._warm()
+    kernel = h.take()
+    h.channel.lost_process(1, "it died")
+    assert kernel.state == "assigned"  # a restarted spawner adopts it
+
+
+# -- keys ------------------------------------------------------------------------
+
+
+def test_keys_generate_secret_0600_and_zap_admits_only_listed_keys(tmp_path):
+    public, secret = keys.generate(str(tmp_path / "keys"), "w1")
+    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+    pub, sec = keys.load_secret(secret)
+    assert keys.load_public(public) == pub and len(sec) == 40
+    os.chmod(secret, 0o644)
+    with pytest.raises(ValueError, match="readable by others"):
+        keys.load_secret(secret)
+    allowed = keys.load_allowed(str(tmp_path / "keys"))
+    assert allowed == {pub}
+    raw = zmq.utils.z85.decode(pub)
+    request = [b"peer", b"", b"1.0", b"7", b"", b"10.0.0.2", b"", b"CURVE", raw]
+    reply, ok = keys.zap_answer(request, allowed)
+    assert ok and reply[3:5] == [b"7", b"200"]
+    reply, ok = keys.zap_answer(request[:8] + [b"x" * 32], allowed)
+    assert not ok and reply[4] == b"400"
+    assert keys.zap_answer(request[:8] + [b""], allowed)[1] is False
+    assert keys.zap_answer([b"junk"], allowed) == (None, False)
+
+
+def test_worker_keys_need_a_secret_key_and_tcp_control():
+    with pytest.raises(configmod.ConfigError, match="go together"):
+        configmod.build({}, {"worker_keys": "/etc/sagecell/workers"})
+    with pytest.raises(configmod.ConfigError, match="tcp://"):
+        configmod.build({}, {"worker_keys": "/w", "curve_secret_key": "/k"})
+    with pytest.raises(configmod.ConfigError, match="embedded-spawner false"):
+        configmod.build({}, {"worker_keys": "/w", "curve_secret_key": "/k", "control": "tcp://10.0.0.1:5555"})
+    ok = {"worker_keys": "/w", "curve_secret_key": "/k", "control": "tcp://10.0.0.1:5555", "embedded_spawner": "false"}
+    assert configmod.build({}, ok).worker_keys == "/w"
+
+
+# -- real hosts in network namespaces -------------------------------------------
+
+
+def _netns_available() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to make network namespaces"
+    if shutil.which("ip") is None:
+        return "needs iproute2's ip (apt-get install iproute2)"
+    probe = f"scprobe{os.getpid()}"
+    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"ip netns add does not work here: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+class UnixHTTP(http.client.HTTPConnection):
+    def __init__(self, path: str):
+        super().__init__("localhost", timeout=30)
+        self.path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30)
+        self.sock.connect(self.path)
+
+
+class NetnsDaemon:
+    """The daemon in its namespace, reached by the test through a unix socket (no address in ours)."""
+
+    ws_url = "ws://localhost"
+
+    def __init__(self, web_sock: str, log_path: str):
+        self.web_sock = web_sock
+        self.log_path = log_path
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def new_kernel(self) -> str:
+        conn = UnixHTTP(self.web_sock)
+        conn.request("POST", "/api/kernels", json.dumps({"name": "python3"}), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+        conn.close()
+        assert resp.status == 201, body
+        return body["id"]
+
+    def client(self, kernel_id: str) -> Client:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(self.web_sock)
+        return Client(self, kernel_id, socket=sock)
+
+    def host_of(self, kernel_id: str) -> str:
+        """The worker a session's kernel runs on, from the daemon's log."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            log = self.log()
+            got = re.findall(rf"session {kernel_id} got kernel (\w+)", log)
+            if got:
+                where = re.findall(rf"kernel {got[-1]} ready \(pid \d+\) on (\w+)", log)
+                return where[-1]
+            time.sleep(0.05)
+        raise AssertionError(f"no kernel for {kernel_id}")
+
+
+def wait_for(cond, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def until_dead(client: Client, timeout: float = 15.0) -> str:
+    """Read until the session says its kernel died; the text it showed."""
+    text = ""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = client.recv(max(0.1, deadline - time.monotonic()))
+        if m["msg_type"] == "stream":
+            text += m["content"]["text"]
+        if m["msg_type"] == "status" and m["content"]["execution_state"] == "dead":
+            return text
+    raise AssertionError(f"no dead status; saw {text!r}")
+
+
+@pytest.mark.slow
+def test_workers_on_other_hosts_over_curve():
+    why = _netns_available()
+    if why:
+        pytest.skip(why)
+    tag = f"{os.getpid() % 100000}"
+    ns = {role: f"sc9{role}{tag}" for role in ("d", "w1", "w2")}
+    tmp = tempfile.mkdtemp(prefix="sagecell-workers-")
+    os.chmod(tmp, 0o711)
+    procs: dict[str, subprocess.Popen] = {}
+    made: list[str] = []
+
+    def sh(*cmd: str) -> None:
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    def in_ns(name: str, *cmd: str) -> list[str]:
+        return ["ip", "netns", "exec", ns[name], *cmd]
+
+    env = dict(os.environ, PYTHONPATH=ROOT, PYDEVD_DISABLE_FILE_VALIDATION="1")
+
+    def start_worker(w: str) -> None:
+        n = w[-1]
+        procs[w] = subprocess.Popen(
+            in_ns(
+                w,
+                sys.executable,
+                "-m",
+                "sagecell_tw.spawner",
+                "--control",
+                f"tcp://10.199.{n}.1:5555",
+                "--public-host",
+                f"10.199.{n}.2",
+                "--curve-secret",
+                f"{tmp}/keys/{w}.key_secret",
+                "--daemon-key",
+                f"{tmp}/keys/daemon.key",
+                "--name",
+                w,
+                "--base-dir",
+                f"{tmp}/{w}",
+                "--pool-size",
+                "2",
+                "--max-kernels",
+                "6",
+                "--preload",
+                "",
+                "--worker-user",
+                "sagecell-worker",
+            ),
+            stdout=open(f"{tmp}/{w}.log", "ab"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
+    try:
+        for name in ns.values():
+            sh("ip", "netns", "add", name)
+            made.append(name)
+            sh("ip", "-n", name, "link", "set", "lo", "up")
+        for n in ("1", "2"):
+            d_end, w_end = f"sc9d{n}x{tag}", f"sc9w{n}x{tag}"
+            sh(
+                "ip",
+                "link",
+                "add",
+                d_end,
+                "netns",
+                ns["d"],
+                "type",
+                "veth",
+                "peer",
+                "name",
+                w_end,
+                "netns",
+                ns[f"w{n}"],
+            )
+            sh("ip", "-n", ns["d"], "addr", "add", f"10.199.{n}.1/24", "dev", d_end)
+            sh("ip", "-n", ns[f"w{n}"], "addr", "add", f"10.199.{n}.2/24", "dev", w_end)
+            sh("ip", "-n", ns["d"], "link", "set", d_end, "up")
+            sh("ip", "-n", ns[f"w{n}"], "link", "set", w_end, "up")
+        for who in ("daemon", "w1", "w2", "stranger"):
+            keys.generate(f"{tmp}/keys", who)
+        os.makedirs(f"{tmp}/allowed")
+        for w in ("w1", "w2"):
+            shutil.copy(f"{tmp}/keys/{w}.key", f"{tmp}/allowed/")
+        web = f"{tmp}/web.sock"
+        procs["daemon"] = subprocess.Popen(
+            in_ns(
+                "d",
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "-n",
+                "--pidfile=",
+                "sagecell",
+                "--port",
+                f"unix:{web}",
+                "--run-dir",
+                f"{tmp}/run",
+                "--permalink-db",
+                f"{tmp}/permalinks.sqlite3",
+                "--embedded-spawner",
+                "false",
+                "--control",
+                "tcp://0.0.0.0:5555",
+                "--curve-secret-key",
+                f"{tmp}/keys/daemon.key_secret",
+                "--worker-keys",
+                f"{tmp}/allowed",
+            ),
+            stdout=open(f"{tmp}/daemon.log", "wb"),
+            stderr=subprocess.STDOUT,
+            cwd=tmp,
+            env=env,
+            start_new_session=True,
+        )
+        daemon = NetnsDaemon(web, f"{tmp}/daemon.log")
+        wait_for(lambda: os.path.exists(web), 30, "the daemon's socket")
+        start_worker("w1")
+        start_worker("w2")
+        wait_for(lambda: len(re.findall(r"ready \(pid \d+\) on w", daemon.log())) >= 4, 30, "both pools")
+
+        # A worker whose key is not on the list is refused (and never joins).
+        procs["stranger"] = subprocess.Popen(
+            in_ns("w1", sys.executable, "-m", "sagecell_tw.spawner", "--control", "tcp://10.199.1.1:5555",
+                  "--curve-secret", f"{tmp}/keys/stranger.key_secret", "--daemon-key", f"{tmp}/keys/daemon.key",
+                  "--name", "stranger", "--base-dir", f"{tmp}/stranger", "--pool-size", "0", "--preload", "",
+                  "--worker-user", "sagecell-worker"),
+            stdout=open(f"{tmp}/stranger.log", "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+        wait_for(lambda: "refused a control connection" in daemon.log(), 15, "the stranger refused")
+
+        # Sessions are spread over both hosts, and work (shell, iopub, stdin).
+        sessions = {}
+        for _ in range(4):
+            kid = daemon.new_kernel()
+            c = daemon.client(kid)
+            reply, out = c.execute("print(input('?') * 2)", allow_stdin=True, stdin_reply="ab")
+            assert reply["status"] == "ok" and stdout_of(out) == "abab\n"
+            sessions[kid] = c
+        hosts = {kid: daemon.host_of(kid) for kid in sessions}
+        assert sorted(hosts.values()) == ["w1", "w1", "w2", "w2"], hosts
+        assert "spawner stranger joined" not in daemon.log()
+
+        # w1 dies: its sessions are told, the others keep working, new ones go to w2.
+        os.killpg(procs["w1"].pid, signal.SIGKILL)
+        procs["w1"].wait(10)
+        t0 = time.monotonic()
+        for kid, c in sessions.items():
+            if hosts[kid] == "w1":
+                assert "the worker host 10.199.1.2 went away" in until_dead(c)
+        lost_after = time.monotonic() - t0
+        assert lost_after < spawners.SILENCE + 4
+        for kid, c in sessions.items():
+            if hosts[kid] == "w2":
+                reply, out = c.execute("print('still here')")
+                assert stdout_of(out) == "still here\n"
+        kid = daemon.new_kernel()
+        sessions[kid] = c = daemon.client(kid)
+        assert c.execute("print(1)")[0]["status"] == "ok" and daemon.host_of(kid) == "w2"
+        hosts[kid] = "w2"
+
+        # w1 comes back and rejoins; then w2's link is cut.
+        start_worker("w1")
+        wait_for(lambda: daemon.log().count("spawner w1 joined") >= 2, 30, "w1 to rejoin")
+        wait_for(lambda: len(re.findall(r"ready \(pid \d+\) on w1", daemon.log())) >= 4, 30, "w1's pool")
+        sh("ip", "-n", ns["d"], "link", "set", f"sc9d2x{tag}", "down")
+        t0 = time.monotonic()
+        for kid, c in sessions.items():
+            if hosts[kid] == "w2":
+                assert "the worker host 10.199.2.2 went away" in until_dead(c)
+        assert time.monotonic() - t0 < spawners.SILENCE + 4
+        kid = daemon.new_kernel()
+        c = daemon.client(kid)
+        reply, out = c.execute("print(2 + 2)")
+        assert stdout_of(out) == "4\n" and daemon.host_of(kid) == "w1"
+
+        # The link heals: w2 says hello again and takes sessions once more.
+        sh("ip", "-n", ns["d"], "link", "set", f"sc9d2x{tag}", "up")
+        wait_for(lambda: daemon.log().count("spawner w2 joined") >= 2, 20, "w2 to rejoin")
+        for c in sessions.values():
+            c.close()
+    except BaseException:
+        for name in ("daemon", "w1", "w2"):
+            path = f"{tmp}/{name}.log"
+            if os.path.exists(path):
+                with open(path, errors="replace") as f:
+                    print(f"--- {name}.log\n{f.read()[-4000:]}")
+        raise
+    finally:
+        for name, proc in procs.items():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM if name == "daemon" else signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for proc in procs.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        for name in made:
+            # Whatever still runs in our namespaces (kernels of a killed worker) is ours.
+            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+        time.sleep(0.2)
+        for name in made:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)  # takes its veth ends with it
+        shutil.rmtree(tmp, ignore_errors=True)
+    _ = uuid
