@@ -321,6 +321,8 @@ def test_spawner_unit_execstart_and_restart_keeps_sessions():
 
 @pytest.mark.slow
 def test_health_and_metrics(daemon):
+    # Earlier tests of this module took kernels: the pool may still be refilling.
+    wait_for(lambda: get(daemon.url + "/healthz")[0] == 200, 15, "a ready pool")
     status, body, headers = get(daemon.url + "/healthz")
     state = json.loads(body)
     assert status == 200 and state["live"] and state["ready"] and state["pool"] >= 1 and state["spawners"] == 1
