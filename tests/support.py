@@ -82,10 +82,17 @@ class Daemon:
         return self
 
     def wait_pool(self, n: int, timeout: float = 30.0) -> None:
+        """Until /healthz says ready: a spawner is connected and a warm kernel waits in the pool."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.log().count("] kernel ") and len(re.findall(r"kernel \w+ ready", self.log())) >= n:
-                return
+            try:
+                with urllib.request.urlopen(self.url + "/healthz/ready", timeout=5) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError("daemon exited:\n" + self.log())
             time.sleep(0.05)
         raise RuntimeError("pool did not fill:\n" + self.log())
 
