@@ -11,19 +11,25 @@ cd "$(dirname "$0")"
 if [ "$(id -u)" = 0 ]; then
     venv=${SAGECELL_VENV:-/opt/sagecell_tw/venv}
     missing=()
-    for pkg in python3 python3-venv python3-dev nodejs npm; do
+    for pkg in python3 python3-venv; do
         dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
     done
-    if [ ${#missing[@]} -gt 0 ] && ! { [ -x /usr/bin/node ] && [ -x /usr/bin/npm ] && [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null; }; then
+    # A nodejs from elsewhere may bring its own npm (and conflict with Debian's).
+    command -v node >/dev/null 2>&1 || missing+=(nodejs)
+    if [ ${#missing[@]} -gt 0 ]; then
         apt-get update -qq
         apt-get install -y -qq "${missing[@]}"
     fi
+    command -v npm >/dev/null 2>&1 || apt-get install -y -qq npm
     if ! id sagecell-worker >/dev/null 2>&1 || ! id sagecell >/dev/null 2>&1; then
         if command -v systemd-sysusers >/dev/null 2>&1; then
             # An absolute path: a relative one is taken as a name in sysusers.d, and ignored.
             systemd-sysusers "$PWD/etc/sagecell-sysusers.conf"
         else
-            useradd --system --no-create-home --shell /usr/sbin/nologin sagecell-worker
+            id sagecell-worker >/dev/null 2>&1 ||
+                useradd --system --user-group --no-create-home --shell /usr/sbin/nologin sagecell-worker
+            id sagecell >/dev/null 2>&1 ||
+                useradd --system --user-group --groups sagecell-worker --no-create-home --shell /usr/sbin/nologin sagecell
         fi
     fi
 else
