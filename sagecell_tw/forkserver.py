@@ -38,7 +38,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from . import kernel_child, sandbox
-from .quota import DiskQuota
+from .quota import UPLOAD_TEMP, DiskQuota
 
 #: How long a kernel may take from fork to bound sockets before it is killed.
 START_TIMEOUT = 60.0
@@ -185,6 +185,7 @@ def dir_usage(path: str, stop_above: int) -> int:
     """Bytes allocated under ``path`` (no symlinks followed); stops early once over ``stop_above``."""
     total = 0
     seen = 0
+    upload_skipped = False
     stack = [path]
     while stack:
         top = stack.pop()
@@ -198,6 +199,9 @@ def dir_usage(path: str, stop_above: int) -> int:
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
+                    continue
+                if not upload_skipped and UPLOAD_TEMP.fullmatch(entry.name):
+                    upload_skipped = True  # the daemon's upload in progress, see quota.UPLOAD_TEMP
                     continue
                 total += st.st_blocks * 512
                 if entry.is_dir(follow_symlinks=False):

@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import re
 import struct
 
 IN_MODIFY = 0x00000002
@@ -38,6 +39,11 @@ WATCH_MASK = (
 ) | IN_ONLYDIR | IN_DONT_FOLLOW
 _EVENT = struct.Struct("iIII")
 
+#: the daemon's upload in progress (files.TEMP_PREFIX + 16 hex digits): while it
+#: replaces a file, old and new briefly both exist. The daemon checked the
+#: quota before writing it, so one such file per kernel is not counted here.
+UPLOAD_TEMP = re.compile(r"\.upload-[0-9a-f]{16}")
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
@@ -51,12 +57,18 @@ class _Tree:
         self.total = 0
         self.wds: set[int] = set()
         self.too_many_dirs = False
+        self.upload: str | None = None
 
     def set(self, path: str, size: int) -> None:
+        if self.upload in (None, path) and UPLOAD_TEMP.fullmatch(os.path.basename(path)):
+            self.upload = path
+            return
         self.total += size - self.sizes.get(path, 0)
         self.sizes[path] = size
 
     def forget(self, path: str) -> None:
+        if path == self.upload:
+            self.upload = None
         prefix = path + "/"
         for p in [p for p in self.sizes if p == path or p.startswith(prefix)]:
             self.total -= self.sizes.pop(p)

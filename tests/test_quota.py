@@ -63,3 +63,22 @@ def test_too_many_directories_is_over_quota(tmp_path):
         assert q.read() == ["k"]
     finally:
         q.close()
+
+
+def test_one_upload_in_progress_is_not_counted_twice(tmp_path):
+    q = DiskQuota(3 * MiB)
+    try:
+        q.watch("k", str(tmp_path))
+        write(tmp_path / "a", 2 * MiB)
+        # the daemon replacing "a": old and new exist for a moment
+        write(tmp_path / ".upload-0123456789abcdef", 2 * MiB)
+        assert q.read() == []
+        os.rename(tmp_path / ".upload-0123456789abcdef", tmp_path / "a")
+        assert q.read() == []
+        assert 2 * MiB <= q.usage("k") < 3 * MiB
+        # a second file of that shape is counted: the exemption is one file
+        write(tmp_path / ".upload-0123456789abcdef", MiB)
+        write(tmp_path / ".upload-fedcba9876543210", 2 * MiB)
+        assert q.read() == ["k"]
+    finally:
+        q.close()
