@@ -133,7 +133,7 @@ def lookup_account(name: str) -> Account:
     except KeyError:
         raise LookupError(
             f"the worker account {name!r} does not exist; create it with "
-            f"'systemd-sysusers etc/sagecell-sysusers.conf' or "
+            f"'systemd-sysusers /absolute/path/to/etc/sagecell-sysusers.conf' (run ./setup.sh as root, which does it) or "
             f"'useradd --system --no-create-home --shell /usr/sbin/nologin {name}'"
         ) from None
     return Account(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir)
