@@ -354,11 +354,15 @@ def spawner_argv(config, run_dir: str, control: str, daemon_group: str | None) -
 
 
 def spawner_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV")}
-    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    """
+    A small, fixed environment: kernels are forked from the spawner, and
+    /proc/self/environ shows them what it was exec'd with, so nothing of the
+    daemon's own environment goes there beyond what the spawner needs.
+    """
+    env = {k: v for k, v in os.environ.items() if k in ("LANG", "LC_ALL")}
+    env["PATH"] = "/usr/local/bin:/usr/bin:/bin"
     # The spawner must import the very sagecell_tw this daemon runs.
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     return env
