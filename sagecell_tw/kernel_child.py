@@ -159,6 +159,39 @@ def _become_pid1(ready_fd: int) -> None:
     os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 
 
+def _python_paths(hidden: list[str]) -> list[tuple[str, str, object]]:
+    """
+    How to rebuild, inside the hidden dirs, the paths this Python imports from.
+
+    For each of sys.prefix and sys.path under a hidden dir, walk down from
+    the hidden dir: a symlink on the way is recreated as it is (its target
+    lies elsewhere), else the dir itself is bound back read-only.
+    """
+    plan: list[tuple[str, str, object]] = []
+    done: set[str] = set()
+    for entry in (sys.prefix, sys.exec_prefix, *sys.path):
+        if not entry or not os.path.isabs(entry):
+            continue
+        base = next((h for h in hidden if entry.startswith(h + "/")), None)
+        if base is None:
+            continue
+        path = base
+        for part in entry[len(base) + 1 :].split("/"):
+            path = os.path.join(path, part)
+            if path in done:
+                if plan and any(p == path and k == "symlink" for k, p, _ in plan):
+                    break
+                continue
+            done.add(path)
+            if os.path.islink(path):
+                plan.append(("symlink", path, os.readlink(path)))
+                break
+        else:
+            if os.path.isdir(path) and not any(k == "bind" and path.startswith(p + "/") for k, p, _ in plan):
+                plan.append(("bind", path, os.open(path, os.O_PATH | os.O_DIRECTORY)))
+    return plan
+
+
 def _private_filesystem(spec: dict) -> list[str]:
     """Fresh tmpfs over shared and other kernels' dirs; our own dir bound back; a fresh /proc."""
     missing = []
@@ -168,10 +201,24 @@ def _private_filesystem(spec: dict) -> list[str]:
         keep = os.open(kdir, os.O_PATH | os.O_DIRECTORY)
         hidden: list[str] = []
         for path in ("/tmp", "/var/tmp", "/dev/shm", *spec.get("hide", ())):
+            path = os.path.realpath(path)
             if not os.path.isdir(path) or any(path == h or path.startswith(h + "/") for h in hidden):
                 continue
-            sandbox.mount("tmpfs", path, "tmpfs", sandbox.MS_NOSUID | sandbox.MS_NODEV, "size=16m,mode=1777")
             hidden.append(path)
+        # Python itself may live under a dir we hide (a venv in /tmp, reached
+        # through a symlink): note how to put it back before hiding anything.
+        python = _python_paths(hidden)
+        for path in hidden:
+            sandbox.mount("tmpfs", path, "tmpfs", sandbox.MS_NOSUID | sandbox.MS_NODEV, "size=16m,mode=1777")
+        for kind, path, what in python:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if kind == "symlink":
+                os.symlink(what, path)
+            else:
+                os.makedirs(path, exist_ok=True)
+                sandbox.mount(f"/proc/self/fd/{what}", path, None, sandbox.MS_BIND | sandbox.MS_REC)
+                sandbox.mount("none", path, None, sandbox.MS_BIND | sandbox.MS_REMOUNT | sandbox.MS_RDONLY | sandbox.MS_NOSUID)
+                os.close(what)
         os.makedirs(kdir, exist_ok=True)
         sandbox.mount(f"/proc/self/fd/{keep}", kdir, None, sandbox.MS_BIND | sandbox.MS_REC)
         os.close(keep)
