@@ -423,8 +423,15 @@ class ForkServer:
             self.failures = 0
             info = child.info(self.config)
             info["spawn_seconds"] = round(time.monotonic() - child.started, 4)
+            try:
+                info["missing_protections"] = json.loads(data[1:] or b"[]")
+            except ValueError:
+                info["missing_protections"] = ["unknown (the kernel's report was garbled)"]
             self._send({"event": "ready", "kernel": info, "state": "ready"})
             self._announce_pool()
+        elif data.startswith(b"E"):
+            child.reason = "its sandbox could not be set up: " + data[1:].decode(errors="replace")
+            sys.stderr.write(f"sagecell fork server: a kernel refused to run unconfined: {child.reason}\n")
         # On EOF the child died before binding: _reap reports it.
 
     def _check_quotas(self) -> None:

@@ -39,6 +39,11 @@ def run(spec: dict, ready_fd: int, keep_fds: tuple[int, ...] = ()) -> None:
     try:
         _prepare_process(ready_fd, keep_fds, spec["log"])
         missing = _enter_sandbox(spec, ready_fd)
+        if missing and spec.get("userns"):
+            # Namespaces work here, yet part of the box failed: run nothing
+            # unconfined. Say why; the fork server logs it.
+            os.write(ready_fd, b"E" + "; ".join(missing).encode()[:3000])
+            return
         _start_kernel(spec, ready_fd, missing)
         code = 0
     except BaseException:
@@ -159,7 +164,7 @@ def _become_pid1(ready_fd: int) -> None:
     os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 
 
-def _python_paths(hidden: list[str]) -> list[tuple[str, str, object]]:
+def _python_paths(hidden: list[str], private: tuple[str, ...] = ()) -> list[tuple[str, str, object]]:
     """
     How to rebuild, inside the hidden dirs, the paths this Python imports from.
 
@@ -174,6 +179,10 @@ def _python_paths(hidden: list[str]) -> list[tuple[str, str, object]]:
             continue
         base = next((h for h in hidden if entry.startswith(h + "/")), None)
         if base is None:
+            continue
+        # Never the dirs hidden on purpose (the run dir, where a spawner
+        # started with ``-m`` has its cwd on sys.path), nor any dir above them.
+        if any(entry == p or entry.startswith(p + "/") or p.startswith(entry + "/") for p in private):
             continue
         path = base
         for part in entry[len(base) + 1 :].split("/"):
@@ -207,7 +216,7 @@ def _private_filesystem(spec: dict) -> list[str]:
             hidden.append(path)
         # Python itself may live under a dir we hide (a venv in /tmp, reached
         # through a symlink): note how to put it back before hiding anything.
-        python = _python_paths(hidden)
+        python = _python_paths(hidden, tuple(os.path.realpath(p) for p in spec.get("hide", ())) + (kdir,))
         for path in hidden:
             sandbox.mount("tmpfs", path, "tmpfs", sandbox.MS_NOSUID | sandbox.MS_NODEV, "size=16m,mode=1777")
         for kind, path, what in python:
