@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -84,9 +85,13 @@ class Daemon:
     def wait_pool(self, n: int, timeout: float = 30.0) -> None:
         """Until /healthz says ready: a spawner is connected and a warm kernel waits in the pool."""
         deadline = time.monotonic() + timeout
+        tls = any(a.startswith("ssl:") for a in self.args)
+        url = (f"https://127.0.0.1:{self.port}" if tls else self.url) + "/healthz/ready"
+        # Only "is a kernel ready?": the TLS tests check the certificate themselves.
+        context = ssl._create_unverified_context() if tls else None
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(self.url + "/healthz/ready", timeout=5) as resp:
+                with urllib.request.urlopen(url, timeout=5, context=context) as resp:
                     if resp.status == 200:
                         return
             except (urllib.error.URLError, OSError):
