@@ -58,15 +58,31 @@ def wait_pool_full(d: Daemon, total_ready: int, timeout: float = 30) -> None:
         time.sleep(0.01)
 
 
-def pss_kib(pid: int) -> int | None:
+def pss_kib(pid: int, fields: tuple[str, ...] = ("Pss:",)) -> int | None:
+    """Sum of the given smaps_rollup fields (kB) of one process."""
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
+            return sum(int(line.split()[1]) for line in f if line.startswith(fields))
     except OSError:
         return None
-    return None
+
+
+def kernel_pss_kib(pid: int, fields: tuple[str, ...] = ("Pss:",)) -> int | None:
+    """A kernel's whole cost: the process the spawner forked plus the kernel it
+    runs as PID 1 of its own namespace (its child), and anything under that."""
+    total, todo, seen = 0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        total += pss_kib(p, fields) or 0
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return total or None
 
 
 def main() -> None:
@@ -74,15 +90,19 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=30)
     ap.add_argument("--pool-size", type=int, default=4)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--preload", default=None, help="the daemon's --preload (default: its own default)")
     args = ap.parse_args()
     results: dict[str, dict] = {}
-    d = Daemon(pool_size=args.pool_size, max_kernels="200", max_kernels_per_client="200")
+    extra = {} if args.preload is None else {"preload": args.preload}
+    d = Daemon(pool_size=args.pool_size, max_kernels="200", max_kernels_per_client="200", **extra)
     d.start()
     try:
         wait_pool_full(d, args.pool_size)
         time.sleep(1.0)
-        pss = [p for p in (pss_kib(pid) for pid in ready_pids(d)[: args.pool_size]) if p]
+        pss = [p for p in (kernel_pss_kib(pid) for pid in ready_pids(d)[: args.pool_size]) if p]
         results["pss_idle_pooled_kernel_mib"] = {"median": statistics.median(pss) / 1024, "max": max(pss) / 1024, "n": len(pss)}
+        private = [p for p in (kernel_pss_kib(pid, ("Private_Clean:", "Private_Dirty:")) for pid in ready_pids(d)[: args.pool_size]) if p]
+        results["private_idle_pooled_kernel_mib"] = {"median": statistics.median(private) / 1024, "max": max(private) / 1024, "n": len(private)}
 
         # one new session at a time, warm pool
         single = []
@@ -122,7 +142,7 @@ def main() -> None:
             out: list[float] = []
             lock = threading.Lock()
 
-            def one():
+            def one(out=out, lock=lock):
                 dt = new_session_to_reply(d)
                 with lock:
                     out.append(dt)
