@@ -12,6 +12,8 @@ front -> here   {"cmd": "take", "id"}       a ready kernel now belongs to a sess
                 {"cmd": "sync", "keep"}     kernels in base_dir that are not ours: adopt
                                             those in ``keep`` (still in use), end the rest;
                                             end our taken ones not in ``keep``
+                {"cmd": "demand", "waiting"}  sessions waiting for a kernel: fork that
+                                            many beyond ``pool_size`` (parallel, per core)
                 {"cmd": "shutdown"}         kill everything, remove every dir, exit
 here -> front   {"event": "ready", "kernel": {...}}   (kernel["spawn_seconds"]: fork to ready)
                 {"event": "dead", "id", "status", "reason"}
@@ -21,6 +23,7 @@ here -> front   {"event": "ready", "kernel": {...}}   (kernel["spawn_seconds"]: 
 from __future__ import annotations
 
 import errno
+import gc
 import importlib
 import json
 import os
@@ -44,6 +47,10 @@ from .quota import UPLOAD_TEMP, DiskQuota
 START_TIMEOUT = 60.0
 #: Longest wait in one turn of the loop: bounds how late a death is noticed.
 TICK = 0.1
+#: While kernels were taken this recently, the pool is refilled one fork at a
+#: time: the cores go to the kernels sessions wait for and to their first
+#: cells, not to kernels nobody has asked for yet.
+BUSY = 0.25
 
 
 @dataclass
@@ -64,6 +71,9 @@ class ForkConfig:
     host: str = "localhost"
     #: dirs each kernel must not see (other kernels' dirs, the control socket)
     hide: tuple[str, ...] = ()
+    #: kernels starting at once at most: one per core; more at once only
+    #: slow each other down and delay the first of them
+    parallel_forks: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
 
 
 @dataclass
@@ -92,9 +102,18 @@ class Child:
 
 
 def preload(modules: tuple[str, ...]) -> list[str]:
-    """Import ``modules`` and whatever kernel start-up will import; return failures."""
+    """
+    Import ``modules`` and whatever kernel start-up will import; return failures.
+
+    Memory: every page a kernel writes to after the fork becomes its own, so
+    the master imports with the cyclic GC off (no freed holes for the
+    children's allocations to land in) and then freezes everything it holds
+    (``gc.freeze``: no collection in a child walks, and so writes to, the
+    master's objects). See bench/bench_output.py for the PSS this buys.
+    """
     import ipykernel.kernelapp  # noqa: F401
 
+    gc.disable()
     failed = []
     for name in modules:
         try:
@@ -113,14 +132,19 @@ def preload(modules: tuple[str, ...]) -> list[str]:
             except Exception:
                 retry.append(name)
         pending = retry
+    kernel_child.prepare_master()
+    gc.freeze()
+    gc.enable()
     return failed
 
 
 def _initialize_imports() -> list[str]:
     """
-    The modules ``IPKernelApp.initialize()`` imports, learnt from a trial child.
+    The modules a kernel imports from start-up to its first execution, learnt from a trial child.
 
-    Importing them here, once, is what makes fork-to-ready fast.
+    Importing them here, once, is what makes fork-to-ready fast and keeps
+    their pages shared. The trial starts a kernel the way ``kernel_child``
+    does (same app, same plots and random-seed set-up) and runs one cell.
     """
     import tempfile
 
@@ -139,12 +163,11 @@ def _initialize_imports() -> list[str]:
             os.chdir(tmp)
             os.environ["IPYTHONDIR"] = os.path.join(tmp, "ipython")
             os.environ["MPLCONFIGDIR"] = os.path.join(tmp, "mpl")
-            from ipykernel.kernelapp import IPKernelApp
-
-            app = IPKernelApp.instance()
-            app.initialize(
-                ["--HistoryManager.enabled=False", "--transport=ipc", "--ip=" + os.path.join(tmp, "k")]
-            )
+            os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+            kernel_child._reseed()
+            app = kernel_child.kernel_app(tmp, os.path.join(tmp, "k"), "trial")
+            kernel_child._inline_matplotlib()
+            app.shell.run_cell("1+1", store_history=False)
             new = sorted(set(sys.modules) - before)
             os.write(w, json.dumps(new).encode())
             code = 0
@@ -270,6 +293,11 @@ class ForkServer:
         #: next fork may happen: a broken setup must not fork in a tight loop.
         self.failures = 0
         self.next_fork = 0.0
+        #: sessions the daemon has waiting for a kernel (its last "demand"):
+        #: the pool grows by that many, so a burst is served by parallel forks
+        #: instead of one refill per take
+        self.demand = 0
+        self.last_take = 0.0
         self._next_quota = 0.0
         self.quota: DiskQuota | None = None
         if config.disk_quota:
@@ -335,6 +363,9 @@ class ForkServer:
         elif cmd == "sync":
             keep = msg.get("keep")
             self._sync({str(k) for k in keep} if isinstance(keep, list) else set())
+        elif cmd == "demand":
+            waiting = msg.get("waiting")
+            self.demand = max(0, min(int(waiting), self.config.max_kernels)) if isinstance(waiting, int) else 0
         elif cmd == "shutdown":
             return False
         elif cmd == "status":
@@ -357,11 +388,22 @@ class ForkServer:
         return states.count("ready"), states.count("starting"), states.count("taken")
 
     def _fill_pool(self) -> None:
+        """
+        Fork towards ``pool_size`` ready kernels plus one per waiting session:
+        as many at once as sessions wait, up to a core each; one at a time
+        for the pool alone while sessions are being served (``BUSY``).
+        """
         ready, starting, _taken = self._counts()
-        if time.monotonic() < self.next_fork:
+        now = time.monotonic()
+        if now < self.next_fork:
             return
+        target = self.config.pool_size + self.demand
+        parallel = self.config.parallel_forks
+        if now - self.last_take < BUSY:
+            parallel = min(parallel, max(1, self.demand))
         while (
-            ready + starting < self.config.pool_size
+            ready + starting < target
+            and starting < parallel
             and len(self.children) < self.config.max_kernels
             and not self.stopping
         ):
@@ -467,6 +509,7 @@ class ForkServer:
             self._send({"event": "dead", "id": kid, "status": None, "reason": "no such ready kernel"})
             return
         child.state = "taken"
+        self.last_take = time.monotonic()
         self._announce_pool()
 
     def _announce_pool(self) -> None:

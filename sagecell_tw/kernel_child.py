@@ -9,6 +9,7 @@ after the fork. Nothing here imports the daemon's Twisted side.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -278,26 +279,214 @@ def _inline_matplotlib() -> None:
 
 
 def _start_kernel(spec: dict, ready_fd: int, missing: list[str]) -> None:
-    from ipykernel.kernelapp import IPKernelApp
-
-    conn_file = os.path.join(spec["private"], "kernel.json")
-    fd = os.open(conn_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(connection_info(spec["ipc_prefix"], spec["key"]), f)
-    app = IPKernelApp.instance()
-    app.initialize(
-        [
-            "-f",
-            conn_file,
-            "--HistoryManager.enabled=False",
-            "--IPKernelApp.parent_handle=0",
-            "--IPKernelApp.quiet=True",
-            "--Session.key=" + spec["key"],
-        ]
-    )
+    app = kernel_app(spec["private"], spec["ipc_prefix"], spec["key"])
     _inline_matplotlib()
+    _lossless_iopub(app)
     # Sockets are bound: tell the fork server we can take messages, and
     # which protections we could not have.
     os.write(ready_fd, b"R" + json.dumps(missing).encode())
     os.close(ready_fd)
     app.start()
+
+
+#: the ``__file__`` of every module the fork server preloaded (``remember_modules``)
+MASTER_MODULE_FILES: list[str] = []
+#: and their names
+MASTER_MODULE_NAMES: frozenset[str] = frozenset()
+_APP_CLASS = None
+_KERNEL_CLASS = None
+
+
+def prepare_master() -> None:
+    """
+    In the fork server, once, after preloading: what every kernel would repeat.
+
+    Any page a kernel writes to after the fork becomes its own. Defining the
+    app class (traitlets walks every trait of the class), creating the (not
+    yet initialized: no socket, thread or loop) app instance and switching
+    matplotlib to the inline backend here instead of in each kernel saves
+    ~5 MiB and ~12 ms per kernel (bench/bench_output.py).
+    """
+    remember_modules()
+    _kernel_class()
+    _app_class().instance()
+    if "matplotlib.pyplot" in sys.modules:
+        try:
+            sys.modules["matplotlib.pyplot"].switch_backend("module://matplotlib_inline.backend_inline")
+        except Exception:  # _inline_matplotlib tries again in each kernel
+            pass
+
+
+def remember_modules() -> None:
+    """
+    List the loaded modules' files and names once, in the master.
+
+    ``IPythonKernel.__init__`` makes this list (for the debugger's
+    just-my-code rules) by touching every loaded module object; with numpy,
+    sympy and matplotlib loaded that changes ~3,000 reference counts and
+    copies ~7 MiB of the master's pages into each kernel. Each kernel gets
+    this copy instead.
+    """
+    global MASTER_MODULE_NAMES
+    MASTER_MODULE_FILES[:] = [f for m in list(sys.modules.values()) if isinstance(f := getattr(m, "__file__", None), str)]
+    MASTER_MODULE_NAMES = frozenset(sys.modules)
+
+
+def _app_class():
+    """
+    ``IPKernelApp`` for a forked kernel, tuned (each saving measured in bench/):
+
+    - configured through ``self.config``, never argv: traitlets would build
+      an argparse parser over every trait of every class (~4 MiB of copied
+      pages and ~5 ms per kernel);
+    - no kernel subshells: shell requests go straight to the main thread,
+      one thread hop less per request, one thread and event loop less.
+    """
+    global _APP_CLASS
+    if _APP_CLASS is None:
+        from ipykernel.kernelapp import IPKernelApp
+
+        class KernelApp(IPKernelApp):
+            def parse_command_line(self, argv=None) -> None:
+                """Everything comes in ``self.config``."""
+
+            def init_sockets(self) -> None:
+                super().init_sockets()
+                thread, self.shell_channel_thread = self.shell_channel_thread, None
+                if thread is not None:
+                    thread.io_loop.close(all_fds=True)
+
+            def init_code(self) -> None:
+                """
+                IPython's, minus what a fresh private profile never has
+                (startup files, exec lines, a script to run), and with the
+                master's module names: ``set(sys.modules)`` here would touch
+                ~3,000 names and copy ~2 MiB of pages.
+                """
+                self.shell.user_ns_hidden.update(self.shell.user_ns)
+                self.shell._sys_modules_keys = MASTER_MODULE_NAMES or frozenset(sys.modules)
+
+        _APP_CLASS = KernelApp
+    return _APP_CLASS
+
+
+def _kernel_class():
+    """
+    The kernel, whose shell does without IPython 9's copy of all printed output.
+
+    ``InteractiveShell.run_cell`` tees stdout and stderr into
+    ``history_manager.outputs`` and never lets go of it (even with history
+    off): a loop printing 3M lines took a kernel past 1 GiB. Here, printed
+    output goes to the browser only.
+    """
+    global _KERNEL_CLASS
+    if _KERNEL_CLASS is None:
+        from ipykernel.ipkernel import IPythonKernel
+        from ipykernel.zmqshell import ZMQInteractiveShell
+        from traitlets import Type
+
+        class Shell(ZMQInteractiveShell):
+            @contextlib.contextmanager
+            def _tee(self, channel):
+                yield
+
+        class Kernel(IPythonKernel):
+            shell_class = Type(Shell)
+
+        _KERNEL_CLASS = Kernel
+    return _KERNEL_CLASS
+
+
+def kernel_app(private: str, ipc_prefix: str, key: str):
+    """
+    The initialized kernel app, bound to ipc sockets at ``ipc_prefix``.
+
+    Besides ``_app_class``: no 0.5 ms sleep before each execute_reply
+    (``Kernel._execute_sleep``, a mitigation for flushes that did not wait;
+    ours do), stdout/stderr are ``kernel_output.OutStream`` (coalesced
+    flushes, bounded backlog, no loss), and the kernel is ``_kernel_class``.
+    """
+    from traitlets.config import Config
+
+    conn_file = os.path.join(private, "kernel.json")
+    fd = os.open(conn_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(connection_info(ipc_prefix, key), f)
+    config = Config()
+    config.IPKernelApp.connection_file = conn_file
+    config.IPKernelApp.parent_handle = 0
+    config.IPKernelApp.quiet = True
+    config.IPKernelApp.outstream_class = "sagecell_tw.kernel_output.OutStream"
+    config.HistoryManager.enabled = False
+    config.Session.key = key.encode()
+    config.Kernel._execute_sleep = 0.0
+    config.IPKernelApp.kernel_class = _kernel_class()
+    app = _app_class().instance()
+    app.update_config(config)
+    with _module_list_from_master():
+        app.initialize([])
+    # traitlets leaves the logger at DEBUG and filters in the handler: every
+    # request then builds four log records for nothing.
+    app.log.setLevel(app.log_level)
+    if MASTER_MODULE_FILES:
+        app.kernel._kernel_modules = MASTER_MODULE_FILES
+        debugger = getattr(app.kernel, "debugger", None)
+        if debugger is not None:
+            debugger.kernel_modules = MASTER_MODULE_FILES
+    return app
+
+
+class _SysWithoutModules:
+    """``sys``, but with an empty ``modules``: see ``remember_modules``."""
+
+    modules: dict = {}
+
+    def __getattr__(self, name: str):
+        return getattr(sys, name)
+
+
+@contextlib.contextmanager
+def _module_list_from_master():
+    if not MASTER_MODULE_FILES:
+        yield
+        return
+    import ipykernel.ipkernel
+
+    ipykernel.ipkernel.sys = _SysWithoutModules()
+    try:
+        yield
+    finally:
+        ipykernel.ipkernel.sys = sys
+
+
+#: iopub messages a kernel queues for a daemon that is not reading: few, as
+#: a stream message may be up to kernel_output.MAX_PENDING characters
+IOPUB_SNDHWM = 16
+
+
+def _lossless_iopub(app) -> None:
+    """
+    Make the iopub socket wait at its high-water mark instead of dropping.
+
+    A PUB socket drops messages silently when its peer is slow; with
+    ``XPUB_NODROP`` the IOPub thread blocks instead, and ``OutStream`` holds
+    writers back (see ``kernel_output``): a slow browser slows the kernel's
+    output, it never loses it. The socket belongs to the IOPub thread, so the
+    option is set there.
+    """
+    import threading
+
+    import zmq
+
+    done = threading.Event()
+
+    def set_option() -> None:
+        try:
+            app.iopub_thread.socket.setsockopt(zmq.XPUB_NODROP, 1)
+            # For pipes made from now on: the daemon connects after "ready".
+            app.iopub_thread.socket.setsockopt(zmq.SNDHWM, IOPUB_SNDHWM)
+        finally:
+            done.set()
+
+    app.iopub_thread.schedule(set_option)
+    done.wait(5.0)

@@ -149,6 +149,18 @@ class Kernel:
 
         return handle
 
+    #: what a slow browser pauses: control stays open for interrupts and shutdown
+    PAUSABLE = ("shell", "stdin", "iopub")
+
+    def pause_reading(self) -> None:
+        """Stop taking the kernel's output (its browser is behind); the kernel waits."""
+        for channel in self.PAUSABLE:
+            self.sockets[channel].pause()
+
+    def resume_reading(self) -> None:
+        for channel in self.PAUSABLE:
+            self.sockets[channel].resume()
+
     def send(self, msg: Message) -> bool:
         """Sign and send a message to the kernel on its channel."""
         sock = self.sockets.get(msg.channel)
@@ -205,6 +217,11 @@ class KernelManager:
         self.observers: list[Callable[[str, Kernel], None]] = []
         self.spawned = 0
         self._warned: set[tuple[str, ...]] = set()
+        #: called with the number of sessions waiting for a kernel whenever it
+        #: changes (once per reactor turn): spawners fork ahead for them
+        self.on_demand: list[Callable[[int], None]] = []
+        self._demand_sent = 0
+        self._demand_call = None
 
     # -- what spawners report ------------------------------------------------
 
@@ -244,6 +261,7 @@ class KernelManager:
                 break
         else:
             self.pool.append(kernel)
+        self._demand_changed()
         self._pool_changed()
 
     def kernel_dead(self, kernel_id: str, reason: str) -> None:
@@ -307,7 +325,24 @@ class KernelManager:
         self.waiters.append(d)
         call = self.clock.callLater(self.wait_timeout, self._expire, d)
         d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+        self._demand_changed()
         return d
+
+    def waiting(self) -> int:
+        """Sessions waiting for a kernel."""
+        return sum(1 for d in self.waiters if not d.called)
+
+    def _demand_changed(self) -> None:
+        if self._demand_call is None and self.on_demand:
+            self._demand_call = self.clock.callLater(0, self._tell_demand)
+
+    def _tell_demand(self) -> None:
+        self._demand_call = None
+        waiting = self.waiting()
+        if waiting != self._demand_sent:
+            self._demand_sent = waiting
+            for hook in list(self.on_demand):
+                hook(waiting)
 
     def in_use(self, spawner: SpawnerLink) -> int:
         return sum(1 for k in self.kernels.values() if k.spawner is spawner and k.state in ("assigned", "dying"))
@@ -337,6 +372,7 @@ class KernelManager:
             self.waiters.remove(d)
         except ValueError:
             return
+        self._demand_changed()
         d.errback(NoKernelAvailable("no kernel became ready in time; the server is busy, try again"))
 
     def _assign(self, kernel: Kernel) -> None:

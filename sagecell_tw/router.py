@@ -38,6 +38,12 @@ class WebSession:
     claim_waiters: list = field(default_factory=list)
     #: msg_id -> sessions.Execution, for running execute_requests
     executions: dict = field(default_factory=dict)
+    #: msg_id -> sessions.Execution for the latest execute_requests, running or
+    #: not: their output counts against the output cap (late output too)
+    outputs: dict = field(default_factory=dict)
+    #: connections whose browser is behind: while any is, the kernel's
+    #: output is not read (backpressure)
+    paused: set = field(default_factory=set)
 
     def model(self) -> dict:
         """The Jupyter Server kernel model."""

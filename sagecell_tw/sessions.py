@@ -30,6 +30,10 @@ log = Logger()
 
 DAEMON_SESSION = "sagecell-daemon"
 MAX_PENDING = 64
+#: how many recent executions keep counting output against the cap
+OUTPUT_ACCOUNTS = 16
+#: iopub messages that are never capped: they say what happened, not what was printed
+UNCAPPED = frozenset({"status", "execute_input", "error", "clear_output", "iopub_welcome", "shutdown_reply", "debug_event"})
 #: after an interrupt for the time limit, how long before the kernel is killed
 KILL_AFTER_INTERRUPT = 5.0
 
@@ -41,6 +45,18 @@ def _size(msg: Message) -> int:
     return n
 
 
+def _cut_stream(msg: Message, room: int) -> Message | None:
+    """The first ``room`` bytes (or so) of a stream message's text, or None if not a stream."""
+    if msg.msg_type != "stream" or room <= 0:
+        return None
+    content = msg.content_dict()
+    text = content.get("text")
+    if not isinstance(text, str):
+        return None
+    content["text"] = text.encode()[: max(0, room - 40)].decode(errors="ignore")
+    return Message(msg.channel, msg.header, msg.parent, msg.metadata, messages.dumps(content), [], msg._h, msg._p)
+
+
 class LimitExceeded(Exception):
     """A client or the whole server is at its kernel limit (HTTP 429/503)."""
 
@@ -50,13 +66,15 @@ class LimitExceeded(Exception):
 
 
 class Execution:
-    """One running execute_request, for its wall-clock limit and output cap."""
+    """One execute_request, for its wall-clock limit and output cap."""
 
     def __init__(self, msg_id: str, started: float):
         self.msg_id = msg_id
         self.started = started
         self.interrupted_at: float | None = None
+        #: output bytes passed on, and dropped once over the cap
         self.output_bytes = 0
+        self.dropped_bytes = 0
         self.capped = False
 
 
@@ -172,6 +190,8 @@ class SessionManager:
             self._settle(session, NoKernelAvailable("this session has ended"))
             return
         self.routes.attach(session, kernel)
+        if session.paused:
+            kernel.pause_reading()
         kernel.on_message = lambda msg: self._from_kernel(session, kernel, msg)
         kernel.on_death = lambda reason: self._kernel_died(session, kernel, reason)
         log.info(
@@ -244,8 +264,31 @@ class SessionManager:
 
     def disconnect(self, session: WebSession, conn) -> None:
         session.connections.discard(conn)
+        self.resume(session, conn)
         if not session.connections:
             session.disconnected_since = self.clock.seconds()
+
+    # -- backpressure -----------------------------------------------------------
+
+    def pause(self, session: WebSession, conn) -> None:
+        """
+        ``conn``'s browser is behind (its transport buffer is full): stop
+        reading the kernel's output until it catches up. zmq then queues a
+        bounded amount and the kernel waits (``kernel_output``); nothing is
+        dropped and the daemon's memory stays bounded.
+        """
+        if conn in session.paused or conn not in session.connections:
+            return
+        session.paused.add(conn)
+        if len(session.paused) == 1 and session.kernel is not None:
+            session.kernel.pause_reading()
+
+    def resume(self, session: WebSession, conn) -> None:
+        if conn not in session.paused:
+            return
+        session.paused.discard(conn)
+        if not session.paused and session.kernel is not None:
+            session.kernel.resume_reading()
 
     # -- messages -------------------------------------------------------------
 
@@ -266,7 +309,11 @@ class SessionManager:
             self._ensure_kernel(session).addErrback(lambda _f: None)
             return
         if msg.msg_type == "execute_request":
-            session.executions[msg.msg_id] = Execution(msg.msg_id, self.clock.seconds())
+            ex = Execution(msg.msg_id, self.clock.seconds())
+            session.executions[msg.msg_id] = ex
+            session.outputs[msg.msg_id] = ex
+            while len(session.outputs) > OUTPUT_ACCOUNTS:
+                del session.outputs[next(iter(session.outputs))]
             if self.config.log_code:
                 log.info("session {session} runs: {code}", event="code", session=session.id, code=msg.content_dict().get("code"))
         self.msgs_to_kernels += 1
@@ -288,7 +335,11 @@ class SessionManager:
         self.bytes_from_kernels += _size(msg)
         parent = msg.parent_dict
         if msg.channel == "iopub":
-            if msg.msg_type == "status":
+            msg_type = msg.msg_type
+            if msg_type not in UNCAPPED and self.config.max_output_bytes:
+                if self._over_cap(session, msg, parent):
+                    return
+            elif msg_type == "status":
                 state = msg.content_dict().get("execution_state")
                 if isinstance(state, str):
                     session.execution_state = state
@@ -305,6 +356,41 @@ class SessionManager:
         conns = [c for c in session.connections if target in c.client_sessions]
         for conn in conns or list(session.connections):
             conn.deliver(msg)
+
+    def _over_cap(self, session: WebSession, msg: Message, parent: dict) -> bool:
+        """
+        Count the output against its execution's ``max_output_bytes``;
+        True if it must not be passed on. The message that crosses the cap is
+        cut (a stream) or dropped, followed by a notice; later output of that
+        execution is dropped, while its status, error and reply still pass.
+        Output with no known parent counts against the latest execution.
+        """
+        ex = session.outputs.get(parent.get("msg_id"))
+        if ex is None:
+            if not session.outputs:
+                return False
+            ex = session.outputs[next(reversed(session.outputs))]
+        size = len(msg.content) + (sum(map(len, msg.buffers)) if msg.buffers else 0)
+        if ex.capped:
+            ex.dropped_bytes += size
+            return True
+        cap = self.config.max_output_bytes
+        if ex.output_bytes + size <= cap:
+            ex.output_bytes += size
+            return False
+        ex.capped = True
+        kept = _cut_stream(msg, cap - ex.output_bytes)
+        ex.dropped_bytes += size - (len(kept.content) if kept is not None else 0)
+        ex.output_bytes = cap
+        if kept is not None:
+            self._broadcast(session, kept)
+        self._event("limit", session, "max_output_bytes")
+        what = "interrupted" if self.config.interrupt_on_output_cap else "still running; its further output is not shown"
+        notice = f"\n[sagecell] Output truncated at {cap} bytes (the limit per computation); the computation is {what}.\n"
+        self._broadcast(session, messages.stream(notice, DAEMON_SESSION, parent or None))
+        if self.config.interrupt_on_output_cap:
+            self.interrupt(session)
+        return True
 
     def broadcast(self, session: WebSession, msg: Message) -> None:
         """Send a daemon-made message to every connection of the session."""

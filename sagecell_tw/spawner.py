@@ -288,7 +288,7 @@ class Front:
             self.stopping = True
         elif cmd == "hello":  # a daemon that does not know us (it restarted)
             self._hello()
-        elif cmd in ("take", "kill", "status", "sync"):
+        elif cmd in ("take", "kill", "status", "sync", "demand"):
             self.sock.send(json.dumps(msg).encode())
 
     def _stop_server(self) -> None:

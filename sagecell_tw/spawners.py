@@ -71,6 +71,14 @@ class ControlChannel:
         self._pinger.clock = clock
         #: called with (event, spawner) for "joined" and "lost"
         self.observers: list = []
+        manager.on_demand.append(self._demand)
+
+    def _demand(self, waiting: int) -> None:
+        """Sessions are waiting for kernels: each spawner forks ahead for its share."""
+        spawners = list(self.spawners.values())
+        share = -(-waiting // len(spawners)) if spawners else 0
+        for spawner in spawners:
+            spawner.send({"cmd": "demand", "waiting": share})
 
     def listen(self) -> None:
         if self.allowed_keys is not None:

@@ -19,7 +19,9 @@ from urllib.parse import parse_qs, urlsplit
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from . import messages
 from .messages import BadMessage, Message
@@ -79,7 +81,20 @@ class KernelWebSocket(WebSocketServerProtocol):
         return None
 
     def onOpen(self):
+        self._register_backpressure()
         self.factory.sessions.connect(self.session, self)
+
+    def _register_backpressure(self) -> None:
+        """
+        Be the producer of our transport: when the browser reads too slowly
+        and Twisted's write buffer fills, the session stops reading the
+        kernel (see ``SessionManager.pause``) until the buffer drains. After
+        the WebSocket took over the HTTP connection, twisted.web's HTTPChannel
+        is still registered there, and it would only stop reading the
+        browser's frames while ours piled up without bound.
+        """
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(_Backpressure(self), True)
 
     def onMessage(self, payload: bytes, isBinary: bool):
         limit = self.factory.config.max_message_size
@@ -123,6 +138,23 @@ class KernelWebSocket(WebSocketServerProtocol):
     def close_for(self, reason: str) -> None:
         if self.state == self.STATE_OPEN:
             self.sendClose(1000, reason[:120])
+
+
+@implementer(IPushProducer)
+class _Backpressure:
+    """What Twisted pauses when a browser's connection cannot take more."""
+
+    def __init__(self, conn: KernelWebSocket):
+        self.conn = conn
+
+    def pauseProducing(self) -> None:
+        self.conn.factory.sessions.pause(self.conn.session, self.conn)
+
+    def resumeProducing(self) -> None:
+        self.conn.factory.sessions.resume(self.conn.session, self.conn)
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
 
 
 class KernelWebSocketFactory(WebSocketServerFactory):

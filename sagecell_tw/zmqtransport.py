@@ -5,8 +5,12 @@ The daemon's only contact with txzmq: sockets to kernels and to spawners.
 Kept small so txzmq can be replaced. Each socket gets a bounded high-water
 mark (txzmq's default of 0 is unbounded), and a read turn handles at most
 ``READ_BATCH`` messages before yielding to the reactor, so one chatty kernel
-cannot starve the others. txzmq reaches for the global reactor in a few
-places; the reactor handed to ``ZmqContext`` is used everywhere we can.
+cannot starve the others. A channel can be paused: the daemon then stops
+reading it, zmq queues up to the high-water mark, and the kernel's iopub
+socket (``XPUB_NODROP``, see ``kernel_child``) makes the kernel wait; that is
+how a slow browser slows its kernel down instead of filling our memory.
+txzmq reaches for the global reactor in a few places; the reactor handed to
+``ZmqContext`` is used everywhere we can.
 """
 
 from __future__ import annotations
@@ -19,6 +23,12 @@ from txzmq.connection import ZmqConnection
 
 READ_BATCH = 256
 HWM = 10000
+#: a kernel's iopub messages (SUB sockets) queued in the daemon while it is
+#: paused (its browser is behind): stream messages are ~64 KiB
+#: (kernel_output.CHUNK), so this bounds what a slow browser pins in the
+#: daemon per kernel to a few MiB; a kernel sending huge messages can pin
+#: this many of them
+IOPUB_HWM = 64
 
 
 class _Socket(ZmqConnection):
@@ -26,6 +36,7 @@ class _Socket(ZmqConnection):
 
     def __init__(self, factory, endpoint, on_message: Callable[[list[bytes]], None], identity=None, options=None):
         self._on_message = on_message
+        self.paused = False
         # Options such as the CURVE keys must be set before connect or bind.
         super().__init__(factory, None, identity=identity)
         for option, value in (options or {}).items():
@@ -43,26 +54,42 @@ class _Socket(ZmqConnection):
                 self.read_scheduled.cancel()
             self.read_scheduled = None
         for _ in range(READ_BATCH):
-            if self.factory is None:
-                return
-            if not self.socket.get(zmq.EVENTS) & zmq.POLLIN:
+            if self.factory is None or self.paused:
                 return
             try:
-                message = self._readMultipart()
+                message = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.error.Again:
-                continue
+                return
             self.messageReceived(message)
-        if self.factory is not None:
+        self._schedule_read()
+
+    def _schedule_read(self) -> None:
+        if self.read_scheduled is None and self.factory is not None and not self.paused:
             self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
 
     def send(self, message: list[bytes]) -> None:
         """Send, or raise zmq.Again when the peer is too far behind."""
-        sock = self.socket
-        for m in message[:-1]:
-            sock.send(m, zmq.NOBLOCK | zmq.SNDMORE)
-        sock.send(message[-1], zmq.NOBLOCK)
-        if self.read_scheduled is None and self.factory is not None:
-            self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
+        self.socket.send_multipart(message, zmq.NOBLOCK)
+        # A send may consume the fd's edge while messages wait to be read.
+        self._schedule_read()
+
+    def pause(self) -> None:
+        """Stop reading: zmq queues up to the high-water mark, then the sender waits."""
+        if self.paused or self.factory is None:
+            return
+        self.paused = True
+        self.factory.reactor.removeReader(self)
+        if self.read_scheduled is not None:
+            if not self.read_scheduled.called:
+                self.read_scheduled.cancel()
+            self.read_scheduled = None
+
+    def resume(self) -> None:
+        if not self.paused or self.factory is None:
+            return
+        self.paused = False
+        self.factory.reactor.addReader(self)
+        self._schedule_read()  # the fd is edge-triggered: what queued meanwhile raised no new edge
 
 
 class _Dealer(_Socket):
@@ -73,6 +100,7 @@ class _Sub(_Socket):
     # txzmq's ZmqSubConnection expects its own tag framing and breaks on
     # Jupyter's multipart iopub messages: a plain SUB with our handler.
     socketType = zmq.SUB
+    highWaterMark = IOPUB_HWM
 
 
 class _Router(_Socket):
@@ -160,6 +188,13 @@ class Channel:
     def close(self) -> None:
         if self._sock.socket is not None:
             self._sock.shutdown()
+
+    def pause(self) -> None:
+        """Stop reading until ``resume()``."""
+        self._sock.pause()
+
+    def resume(self) -> None:
+        self._sock.resume()
 
     @property
     def closed(self) -> bool:
