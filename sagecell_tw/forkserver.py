@@ -315,6 +315,7 @@ class ForkServer:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         self._announce_pool()
         while not self.stopping:
+            self._drain_quota()
             self._fill_pool()
             fds = [self.sock.fileno()] + [c.ready_fd for c in self.children.values() if c.ready_fd is not None]
             if self.quota is not None:
@@ -325,8 +326,7 @@ class ForkServer:
                 readable = []
             for fd in readable:
                 if self.quota is not None and fd == self.quota.fileno():
-                    for kid in self.quota.read():
-                        self._over_quota(kid)
+                    self._drain_quota()
                 elif fd == self.sock.fileno():
                     if not self._read_command():
                         self.stopping = True
@@ -408,6 +408,9 @@ class ForkServer:
             and not self.stopping
         ):
             self._fork()
+            # A fork of this big process takes a while: a kernel filling the
+            # disk must not get to write on while we fork several.
+            self._drain_quota()
             starting += 1
 
     def _fork(self) -> None:
@@ -489,6 +492,12 @@ class ForkServer:
         for child in list(self.children.values()):
             if child.state in ("ready", "taken") and dir_usage(os.path.join(child.dir, "work"), quota) > quota:
                 self._over_quota(child.id)
+
+    def _drain_quota(self) -> None:
+        """Take the pending inotify events; end the kernels they put over quota."""
+        if self.quota is not None:
+            for kid in self.quota.read():
+                self._over_quota(kid)
 
     def _over_quota(self, kid: str) -> None:
         child = self.children.get(kid)
