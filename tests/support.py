@@ -203,12 +203,26 @@ class Client:
 
     def execute(self, code: str, timeout: float = 30.0, allow_stdin: bool = False, stdin_reply: str | None = None):
         """Run code; return (reply content, [iopub messages with this parent])."""
-        req = self.send(
+        return self.outcome(self.start_execute(code, allow_stdin), timeout, stdin_reply)
+
+    def start_execute(self, code: str, allow_stdin: bool = False) -> dict:
+        """Send an execute_request; return it (for ``outcome``)."""
+        return self.send(
             msg(
                 "execute_request",
                 {"code": code, "silent": False, "store_history": True, "user_expressions": {}, "allow_stdin": allow_stdin, "stop_on_error": True},
             )
         )
+
+    def outcome(self, req: dict, timeout: float = 30.0, stdin_reply: str | None = None):
+        """
+        (reply content, [iopub messages with this parent]) of a request sent.
+
+        Waits for the reply *and* the kernel's idle status: the reply comes on
+        shell and output on iopub, and nothing orders two channels (a reply
+        may overtake the last output), but a kernel goes idle only after it
+        has sent all the output of the request.
+        """
         mid = req["header"]["msg_id"]
         reply, outputs, idle = None, [], False
         deadline = time.monotonic() + timeout
@@ -233,6 +247,7 @@ class Client:
                 if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
                     idle = True
         assert reply is not None, "no execute_reply in time"
+        assert idle, "an execute_reply, but the kernel did not go idle in time"
         return reply["content"], outputs
 
     def close(self):
