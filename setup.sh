@@ -38,6 +38,8 @@ fi
 
 # The widget: npm packages from the lock file, bundled into sagecell_tw/static.
 (cd js && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build)
+# The test that drives the server with JupyterLab's own client library.
+(cd tests/jupyterlab_client && npm ci --no-audit --no-fund --loglevel=error)
 
 if [ ! -x "$venv/bin/python" ]; then
     mkdir -p "$(dirname "$venv")"

@@ -13,6 +13,7 @@ session_start      session, client
 session_stop       session, reason
 session_kernel     session, kernel, pid       (a session got its kernel; pid on the host)
 session_kernel_died session, reason
+ws_connect         session, framing           (default, v1 or sagecell: the WebSocket framing)
 kernel_ready       kernel, pid, spawner, spawn_seconds (fork to ready, or None)
 kernel_died        kernel, reason
 limit_hit          kind (exec_timeout, max_kernels, max_kernels_per_client, ...), session

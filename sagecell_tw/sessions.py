@@ -235,15 +235,25 @@ class SessionManager:
         self._broadcast(session, messages.stream(f"\n[sagecell] The kernel died: {reason}.\n", DAEMON_SESSION))
         self._broadcast(session, messages.status("dead", DAEMON_SESSION))
 
-    def restart(self, session: WebSession) -> defer.Deferred:
-        """Swap in a fresh kernel from the pool; the session id stays."""
+    def restart(self, session: WebSession, automatic: bool = False) -> defer.Deferred:
+        """
+        Swap in a fresh kernel from the pool; the session id stays.
+
+        Only a restart the daemon decides on its own (``automatic``) is
+        announced with status ``restarting``, as Jupyter Server announces
+        only its auto-restarts: @jupyterlab/services takes that status for
+        "the kernel died and the server restarted it", and JupyterLab then
+        tells the user the kernel "appears to have died". A client that
+        asked for the restart over REST knows already; it hears ``starting``.
+        """
         old = self.routes.detach(session)
         session.executions.clear()
         if old is not None:
             old.on_message = old.on_death = None
             self.kernels.shutdown(old, "restarted")
         session.execution_state = "restarting"
-        self._broadcast(session, messages.status("restarting", DAEMON_SESSION))
+        if automatic:
+            self._broadcast(session, messages.status("restarting", DAEMON_SESSION))
         self._broadcast(session, messages.status("starting", DAEMON_SESSION))
         session.execution_state = "starting"
         return self._ensure_kernel(session)
@@ -443,6 +453,6 @@ class SessionManager:
                         parent,
                     ),
                 )
-                self.restart(session).addErrback(lambda _f: None)
+                self.restart(session, automatic=True).addErrback(lambda _f: None)
                 return
 

@@ -81,6 +81,12 @@ class KernelWebSocket(WebSocketServerProtocol):
         return None
 
     def onOpen(self):
+        log.info(
+            "a browser connected to session {session} ({framing} framing)",
+            event="ws_connect",
+            session=self.session.id,
+            framing=self.framing,
+        )
         self._register_backpressure()
         self.factory.sessions.connect(self.session, self)
 

@@ -209,6 +209,20 @@ class SessionTimingTests(Base):
         self.assertIn("did not stop when interrupted", conn.texts())
         self.assertIsNot(session.kernel, kernel)
         self.assertEqual(kernel.state, "dying")
+        # The daemon restarted it on its own: Jupyter clients hear an auto-restart.
+        self.assertEqual(conn.states()[-3:], ["restarting", "starting", "idle"])
+
+    def test_requested_restart_is_not_announced_as_an_auto_restart(self):
+        # @jupyterlab/services takes status "restarting" for "the kernel died
+        # and the server restarted it" (JupyterLab: "appears to have died").
+        session, conn = self.connect()
+        kernel = session.kernel
+        d = self.sessions.restart(session)
+        self.ready(2)
+        self.assertIs(self.successResultOf(d), session)
+        self.assertIsNot(session.kernel, kernel)
+        self.assertEqual(conn.states()[-2:], ["starting", "idle"])
+        self.assertNotIn("restarting", conn.states())
 
     def test_per_client_and_overall_limits(self):
         self.sessions.create("a")
