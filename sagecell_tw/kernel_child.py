@@ -282,6 +282,11 @@ def _start_kernel(spec: dict, ready_fd: int, missing: list[str]) -> None:
     app = kernel_app(spec["private"], spec["ipc_prefix"], spec["key"])
     _inline_matplotlib()
     _lossless_iopub(app)
+    # The display formatter's first call resolves its deferred printers
+    # (~4 ms): pay it now, not in the visitor's first cell. The daemon's
+    # silent warm-up cell (kernels.Kernel._warm_up) cannot: silent cells
+    # display nothing.
+    app.shell.display_formatter.format(2)
     # Sockets are bound: tell the fork server we can take messages, and
     # which protections we could not have.
     os.write(ready_fd, b"R" + json.dumps(missing).encode())
@@ -349,6 +354,14 @@ def _app_class():
         class KernelApp(IPKernelApp):
             def parse_command_line(self, argv=None) -> None:
                 """Everything comes in ``self.config``."""
+
+            def init_heartbeat(self) -> None:
+                """
+                None: the fork server sees a kernel die (it is its child) and
+                no client reaches the hb socket through a WebSocket. A
+                heartbeat would cost a thread and a zmq context of its own
+                (two more native threads) in every kernel.
+                """
 
             def init_sockets(self) -> None:
                 super().init_sockets()

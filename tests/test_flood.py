@@ -20,6 +20,7 @@ import uuid
 
 import pytest
 import zmq
+from fakes import iopub_welcome
 from support import Daemon
 from twisted.internet import task
 from twisted.trial import unittest
@@ -116,7 +117,7 @@ class Base(unittest.TestCase):
         self.n += 1
         self.kernels.kernel_ready(kernel_info(self.n), self.spawner)
         kernel = self.kernels.kernels[f"k{self.n}"]
-        kernel.sockets["iopub"].handler(wire(messages.status("idle", "k")))  # iopub is live
+        iopub_welcome(kernel)
         return kernel
 
     def session_with_kernel(self):

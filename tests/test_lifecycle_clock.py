@@ -7,12 +7,13 @@ fake that records takes and kills.
 
 import json
 
+from fakes import iopub_welcome, publish, warm_up_request
 from twisted.internet import task
 from twisted.trial import unittest
 
 from sagecell_tw import config as configmod
 from sagecell_tw import messages
-from sagecell_tw.kernels import NUDGE_INTERVAL, KernelManager, NoKernelAvailable
+from sagecell_tw.kernels import NUDGE_INTERVAL, NUDGE_TRIES, KernelManager, NoKernelAvailable
 from sagecell_tw.sessions import KILL_AFTER_INTERRUPT, LimitExceeded, SessionManager
 
 
@@ -89,13 +90,6 @@ def info(n):
     }
 
 
-def iopub_welcome(kernel):
-    """Make the kernel's iopub deliver something, as a live subscription would."""
-    sub = kernel.sockets["iopub"]
-    msg = messages.status("idle", "k")
-    sub.handler([messages.DELIM, b"", msg.header, msg.parent, msg.metadata, msg.content])
-
-
 class Base(unittest.TestCase):
     def setUp(self):
         self.clock = task.Clock()
@@ -127,7 +121,34 @@ class KernelManagerTests(Base):
         self.assertEqual(kernel.state, "pooled")
         self.assertEqual(list(self.kernels.pool), [kernel])
         self.clock.advance(1)
-        self.assertEqual(len(shell.sent), 4)  # no more nudges
+        self.assertEqual(len(shell.sent), 5)  # four nudges and the warm-up, then nothing
+
+    def test_new_kernel_warms_up_silently_before_it_is_pooled(self):
+        self.kernels.kernel_ready(info(1), self.spawner)
+        kernel = self.kernels.kernels["k1"]
+        publish(kernel, messages.status("busy", "k"))  # iopub is live
+        req = warm_up_request(kernel)
+        content = req.content_dict()
+        self.assertTrue(content["silent"])
+        self.assertFalse(content["store_history"])
+        # Its busy status, and the idle of something else, do not pool it.
+        publish(kernel, messages.status("busy", "k", {"msg_id": req.msg_id}))
+        publish(kernel, messages.status("idle", "k", {"msg_id": "other"}))
+        self.assertEqual(kernel.state, "warming")
+        self.clock.advance(NUDGE_INTERVAL * 10)
+        self.assertEqual(len(kernel.sockets["shell"].sent), 2)  # no nudges once iopub answered
+        publish(kernel, messages.status("idle", "k", {"msg_id": req.msg_id}))
+        self.assertEqual(kernel.state, "pooled")
+        self.assertEqual(list(self.kernels.pool), [kernel])
+
+    def test_kernel_whose_warm_up_never_ends_is_pooled_anyway(self):
+        self.kernels.kernel_ready(info(1), self.spawner)
+        kernel = self.kernels.kernels["k1"]
+        publish(kernel, messages.status("idle", "k"))
+        self.clock.advance(NUDGE_INTERVAL * NUDGE_TRIES - 0.01)
+        self.assertEqual(kernel.state, "warming")
+        self.clock.advance(0.02)
+        self.assertEqual(kernel.state, "pooled")
 
     def test_take_waits_for_a_kernel_then_times_out(self):
         d = self.kernels.take()
