@@ -1,14 +1,153 @@
 """
-Fakes shared by the task.Clock tests: what a kernel's zmq sockets would deliver.
+Fakes shared by the task.Clock tests: the daemon's zmq side, a spawner, a browser connection.
 
 The daemon's kernel-side code is driven here without processes or sockets:
-a test plays the kernel by calling the handlers the daemon registered.
+a test plays the kernel (or a spawner) by calling the handlers the daemon
+registered, and reads what the daemon sent from the fakes' records.
 """
 
 from __future__ import annotations
 
-from sagecell_tw import messages
+from collections.abc import Callable
+
+from sagecell_tw import kernels, messages
 from sagecell_tw.messages import Message
+from sagecell_tw.sessions import DAEMON_SESSION
+
+# -- the daemon's zmq side ------------------------------------------------------------
+
+
+class FakeChannel:
+    """One zmq socket of the daemon: records what is sent; ``on_message`` is what the daemon would hear."""
+
+    def __init__(self, address: str = "", on_message: Callable[[list[bytes]], None] | None = None):
+        self.address = address
+        self.on_message = on_message
+        self.sent: list[list[bytes]] = []
+        self.closed = False
+        self.paused = False
+
+    def send(self, parts: list[bytes]) -> bool:
+        self.sent.append(parts)
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+
+class FakeZmq:
+    """Stands in for ``zmqtransport.ZmqContext``: hands out FakeChannels and keeps them."""
+
+    def __init__(self):
+        #: every channel made, in order
+        self.channels: list[FakeChannel] = []
+        #: the bound ROUTERs (the spawners' control channel)
+        self.routers: list[FakeChannel] = []
+        #: (address, CURVE options) of each connecting socket (a kernel's dealers and sub)
+        self.connects: list[tuple[str, dict]] = []
+
+    def _channel(self, address: str, on_message) -> FakeChannel:
+        ch = FakeChannel(address, on_message)
+        self.channels.append(ch)
+        return ch
+
+    def router(self, address: str, on_message, curve_server: bool = False) -> FakeChannel:
+        ch = self._channel(address, on_message)
+        self.routers.append(ch)
+        return ch
+
+    def dealer(self, address: str, on_message, identity: bytes | None = None, **curve) -> FakeChannel:
+        self.connects.append((address, curve))
+        return self._channel(address, on_message)
+
+    def sub(self, address: str, on_message, **curve) -> FakeChannel:
+        self.connects.append((address, curve))
+        return self._channel(address, on_message)
+
+
+# -- kernels and spawners -------------------------------------------------------------
+
+
+def kernel_info(kid: str, *, pid: int = 4242, key: str = "k" * 64, relay: str | None = None) -> dict:
+    """
+    What a spawner reports of a ready kernel (its "ready" event).
+
+    The kernel is reached over ipc, or over tcp with CURVE through the relay
+    of the worker host ``relay``. Ports follow ``kernels.CHANNELS``: shell is 1.
+    ``spawn_seconds`` (fork to ready) is there as a spawner always reports it.
+    """
+    conn = {"ip": f"/tmp/{kid}/k", "key": key, **{f"{c}_port": i for i, c in enumerate(kernels.CHANNELS, 1)}}
+    if relay:
+        conn.update(transport="tcp", ip=relay, curve_serverkey="S" * 40)
+    return {
+        "id": kid,
+        "pid": pid,
+        "dir": f"/tmp/{kid}",
+        "workdir": f"/tmp/{kid}/work",
+        "connection": conn,
+        "spawn_seconds": 0.04,
+    }
+
+
+class FakeSpawner:
+    """A spawner link: records the kernels taken from its pool and those it was told to kill."""
+
+    name = "fake"
+
+    def __init__(self):
+        self.taken: list[str] = []
+        self.killed: list[tuple[str, str]] = []
+
+    def take(self, kid: str) -> None:
+        self.taken.append(kid)
+
+    def kill(self, kid: str, reason: str = "killed") -> None:
+        self.killed.append((kid, reason))
+
+
+# -- a browser's connection -------------------------------------------------------------
+
+
+class FakeConnection:
+    """A browser's WebSocket as the session manager sees it: records what it was given."""
+
+    def __init__(self):
+        self.got: list[Message] = []
+        self.closed_for: str | None = None
+        self.client_sessions = {"browser"}
+
+    def deliver(self, msg: Message) -> None:
+        self.got.append(msg)
+
+    def close_for(self, reason: str) -> None:
+        self.closed_for = reason
+
+    def texts(self) -> str:
+        """All stream text shown, the daemon's notices included."""
+        return "".join(m.content_dict().get("text", "") for m in self.got if m.msg_type == "stream")
+
+    def stdout(self) -> str:
+        return "".join(
+            m.content_dict()["text"]
+            for m in self.got
+            if m.msg_type == "stream" and m.content_dict()["name"] == "stdout"
+        )
+
+    def states(self) -> list[str]:
+        return [m.content_dict()["execution_state"] for m in self.got if m.msg_type == "status"]
+
+    def notices(self) -> list[Message]:
+        """The daemon's own stream messages (limits, truncation), not the kernel's."""
+        return [m for m in self.got if m.msg_type == "stream" and m.header_dict.get("session") == DAEMON_SESSION]
+
+
+# -- playing the kernel -------------------------------------------------------------------
 
 
 def wire(msg: Message) -> list[bytes]:
@@ -18,7 +157,7 @@ def wire(msg: Message) -> list[bytes]:
 
 def publish(kernel, msg: Message) -> None:
     """The kernel publishes ``msg`` on iopub, and the daemon's subscription gets it."""
-    kernel.sockets["iopub"].handler(wire(msg))
+    kernel.sockets["iopub"].on_message(wire(msg))
 
 
 def warm_up_request(kernel) -> Message:

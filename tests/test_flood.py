@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 import zmq
-from fakes import iopub_welcome
+from fakes import FakeConnection, FakeSpawner, FakeZmq, iopub_welcome, kernel_info, wire
 from support import Daemon
 from twisted.internet import task
 from twisted.trial import unittest
@@ -30,76 +30,6 @@ from sagecell_tw import forkserver, messages, zmqtransport
 from sagecell_tw.kernels import KernelManager
 from sagecell_tw.messages import Message
 from sagecell_tw.sessions import DAEMON_SESSION, SessionManager
-
-# -- fakes --------------------------------------------------------------------------
-
-
-class FakeChannel:
-    def __init__(self, handler):
-        self.handler = handler
-        self.sent = []
-        self.paused = False
-
-    def send(self, parts):
-        self.sent.append(parts)
-        return True
-
-    def close(self):
-        pass
-
-    def pause(self):
-        self.paused = True
-
-    def resume(self):
-        self.paused = False
-
-
-class FakeZmq:
-    def dealer(self, address, handler, identity=None, **kw):
-        return FakeChannel(handler)
-
-    def sub(self, address, handler, **kw):
-        return FakeChannel(handler)
-
-
-class FakeSpawner:
-    name = "fake"
-
-    def __init__(self):
-        self.taken = []
-
-    def take(self, kid):
-        self.taken.append(kid)
-
-    def kill(self, kid, reason="killed"):
-        pass
-
-
-class FakeConnection:
-    def __init__(self):
-        self.got: list[Message] = []
-        self.client_sessions = {"browser"}
-
-    def deliver(self, msg):
-        self.got.append(msg)
-
-    def close_for(self, reason):
-        pass
-
-    def stdout(self):
-        return "".join(m.content_dict()["text"] for m in self.got if m.msg_type == "stream" and m.content_dict()["name"] == "stdout")
-
-    def notices(self):
-        return [m for m in self.got if m.msg_type == "stream" and m.header_dict.get("session") == DAEMON_SESSION]
-
-
-def kernel_info(n: int) -> dict:
-    ports = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
-    return {"id": f"k{n}", "pid": 1000 + n, "workdir": "/x", "connection": {"ip": f"/x/k{n}", "key": "s", **ports}}
-
-
-def wire(msg: Message) -> list[bytes]:
-    return [messages.DELIM, b"", msg.header, msg.parent, msg.metadata, msg.content, *msg.buffers]
 
 
 class Base(unittest.TestCase):
@@ -115,7 +45,7 @@ class Base(unittest.TestCase):
 
     def ready_kernel(self):
         self.n += 1
-        self.kernels.kernel_ready(kernel_info(self.n), self.spawner)
+        self.kernels.kernel_ready(kernel_info(f"k{self.n}", pid=1000 + self.n), self.spawner)
         kernel = self.kernels.kernels[f"k{self.n}"]
         iopub_welcome(kernel)
         return kernel
@@ -140,7 +70,7 @@ class Base(unittest.TestCase):
 
     def from_kernel(self, session, channel, msg_type, content, parent):
         msg = Message.build(channel, msg_type, content, parent, session="kernel")
-        session.kernel.sockets[channel].handler(wire(msg))
+        session.kernel.sockets[channel].on_message(wire(msg))
 
     def output(self, session, parent, text):
         self.from_kernel(session, "iopub", "stream", {"name": "stdout", "text": text}, parent)

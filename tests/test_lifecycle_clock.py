@@ -7,7 +7,7 @@ fake that records takes and kills.
 
 import json
 
-from fakes import iopub_welcome, publish, warm_up_request
+from fakes import FakeConnection, FakeSpawner, FakeZmq, iopub_welcome, kernel_info, publish, warm_up_request
 from twisted.internet import task
 from twisted.trial import unittest
 
@@ -17,77 +17,9 @@ from sagecell_tw.kernels import NUDGE_INTERVAL, NUDGE_TRIES, KernelManager, NoKe
 from sagecell_tw.sessions import KILL_AFTER_INTERRUPT, LimitExceeded, SessionManager
 
 
-class FakeChannel:
-    def __init__(self, address, handler):
-        self.address = address
-        self.handler = handler
-        self.sent = []
-        self.closed = False
-
-    def send(self, parts):
-        self.sent.append(parts)
-        return True
-
-    def close(self):
-        self.closed = True
-
-
-class FakeZmq:
-    def __init__(self):
-        self.channels = []
-
-    def dealer(self, address, handler, identity=None):
-        ch = FakeChannel(address, handler)
-        self.channels.append(ch)
-        return ch
-
-    def sub(self, address, handler):
-        ch = FakeChannel(address, handler)
-        self.channels.append(ch)
-        return ch
-
-
-class FakeSpawner:
-    name = "fake"
-
-    def __init__(self):
-        self.taken = []
-        self.killed = []
-
-    def take(self, kid):
-        self.taken.append(kid)
-
-    def kill(self, kid, reason="killed"):
-        self.killed.append((kid, reason))
-
-
-class FakeConnection:
-    def __init__(self):
-        self.got = []
-        self.closed_for = None
-        self.client_sessions = {"browser"}
-
-    def deliver(self, msg):
-        self.got.append(msg)
-
-    def close_for(self, reason):
-        self.closed_for = reason
-
-    def texts(self):
-        return "".join(m.content_dict().get("text", "") for m in self.got if m.msg_type == "stream")
-
-    def states(self):
-        return [m.content_dict()["execution_state"] for m in self.got if m.msg_type == "status"]
-
-
 def info(n):
-    return {
-        "id": f"k{n}",
-        "pid": 1000 + n,
-        "dir": f"/x/k{n}",
-        "workdir": f"/x/k{n}/work",
-        "connection": {"ip": f"/x/k{n}/ipc/k", "key": "secret", "shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5},
-    }
+    """Kernel ``k{n}``; its key, "secret", is what the daemon must sign with."""
+    return kernel_info(f"k{n}", pid=1000 + n, key="secret")
 
 
 class Base(unittest.TestCase):

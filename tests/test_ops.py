@@ -21,6 +21,7 @@ import urllib.request
 
 import pytest
 import websocket
+from fakes import FakeChannel, FakeZmq, kernel_info
 from support import ROOT, Client, Daemon, stdout_of
 from twisted.internet import task
 from twisted.internet.error import ProcessTerminated
@@ -605,40 +606,6 @@ def test_embedded_spawner_is_not_restarted_once_root_is_dropped(monkeypatch):
     end_process(reactor.spawned[-1][0])
     reactor.advance(60)
     assert len(reactor.spawned) == 1 and len(refused) == 1 and "root" in refused[0]
-
-
-class FakeChannel:
-    def __init__(self):
-        self.sent: list = []
-
-    def send(self, parts):
-        self.sent.append(parts)
-        return True
-
-    def close(self):
-        pass
-
-
-class FakeZmq:
-    def __init__(self):
-        self.routers: list[FakeChannel] = []
-
-    def router(self, address, on_message):
-        ch = FakeChannel()
-        ch.on_message = on_message
-        self.routers.append(ch)
-        return ch
-
-    def dealer(self, address, on_message, identity=None):
-        return FakeChannel()
-
-    def sub(self, address, on_message):
-        return FakeChannel()
-
-
-def kernel_info(kid: str) -> dict:
-    conn = {"ip": f"/tmp/{kid}/k", "key": "k" * 64, **{f"{c}_port": i for i, c in enumerate(kernels.CHANNELS, 1)}}
-    return {"id": kid, "pid": 4242, "workdir": "/tmp/w", "connection": conn, "spawn_seconds": 0.04}
 
 
 def control_messages(router: FakeChannel, identity: bytes) -> list[dict]:

@@ -21,53 +21,12 @@ import uuid
 
 import pytest
 import zmq
+from fakes import FakeZmq, kernel_info
 from support import ROOT, Client, stdout_of
 from twisted.internet import task
 
 from sagecell_tw import config as configmod
 from sagecell_tw import forkserver, kernels, keys, spawners
-
-# -- fakes ---------------------------------------------------------------------
-
-
-class FakeChannel:
-    def __init__(self, on_message=None):
-        self.on_message = on_message
-        self.sent: list = []
-        self.closed = False
-
-    def send(self, parts):
-        self.sent.append(parts)
-        return True
-
-    def close(self):
-        self.closed = True
-
-
-class FakeZmq:
-    def __init__(self):
-        self.routers: list[FakeChannel] = []
-        self.connects: list[tuple] = []
-
-    def router(self, address, on_message, curve_server=False):
-        ch = FakeChannel(on_message)
-        self.routers.append(ch)
-        return ch
-
-    def dealer(self, address, on_message, identity=None, **curve):
-        self.connects.append((address, curve))
-        return FakeChannel(on_message)
-
-    def sub(self, address, on_message, **curve):
-        self.connects.append((address, curve))
-        return FakeChannel(on_message)
-
-
-def kernel_info(kid: str, relay: str | None = None) -> dict:
-    conn = {"ip": f"/tmp/{kid}/k", "key": "k" * 64, **{f"{c}_port": i for i, c in enumerate(kernels.CHANNELS, 1)}}
-    if relay:
-        conn.update(transport="tcp", ip=relay, curve_serverkey="S" * 40)
-    return {"id": kid, "pid": 4242, "workdir": "/tmp/w", "connection": conn}
 
 
 class Hosts:
