@@ -407,14 +407,19 @@ def _stat(pid: int) -> list[str] | None:
         return None
 
 
-def group_pids(pgid: int) -> list[int]:
-    """Processes of a process group: a kernel is its outer process and what it forked."""
-    out = []
+def kernel_processes(pid: int) -> list[int]:
+    """A kernel's processes: ``pid`` (PID 1 of its namespace) and everything under it."""
+    children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
             st = _stat(int(name))
-            if st is not None and int(st[2]) == pgid:
-                out.append(int(name))
+            if st is not None:
+                children.setdefault(int(st[1]), []).append(int(name))
+    out, todo = [], [pid]
+    while todo and len(out) < 1000:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
     return out
 
 
@@ -433,12 +438,12 @@ def rollup(pid: int) -> dict[str, int]:
 
 
 def kernel_pss_mib(pid: int) -> float:
-    """PSS of one kernel: every process of its group (the sandbox's PID-1 fork included)."""
-    return sum(rollup(p).get("Pss", 0) for p in group_pids(pid)) / 1024
+    """PSS of one kernel: all its processes."""
+    return sum(rollup(p).get("Pss", 0) for p in kernel_processes(pid)) / 1024
 
 
 def kernel_private_mib(pid: int) -> float:
-    return sum(rollup(p).get("Private_Dirty", 0) + rollup(p).get("Private_Clean", 0) for p in group_pids(pid)) / 1024
+    return sum(rollup(p).get("Private_Dirty", 0) + rollup(p).get("Private_Clean", 0) for p in kernel_processes(pid)) / 1024
 
 
 def rss_mib(pid: int) -> float:

@@ -79,6 +79,9 @@ class ForkConfig:
 @dataclass
 class Child:
     id: str
+    #: the kernel's host pid: first the process we forked, then (once it has
+    #: said "P", see kernel_child._become_pid1) the kernel it forked, PID 1
+    #: of its own namespace, whose parent we become as child subreaper
     pid: int
     dir: str
     key: str
@@ -88,6 +91,8 @@ class Child:
     reason: str = ""
     #: left by an earlier fork server: not our child, so watched through /proc
     adopted_start: str | None = None
+    #: what the child has written on its ready pipe and we have not handled yet
+    said: bytes = b""
 
     def info(self, config: ForkConfig) -> dict:
         ipc = os.path.join(self.dir, "ipc", "k")
@@ -264,6 +269,12 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
+def _write_pid_file(kdir: str, pid: int) -> None:
+    """Which process the kernel in ``kdir`` is (with its start time, against pid reuse), for a later fork server."""
+    with open(os.path.join(kdir, "pid"), "w") as f:
+        f.write(f"{pid} {_start_time(pid)}")
+
+
 def end_orphan(kdir: str) -> None:
     """End the kernel that ``kdir`` belonged to, if it still runs, and remove ``kdir``."""
     try:
@@ -309,6 +320,9 @@ class ForkServer:
     # -- the loop ----------------------------------------------------------
 
     def serve(self) -> None:
+        # Kernels are forked by a child of ours that exits (see
+        # kernel_child._become_pid1): they must become ours, not init's.
+        sandbox.prctl(sandbox.PR_SET_CHILD_SUBREAPER, 1)
         # A front that stops reading must not wedge us: time out and stop.
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 5, 0))
         signal.signal(signal.SIGTERM, self._on_term)
@@ -445,8 +459,8 @@ class ForkServer:
         if pid == 0:  # the kernel
             kernel_child.run(spec, w)
         os.close(w)
-        with open(os.path.join(kdir, "pid"), "w") as f:
-            f.write(f"{pid} {_start_time(pid)}")
+        os.set_blocking(r, False)
+        _write_pid_file(kdir, pid)
         child = Child(kid, pid, kdir, key, r, time.monotonic())
         self.children[kid] = child
         self.by_pid[pid] = child
@@ -455,29 +469,64 @@ class ForkServer:
 
     def _child_ready(self, fd: int) -> None:
         child = next((c for c in self.children.values() if c.ready_fd == fd), None)
-        if child is None:
+        if child is not None:
+            self._hear(child)
+
+    def _hear(self, child: Child) -> None:
+        """
+        Take what ``child`` wrote on its ready pipe: "P<pid>\\n" (the kernel's
+        host pid, from the process that forked it into its PID namespace),
+        then "R<json>" (ready; the protections it could not have) or
+        "E<why>" (it refused to run unconfined). EOF before that: it died
+        while starting, and ``_reap`` reports it.
+        """
+        fd = child.ready_fd
+        if fd is None:
             return
         try:
             data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
         except OSError:
             data = b""
+        if data:
+            child.said += data
+            while child.said.startswith(b"P") and b"\n" in child.said:
+                line, child.said = child.said.split(b"\n", 1)
+                self._kernel_pid(child, line[1:])
+            if not child.said.startswith((b"R", b"E")):
+                return
         os.close(fd)
         child.ready_fd = None
-        if data.startswith(b"R") and child.state == "starting":
+        said, child.said = child.said, b""
+        if said.startswith(b"R") and child.state == "starting":
             child.state = "ready"
             self.failures = 0
             info = child.info(self.config)
             info["spawn_seconds"] = round(time.monotonic() - child.started, 4)
             try:
-                info["missing_protections"] = json.loads(data[1:] or b"[]")
+                info["missing_protections"] = json.loads(said[1:] or b"[]")
             except ValueError:
                 info["missing_protections"] = ["unknown (the kernel's report was garbled)"]
             self._send({"event": "ready", "kernel": info, "state": "ready"})
             self._announce_pool()
-        elif data.startswith(b"E"):
-            child.reason = "its sandbox could not be set up: " + data[1:].decode(errors="replace")
+        elif said.startswith(b"E"):
+            child.reason = "its sandbox could not be set up: " + said[1:].decode(errors="replace")
             sys.stderr.write(f"sagecell fork server: a kernel refused to run unconfined: {child.reason}\n")
-        # On EOF the child died before binding: _reap reports it.
+
+    def _kernel_pid(self, child: Child, text: bytes) -> None:
+        """The kernel ``child`` forked into its PID namespace is ``text``: follow it from now on."""
+        try:
+            pid = int(text)
+        except ValueError:
+            return
+        if pid <= 1 or pid in self.by_pid:
+            return
+        if self.by_pid.get(child.pid) is child:
+            del self.by_pid[child.pid]  # the outer process: its exit is no kernel's death
+        child.pid = pid
+        self.by_pid[pid] = child
+        _write_pid_file(child.dir, pid)
 
     def _check_quotas(self) -> None:
         """
@@ -590,6 +639,10 @@ class ForkServer:
             child = self.by_pid.pop(pid, None)
             if child is None:
                 continue
+            if child.ready_fd is not None:
+                self._hear(child)  # a "P" may wait in the pipe of this exited outer process
+            if child.pid != pid:
+                continue  # it was the outer process: the kernel lives on, ours now
             self._bury(child, status)
 
     def _bury(self, child: Child, status: int | None) -> None:

@@ -87,7 +87,8 @@ def _enter_sandbox(spec: dict, ready_fd: int) -> list[str]:
 
     With user namespaces (the normal case), the child unshares its own user,
     mount, PID, IPC, UTS and (unless allowed) network namespaces, forks once
-    more so the kernel is PID 1 of its own PID namespace, hides every other
+    more so the kernel is PID 1 of its own PID namespace (the process that
+    forked exits: see ``_become_pid1``), hides every other
     kernel's dir, the control socket and the shared temp dirs behind fresh
     tmpfs mounts, and mounts a fresh /proc that shows only its own processes.
     """
@@ -141,28 +142,30 @@ def _enter_sandbox(spec: dict, ready_fd: int) -> list[str]:
 
 def _become_pid1(ready_fd: int) -> None:
     """
-    Fork into the new PID namespace; this process stays outside and waits.
+    Fork into the new PID namespace; this process reports the kernel and exits.
 
-    The fork server knows the outer process; it exits with the kernel, and
-    SIGKILL of the process group (which both share) ends both.
+    ``unshare(CLONE_NEWPID)`` puts our next child, not us, in the new
+    namespace. That child goes on as the kernel (PID 1 there); this process
+    tells the fork server the kernel's host pid ("P" on the ready pipe) and
+    exits, and the fork server, a child subreaper, becomes the kernel's
+    parent. No process waits outside each kernel (one fork of the master
+    less per kernel: ~2 MiB private memory). The kernel goes on only once
+    this process is gone, so the fork server hears "P" before anything else
+    from it.
     """
+    r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        sandbox.prctl(sandbox.PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.close(w)
+        while os.read(r, 1):  # EOF: the outer process has exited
+            pass
+        os.close(r)
         return
-    os.close(ready_fd)
-    # ipykernel interrupts by signalling its process group, which we share.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            break
-        except InterruptedError:
-            continue
-        except ChildProcessError:
-            status = 0
-            break
-    os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+    os.close(r)
+    try:
+        os.write(ready_fd, b"P%d\n" % pid)
+    finally:
+        os._exit(0)
 
 
 def _python_paths(hidden: list[str], private: tuple[str, ...] = ()) -> list[tuple[str, str, object]]:
