@@ -151,6 +151,15 @@ def split_relative(path: str) -> list[str]:
     return parts
 
 
+def is_local(kernel) -> bool:
+    """
+    Whether ``kernel``'s dir is on this machine. A kernel on a worker host
+    is reached through that host's relay; its dir, named in its record, is
+    a path over there (and here, at most, someone else's).
+    """
+    return not getattr(kernel.spawner, "remote", False)
+
+
 def url_for(prefix: str, kernel_id: str, parts: list[str]) -> str:
     return f"{prefix}/{kernel_id}/files/" + quote("/".join(parts), safe="/")
 
@@ -746,6 +755,8 @@ class FilesResource(JsonResource):
 
     def _handle(self, request, session, parts: list[str], is_dir: bool):
         kernel = session.kernel
+        if kernel is not None and not is_local(kernel):
+            raise HTTPError(501, "files cannot be transferred to or from kernels on worker hosts (yet)")
         if request.method in (b"GET", b"HEAD"):
             if kernel is None:  # it died, and nobody asked for a new one
                 if is_dir:
@@ -912,7 +923,7 @@ class KernelFiles:
     def execute_done(self, session, parent: dict) -> None:
         """Tell the session's connections which files the execution created or changed."""
         kernel = session.kernel
-        if kernel is None:
+        if kernel is None or not is_local(kernel):
             return
         try:
             root = open_workdir(kernel.workdir, self.kernel_uid)

@@ -204,13 +204,17 @@ class NetnsDaemon:
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
             return f.read()
 
-    def new_kernel(self) -> str:
+    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
         conn = UnixHTTP(self.web_sock)
-        conn.request("POST", "/api/kernels", json.dumps({"name": "python3"}), {"Content-Type": "application/json"})
+        conn.request(method, path, json.dumps(body) if body is not None else None, {"Content-Type": "application/json"})
         resp = conn.getresponse()
-        body = json.loads(resp.read())
+        answer = json.loads(resp.read() or b"null")
         conn.close()
-        assert resp.status == 201, body
+        return resp.status, answer
+
+    def new_kernel(self) -> str:
+        status, body = self.request("POST", "/api/kernels", {"name": "python3"})
+        assert status == 201, body
         return body["id"]
 
     def client(self, kernel_id: str) -> Client:
@@ -397,6 +401,9 @@ def test_workers_on_other_hosts_over_curve():
         hosts = {kid: daemon.host_of(kid) for kid in sessions}
         assert sorted(hosts.values()) == ["w1", "w1", "w2", "w2"], hosts
         assert "spawner stranger joined" not in daemon.log()
+        # Their files stay on the worker host: asking says so plainly.
+        status, body = daemon.request("GET", f"/api/kernels/{kid}/files/")
+        assert status == 501 and "worker hosts" in body["message"], (status, body)
 
         # w1 dies: its sessions are told, the others keep working, new ones go to w2.
         os.killpg(procs["w1"].pid, signal.SIGKILL)
