@@ -296,6 +296,9 @@ class ForkServer:
         self.config = config
         self.children: dict[str, Child] = {}
         self.by_pid: dict[int, Child] = {}
+        #: exit statuses of children we reaped before we knew whose they were
+        #: (a kernel killed before its "P" was read): its "P" buries it
+        self.reaped_unclaimed: dict[int, int] = {}
         self.stopping = False
         #: the front went away without a shutdown (it crashed): leave the
         #: kernels in use running for the next spawner to adopt
@@ -494,8 +497,8 @@ class ForkServer:
             while child.said.startswith(b"P") and b"\n" in child.said:
                 line, child.said = child.said.split(b"\n", 1)
                 self._kernel_pid(child, line[1:])
-            if not child.said.startswith((b"R", b"E")):
-                return
+            if child.ready_fd is None or not child.said.startswith((b"R", b"E")):
+                return  # buried meanwhile, or more to come
         os.close(fd)
         child.ready_fd = None
         said, child.said = child.said, b""
@@ -525,6 +528,10 @@ class ForkServer:
         if self.by_pid.get(child.pid) is child:
             del self.by_pid[child.pid]  # the outer process: its exit is no kernel's death
         child.pid = pid
+        status = self.reaped_unclaimed.pop(pid, None)
+        if status is not None:  # it died before we knew it was this kernel
+            self._bury(child, status)
+            return
         self.by_pid[pid] = child
         _write_pid_file(child.dir, pid)
 
@@ -629,6 +636,10 @@ class ForkServer:
         _killpg(child.pid)
 
     def _reap(self) -> None:
+        # Learn the kernels' pids first: a kernel forked a moment ago may
+        # already have died (any "P" is in its pipe before it can).
+        for child in [c for c in self.children.values() if c.state == "starting" and c.ready_fd is not None]:
+            self._hear(child)
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -638,6 +649,9 @@ class ForkServer:
                 return
             child = self.by_pid.pop(pid, None)
             if child is None:
+                self.reaped_unclaimed[pid] = status
+                while len(self.reaped_unclaimed) > 64:
+                    del self.reaped_unclaimed[next(iter(self.reaped_unclaimed))]
                 continue
             if child.ready_fd is not None:
                 self._hear(child)  # a "P" may wait in the pipe of this exited outer process
