@@ -10,8 +10,10 @@ after the fork. Nothing here imports the daemon's Twisted side.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import pwd
 import signal
 import sys
 import traceback
@@ -205,15 +207,47 @@ def _python_paths(hidden: list[str], private: tuple[str, ...] = ()) -> list[tupl
     return plan
 
 
+#: dirs every kernel sees empty (a fresh tmpfs): shared scratch space, where
+#: one session could leave something for the next, and people's homes
+HIDDEN = ("/tmp", "/var/tmp", "/dev/shm", "/home", "/root", "/run/user")
+#: mounts left writable: devices (writes reach the device, not a file
+#: system) would be harmless read-only too, but a pty needs /dev/pts
+WRITABLE = ("/dev/pts",)
+
+
+def _hidden_dirs(spec: dict) -> tuple[str, ...]:
+    """``HIDDEN``, the dirs the spec names, and this account's home (the daemon's, when not root)."""
+    home = pwd.getpwuid(os.getuid()).pw_dir if _has_account(os.getuid()) else ""
+    return (*HIDDEN, *spec.get("hide", ()), *([home] if home not in ("", "/") else []))
+
+
+def _has_account(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
 def _private_filesystem(spec: dict) -> list[str]:
-    """Fresh tmpfs over shared and other kernels' dirs; our own dir bound back; a fresh /proc."""
+    """
+    Fresh tmpfs over shared dirs, homes and other kernels' dirs; our own dir
+    bound back; every other mount read-only; a fresh /proc.
+
+    Read-only everywhere but in its own dir (and its empty /tmp), a kernel
+    can leave nothing behind for a later session or another kernel, fill
+    no disk but its own (whose quota is watched), and change no file its
+    account happens to own: the daemon's code, where the daemon runs as the
+    same account.
+    """
     missing = []
     kdir = spec["dir"]
     try:
         sandbox.mount("none", "/", None, sandbox.MS_REC | sandbox.MS_PRIVATE)
+        inherited = sandbox.mount_points()
         keep = os.open(kdir, os.O_PATH | os.O_DIRECTORY)
         hidden: list[str] = []
-        for path in ("/tmp", "/var/tmp", "/dev/shm", *spec.get("hide", ())):
+        for path in _hidden_dirs(spec):
             path = os.path.realpath(path)
             if not os.path.isdir(path) or any(path == h or path.startswith(h + "/") for h in hidden):
                 continue
@@ -244,11 +278,34 @@ def _private_filesystem(spec: dict) -> list[str]:
             parent = os.path.dirname(parent)
     except OSError as e:
         missing.append(f"a private view of the file system ({e.strerror})")
+        return missing + _proc()
+    try:
+        _read_only(inherited, [*hidden, kdir])
+    except OSError as e:
+        missing.append(f"a read-only view of the system's files ({e.strerror})")
+    return missing + _proc()
+
+
+def _read_only(inherited: list[str], ours: list[str]) -> None:
+    """Remount read-only every mount we inherited, except those our own mounts now cover."""
+    for point in inherited:
+        if any(point == p or point.startswith(p.rstrip("/") + "/") for p in ("/proc", *WRITABLE, *ours)):
+            continue
+        try:
+            sandbox.remount_read_only(point)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.ENOENT, errno.ENOTDIR):
+                raise
+            # Out of our reach (under a dir we may not enter): nothing to write there either.
+
+
+def _proc() -> list[str]:
+    """A fresh /proc: our PID namespace's processes only."""
     try:
         sandbox.mount("proc", "/proc", "proc", sandbox.MS_NOSUID | sandbox.MS_NODEV | sandbox.MS_NOEXEC)
     except OSError as e:
-        missing.append(f"a private /proc ({e.strerror})")
-    return missing
+        return [f"a private /proc ({e.strerror})"]
+    return []
 
 
 def _reseed() -> None:

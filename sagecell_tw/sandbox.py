@@ -15,6 +15,7 @@ import errno
 import grp
 import os
 import pwd
+import re
 import resource
 from dataclasses import dataclass
 
@@ -30,9 +31,13 @@ MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOEXEC = 8
 MS_REMOUNT = 32
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
 MNT_DETACH = 2
 
 PR_SET_PDEATHSIG = 1
@@ -74,6 +79,46 @@ def mount(source: str, target: str, fstype: str | None, flags: int, data: str | 
         ),
         f"mount {target}",
     )
+
+
+#: statvfs flags of a mount, and the mount flags that keep them on a remount
+_KEPT_FLAGS = (
+    (os.ST_NOSUID, MS_NOSUID),
+    (os.ST_NODEV, MS_NODEV),
+    (os.ST_NOEXEC, MS_NOEXEC),
+    (os.ST_NOATIME, MS_NOATIME),
+    (os.ST_NODIRATIME, MS_NODIRATIME),
+    (os.ST_RELATIME, MS_RELATIME),
+)
+
+
+def mount_points() -> list[str]:
+    """This process's mount points, in the order they were mounted (``/proc/self/mountinfo``)."""
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f if len(line.split()) > 4]
+    # Octal escapes for space, tab, newline and backslash.
+    return [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), p) for p in points]
+
+
+def remount_read_only(path: str) -> None:
+    """
+    Make the mount at ``path`` read-only in this mount namespace.
+
+    Its other flags are kept: in a user namespace the mounts inherited from
+    the host are locked, and a remount that would clear nosuid, nodev,
+    noexec or the atime mode is refused.
+    """
+    have = os.statvfs(path).f_flag
+    flags = MS_BIND | MS_REMOUNT | MS_RDONLY
+    for st, ms in _KEPT_FLAGS:
+        if have & st:
+            flags |= ms
+    try:
+        mount("none", path, None, flags)
+    except OSError as e:
+        if e.errno != errno.EPERM or flags & (MS_NOATIME | MS_RELATIME):
+            raise
+        mount("none", path, None, flags | MS_STRICTATIME)  # statvfs does not say "strictatime"
 
 
 def umount(target: str) -> None:

@@ -892,9 +892,20 @@ attempt("SIGKILL to every process I may signal", lambda: os.kill(-1, signal.SIGK
     env.assert_serving("attacks on another kernel")
 
 
+def world_writable_dirs(limit: int = 200) -> list[str]:
+    """This machine's world-writable dirs on the root file system (``/tmp`` and the like), bounded."""
+    out = subprocess.run(
+        ["find", "/", "-xdev", "(", "-path", "/proc", "-o", "-path", "/sys", ")", "-prune", "-o", "-type", "d", "-perm", "-0002", "-print"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.split()
+    return out[:limit]
+
+
 def test_nothing_left_over_from_an_earlier_session(env):
     name = f"sagecell-marker-{uuid.uuid4().hex}"
-    places = ["/tmp", "/var/tmp", "/dev/shm"]
+    places = sorted({"/tmp", "/var/tmp", "/dev/shm", *world_writable_dirs()})
     for place in places:
         env.cleanup.append(os.path.join(place, name))
     first = Session(env)
@@ -926,6 +937,57 @@ for d in ({first_cwd!r}, ".", os.path.expanduser("~"), *{places!r}):
         )
     assert_contained(results)
     env.assert_serving("looking for left-over files")
+
+
+def test_cannot_write_outside_its_own_dir(env):
+    """Anywhere but its own dir and its private /tmp, a kernel's writes are refused: nothing to leave, fill or change."""
+    name = f"sagecell-written-{uuid.uuid4().hex}"
+    private = ("/tmp", "/var/tmp", "/dev/shm")
+    places = sorted(
+        {"/", "/etc", "/usr/local/lib", ROOT, os.path.join(ROOT, "sagecell_tw"), sys.prefix, *world_writable_dirs()}
+        - set(private)
+    )
+    for place in places:
+        env.cleanup.append(os.path.join(place, name))
+    with Session(env) as k:
+        results = k.attack(
+            f"""
+name = {name!r}
+def create(d):
+    with open(os.path.join(d, name), "x") as f:
+        f.write("was here")
+    return "created in " + d
+control("write in my own dir", lambda: create("."))
+for d in {list(private)!r}:
+    control("write in my private " + d, lambda d=d: create(d))
+for d in {places!r}:
+    attempt("create a file in " + d, lambda d=d: create(d))
+"""
+        )
+    assert_contained(results)
+    assert not [p for p in places if os.path.lexists(os.path.join(p, name))]
+    env.assert_serving("writing outside its own dir")
+
+
+def test_homes_are_hidden(env):
+    """People's homes are empty in a kernel, even where their files are world-readable."""
+    home = f"/home/sagecell-home-{uuid.uuid4().hex}"
+    os.makedirs(home, 0o755)
+    try:
+        note = os.path.join(home, "note.txt")
+        with open(note, "w") as f:
+            f.write("private notes")
+        os.chmod(note, 0o644)
+        with Session(env) as k:
+            results = k.attack(
+                f"""
+attempt("read a world-readable file in a home", lambda: read({note!r}))
+attempt("list /home", lambda: listing("/home"))
+"""
+            )
+        assert_contained(results)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 # -- /proc and setuid binaries ---------------------------------------------------------------
