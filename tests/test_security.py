@@ -969,6 +969,38 @@ for d in {places!r}:
     env.assert_serving("writing outside its own dir")
 
 
+def test_cannot_read_its_own_accounts_files_outside_its_dir(env):
+    """
+    A file of the kernel's own account (the daemon's, when the daemon is not
+    root), 0600 in a 0700 dir, and a world-readable one beside it: neither
+    can be read, though the account's permissions would allow it.
+    """
+    where = f"/var/cache/sagecell-secret-{uuid.uuid4().hex}"
+    os.makedirs(where, 0o700)
+    try:
+        mine = os.path.join(where, "mine.txt")
+        public = os.path.join(where, "public.txt")
+        for path, mode in ((mine, 0o600), (public, 0o644)):
+            with open(path, "w") as f:
+                f.write("secret of the kernel's own account")
+            os.chmod(path, mode)
+            os.chown(path, env.kernel_uid, -1)
+        os.chown(where, env.kernel_uid, -1)
+        with Session(env) as k:
+            results = k.attack(
+                f"""
+control("read a system file", lambda: read("/etc/hostname") or "empty")
+control("read a file in my own dir", lambda: (open("x", "w").write("x"), read("x"))[1])
+attempt("read my account's own 0600 file", lambda: read({mine!r}))
+attempt("read a world-readable file there", lambda: read({public!r}))
+attempt("list its dir", lambda: os.listdir({where!r}))
+"""
+            )
+        assert_contained(results)
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
 def test_homes_are_hidden(env):
     """People's homes are empty in a kernel, even where their files are world-readable."""
     home = f"/home/sagecell-home-{uuid.uuid4().hex}"
