@@ -161,7 +161,9 @@ def landlock_rules(spec: dict) -> list[tuple[str, int]]:
     own /proc. Nothing else, even where its account may: the daemon's files
     when both run as one account, the other accounts' world-readable ones.
     """
-    python = {p for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix, *sys.path) if p and os.path.isabs(p)}
+    every = (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix, *sys.path)
+    # Never "/" (a PYTHONPATH of "/" must not open up everything).
+    python = {p for p in every if p and os.path.isabs(p) and os.path.normpath(p) != "/"}
     return [
         *((d, sandbox.READ) for d in (*SYSTEM_DIRS, *sorted(python))),
         ("/dev", sandbox.DEVICES),
