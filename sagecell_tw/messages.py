@@ -67,8 +67,24 @@ def new_header(msg_type: str, session: str, username: str = "sagecell") -> dict:
     }
 
 
+def loads(data: bytes | str):
+    """
+    ``json.loads`` for what anyone may send: JSON nested too deeply for
+    Python's stack is a ``ValueError``, as any other bad JSON is, not a
+    ``RecursionError`` that no caller expects.
+    """
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
+
+
 def dumps(obj) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    """Compact JSON; a ``ValueError`` for what cannot be encoded, however deeply nested."""
+    try:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
 
 
 class Signer:
@@ -132,7 +148,7 @@ class Message:
     def header_dict(self) -> dict:
         if self._h is None:
             try:
-                h = json.loads(self.header)
+                h = loads(self.header)
             except ValueError:
                 h = {}
             self._h = h if isinstance(h, dict) else {}
@@ -142,7 +158,7 @@ class Message:
     def parent_dict(self) -> dict:
         if self._p is None:
             try:
-                p = json.loads(self.parent)
+                p = loads(self.parent)
             except ValueError:
                 p = {}
             self._p = p if isinstance(p, dict) else {}
@@ -158,7 +174,7 @@ class Message:
 
     def content_dict(self) -> dict:
         try:
-            c = json.loads(self.content)
+            c = loads(self.content)
         except ValueError:
             return {}
         return c if isinstance(c, dict) else {}
@@ -268,7 +284,7 @@ def from_dict(msg, default_channel: str | None = None, buffers: list[bytes] | No
 
 def parse_json_frame(payload: bytes, default_channel: str | None = None) -> Message:
     try:
-        msg = json.loads(payload)
+        msg = loads(payload)
     except (ValueError, UnicodeDecodeError):
         raise BadMessage("the frame is not valid JSON") from None
     return from_dict(msg, default_channel)
@@ -288,7 +304,7 @@ def parse_default_binary(payload: bytes) -> Message:
         raise BadMessage("bad offsets in binary frame")
     bufs = [payload[a:b] for a, b in zip(bounds, bounds[1:])]
     try:
-        msg = json.loads(bufs[0])
+        msg = loads(bufs[0])
     except (ValueError, UnicodeDecodeError):
         raise BadMessage("the frame is not valid JSON") from None
     return from_dict(msg, buffers=bufs[1:])
@@ -308,7 +324,7 @@ def parse_v1_frame(payload: bytes) -> Message:
     parts = [payload[a:b] for a, b in zip(offsets, offsets[1:])]
     try:
         channel = parts[0].decode()
-        header, parent, metadata, content = (json.loads(p) if p else {} for p in parts[1:5])
+        header, parent, metadata, content = (loads(p) if p else {} for p in parts[1:5])
     except (ValueError, UnicodeDecodeError):
         raise BadMessage("a v1 frame part is not valid JSON") from None
     return from_dict(

@@ -33,6 +33,7 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from sagecell_tw import messages
 from sagecell_tw.permalinks import PermalinkStoreError, is_valid_id
 
 __all__ = [
@@ -306,7 +307,7 @@ class PermalinkResource(Resource):
         media = ctype.split(b";", 1)[0].strip().lower()
         if media == b"application/json":
             try:
-                parsed = json.loads(body.decode("utf-8"))
+                parsed = messages.loads(body.decode("utf-8"))
             except UnicodeDecodeError:
                 raise _BadRequest(http.BAD_REQUEST, "JSON body is not UTF-8") from None
             except ValueError as e:
@@ -353,7 +354,7 @@ class PermalinkResource(Resource):
             raise _BadRequest(http.BAD_REQUEST, "field interacts must be a JSON array")
         _check_size("interacts", interacts, self.max_interacts_bytes)
         try:
-            parsed = json.loads(interacts)
+            parsed = messages.loads(interacts)
         except ValueError:
             parsed = None
         if not isinstance(parsed, list):

@@ -27,7 +27,6 @@ Not here: its SockJS transport (``/sockjs``, frames prefixed
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import uuid
@@ -37,6 +36,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource
 
+from . import messages
 from .messages import Message
 from .sessions import DAEMON_SESSION
 from .webbase import EXPOSED_HEADERS, HTTPError, JsonResource, NotFound, Policy, Response, client_address, read_json
@@ -350,7 +350,7 @@ class Service(JsonResource):
         expressions = params.get("user_expressions") or {}
         if isinstance(expressions, str):
             try:
-                expressions = json.loads(expressions)
+                expressions = messages.loads(expressions)
             except ValueError:
                 raise HTTPError(400, "user_expressions is not valid JSON") from None
         if not isinstance(expressions, dict) or not all(isinstance(v, str) for v in expressions.values()):

@@ -18,6 +18,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
+from . import messages
+
 log = Logger()
 
 ALLOWED_HEADERS = "Authorization, Content-Type, X-XSRFToken, X-Requested-With, Range"
@@ -61,7 +63,7 @@ def read_json(request, limit: int, allow_empty: bool = True):
             return {}
         raise HTTPError(400, "a JSON body is required")
     try:
-        return json.loads(raw)
+        return messages.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise HTTPError(400, "the request body is not valid JSON") from None
 
