@@ -37,6 +37,8 @@ class Config:
     allow_origin: tuple[str, ...] = ("*",)
     max_message_size: int = 10 << 20
     base_url: str = ""
+    max_sockets_per_session: int = 32
+    http_idle_timeout: float = 120.0
     # -- spawning kernels
     pool_size: int = 4
     preload: tuple[str, ...] | None = None  # None: whichever of numpy, sympy, matplotlib exist
@@ -86,6 +88,7 @@ class Config:
             "max_kernels_per_page",
             "max_message_size",
             "open_files",
+            "max_sockets_per_session",
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
@@ -95,6 +98,7 @@ class Config:
         _positive("max-kernels-per-client", self.max_kernels_per_client)
         _positive("max-kernels-per-page", self.max_kernels_per_page)
         _positive("max-message-size", self.max_message_size)
+        _positive("max-sockets-per-session", self.max_sockets_per_session)
         for name in (
             "exec_timeout",
             "idle_timeout",
@@ -102,6 +106,7 @@ class Config:
             "max_lifetime",
             "shutdown_grace",
             "spawner_restart_max",
+            "http_idle_timeout",
         ):
             _positive(name.replace("_", "-"), getattr(self, name))
         for name in ("address_space", "cpu_seconds", "processes", "file_size", "disk_quota", "max_output_bytes"):

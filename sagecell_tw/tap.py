@@ -18,6 +18,8 @@ HELP = {
     "allow_origin": "comma-separated origins that may use the API and WebSockets ('*' for any)",
     "max_message_size": "largest WebSocket message or JSON body, in bytes (10M, 512k ...)",
     "base_url": "path prefix the service is mounted under (unused by default)",
+    "max_sockets_per_session": "most WebSockets open to one session at once",
+    "http_idle_timeout": "close an HTTP connection idle this long, seconds (WebSockets have their own pings)",
     "pool_size": "kernels kept forked and ready",
     "preload": "comma-separated modules the fork server imports once (default: numpy, sympy, matplotlib where installed)",
     "worker_user": "the unprivileged account kernels run as (when started as root)",
@@ -92,6 +94,21 @@ def check_port(port: str) -> None:
         raise usage.UsageError(f"--port {port!r}: {e}") from None
 
 
+def _more_open_files(most: int = 1 << 16) -> None:
+    """
+    Raise our soft limit of open files to the hard one (at most ``most``):
+    each browser connection and each kernel's four sockets need descriptors,
+    and the usual soft limit of 1024 would run out long before
+    --max-kernels or --max-connections-per-client do.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = most if hard == resource.RLIM_INFINITY else min(hard, most)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 class _NoReactor:
     """Parsing an endpoint string only stores the reactor; the real one is not ours to install here."""
 
@@ -103,6 +120,7 @@ def makeService(options: Options):
     from .web import build_site
 
     config = options.config
+    _more_open_files()
     top = SageCellService(config, reactor)
     site = build_site(top, config, reactor)
     listener = strports.service(config.port, site, reactor=reactor)

@@ -19,6 +19,15 @@ from .websocket import KernelWebSocketFactory
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 
+class KernelSocketResource(WebSocketResource):
+    """Autobahn's resource, minus the HTTP idle timeout once the connection is a WebSocket."""
+
+    def render(self, request):
+        # The HTTP channel gives its transport to the WebSocket but keeps its
+        # idle timer, which would fire on a channel with no transport.
+        request.channel.setTimeout(None)
+        return super().render(request)
+
 
 def default_permalink_db() -> str:
     if os.geteuid() == 0:
@@ -85,7 +94,7 @@ def build_site(svc, config, reactor) -> server.Site:
     from .permalinks import PermalinkStore
 
     ws_factory = KernelWebSocketFactory(svc.sessions, config, reactor=reactor)
-    ws_resource = WebSocketResource(ws_factory)
+    ws_resource = KernelSocketResource(ws_factory)
     api = Api(svc.sessions, svc.kernels, svc, config, reactor)
     svc.api = api
     api.files = KernelFiles(svc.sessions, config, reactor, api.policy)
@@ -109,7 +118,7 @@ def build_site(svc, config, reactor) -> server.Site:
     extra[b"service"] = compat.service_resource()
     extra[b"permalink"] = compat.with_cors(extra[b"permalink"])
     svc.extend_site(extra, api, ws_resource)
-    site = server.Site(Root(api, extra))
+    site = server.Site(Root(api, extra), timeout=config.http_idle_timeout)
     site.displayTracebacks = False
     request_factory = type("Request", (LimitedRequest,), {"body_limit": max(config.max_message_size, config.max_upload_size)})
     site.requestFactory = request_factory

@@ -67,6 +67,8 @@ class KernelWebSocket(WebSocketServerProtocol):
         session = factory.sessions.get(kernel_id) if kernel_id else None
         if session is None:
             raise ConnectionDeny(404, f"no kernel {kernel_id}")
+        if len(session.connections) >= config.max_sockets_per_session:
+            raise ConnectionDeny(429, f"session {kernel_id} already has {config.max_sockets_per_session} WebSockets open")
         self.session = session
         self.client_sessions: set[str] = set()
         qs = parse_qs(urlsplit(request.path).query)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import struct
+import time
 import urllib.request
 
 import pytest
@@ -20,13 +22,21 @@ from support import Client, Daemon, msg, stdout_of
 
 MAX_MESSAGE = 64 << 10
 TOKEN = "s3cret-token"
+MAX_SOCKETS = 4
+IDLE = 1.0
 DEEP = "[" * 20_000 + "]" * 20_000  # under the size limit, far over Python's recursion limit
 
 
 @pytest.fixture(scope="module")
 def strict():
     """A daemon with a small message limit and a token."""
-    d = Daemon(pool_size=2, max_message_size=MAX_MESSAGE, token=TOKEN).start()
+    d = Daemon(
+        pool_size=2,
+        max_message_size=MAX_MESSAGE,
+        token=TOKEN,
+        max_sockets_per_session=MAX_SOCKETS,
+        http_idle_timeout=IDLE,
+    ).start()
     try:
         yield d
     finally:
@@ -230,6 +240,54 @@ def test_bad_request_gets_a_json_error_and_changes_nothing(strict, method, path,
     assert isinstance(body, dict) and body.get("message"), body
     _, after, _ = authed(strict, "GET", "/api/kernels")
     assert {k["id"] for k in after} == {k["id"] for k in before}
+    no_tracebacks(strict)
+
+
+# -- connections -----------------------------------------------------------------------
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the daemon closes ``sock`` within ``seconds`` (bounded wait)."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_one_session_takes_a_bounded_number_of_websockets(strict):
+    with session(strict) as first:
+        kid = first.kernel_id
+        more = [client(strict, kid) for _ in range(MAX_SOCKETS - 1)]
+        try:
+            with pytest.raises(websocket.WebSocketBadStatusException) as e:
+                client(strict, kid)
+            assert e.value.status_code == 429
+            more.pop().close()
+            deadline = time.monotonic() + 10
+            while True:  # the close reaches the daemon a moment later
+                try:
+                    more.append(client(strict, kid))
+                    break
+                except websocket.WebSocketBadStatusException:
+                    assert time.monotonic() < deadline, "a closed socket's place never came free"
+                    time.sleep(0.05)
+            still_works(more[-1])
+        finally:
+            for c in more:
+                c.close()
+    no_tracebacks(strict)
+
+
+def test_idle_http_connection_is_closed_but_a_websocket_is_not(strict):
+    idle = socket.create_connection(("127.0.0.1", strict.port), timeout=10)
+    with session(strict) as c:
+        assert closed_within(idle, IDLE + 10), "an idle HTTP connection was kept open"
+        time.sleep(IDLE + 0.5)  # past the HTTP idle timeout: the WebSocket goes on
+        still_works(c)
+    idle.close()
     no_tracebacks(strict)
 
 
