@@ -29,6 +29,7 @@ class FileError(Exception):
         self.status = status
         self.message = message
 
+
 #: a directory scan (listing, notification) stops after this many files ...
 MAX_ENTRIES = 1000
 #: ... or this many directory levels below work/
@@ -91,7 +92,6 @@ def split_relative(path: str) -> list[str]:
     if is_dir or not parts:
         raise FileError(400, "the upload path must name a file")
     return parts
-
 
 
 def open_workdir(workdir: str, owner: int) -> int:
@@ -276,7 +276,6 @@ def scan(dir_fd: int, max_entries: int = MAX_ENTRIES, max_depth: int = MAX_DEPTH
 
     walk(dir_fd, "", 1)
     return found, truncated
-
 
 
 # -- uploads (these run in a thread) ---------------------------------------------------

@@ -338,13 +338,19 @@ def test_an_upload_that_times_out_is_aborted_on_the_worker():
     link.answer({"req": msg["req"], "ok": True, "upload": "tok"})
     link.clock.advance(4)
     http_error(d, 504)
-    assert [(m["op"], m.get("upload")) for m, _ in link.commands()] == [("open", None), ("write", "tok"), ("abort", "tok")]
+    assert [(m["op"], m.get("upload")) for m, _ in link.commands()] == [
+        ("open", None),
+        ("write", "tok"),
+        ("abort", "tok"),
+    ]
 
 
 def test_a_form_is_spooled_with_the_upload_limit():
     body = (
-        b"--XX\r\nContent-Disposition: form-data; name=\"path\"\r\n\r\nsub/n.bin\r\n"
-        b"--XX\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x\"\r\n\r\n" + bytes(range(256)) + b"\r\n--XX--\r\n"
+        b'--XX\r\nContent-Disposition: form-data; name="path"\r\n\r\nsub/n.bin\r\n'
+        b'--XX\r\nContent-Disposition: form-data; name="file"; filename="x"\r\n\r\n'
+        + bytes(range(256))
+        + b"\r\n--XX--\r\n"
     )
     parts, spool = remote_files.spool_form(io.BytesIO(body), b"XX", ["d"], 1000)
     spool.seek(0)

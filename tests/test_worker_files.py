@@ -57,7 +57,9 @@ def error(reply_out, status: int) -> str:
 
 
 def upload(w, path, payload: bytes, max_upload=1 << 20, quota=0, size=None):
-    reply, _ = cmd(w, "open", path=path, size=len(payload) if size is None else size, max_upload=max_upload, quota=quota)
+    reply, _ = cmd(
+        w, "open", path=path, size=len(payload) if size is None else size, max_upload=max_upload, quota=quota
+    )
     if not reply["ok"]:
         return reply
     token = reply["upload"]

@@ -315,13 +315,11 @@ def check_files_on_a_worker(daemon: NetnsDaemon, kid: str, c: Client) -> None:
     assert status == 200 and body == b"" and headers["content-length"] == str(len(payload))
     # A form upload, as the widget sends it.
     form = (
-        b"--B0undary\r\nContent-Disposition: form-data; name=\"path\"\r\n\r\nsub/form.bin\r\n"
-        b"--B0undary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.bin\"\r\n"
+        b'--B0undary\r\nContent-Disposition: form-data; name="path"\r\n\r\nsub/form.bin\r\n'
+        b'--B0undary\r\nContent-Disposition: form-data; name="file"; filename="x.bin"\r\n'
         b"Content-Type: application/octet-stream\r\n\r\n" + payload + b"\r\n--B0undary--\r\n"
     )
-    status, _, body = daemon.raw(
-        "POST", f"{base}/", form, {"Content-Type": "multipart/form-data; boundary=B0undary"}
-    )
+    status, _, body = daemon.raw("POST", f"{base}/", form, {"Content-Type": "multipart/form-data; boundary=B0undary"})
     assert status == 201 and json.loads(body)["path"] == "sub/form.bin", body
     assert daemon.raw("GET", f"{base}/sub/form.bin")[2] == payload
     # Attacks: climbing out, and links the code made to outside; nothing changes.
