@@ -44,6 +44,9 @@ class WebSession:
     #: connections whose browser is behind: while any is, the kernel's
     #: output is not read (backpressure)
     paused: set = field(default_factory=set)
+    #: iopub messages held back (from an execution's "idle" on) until the
+    #: news of its files, which comes from a worker host, is out; None: none
+    held: list | None = None
 
     def model(self) -> dict:
         """The Jupyter Server kernel model."""

@@ -28,6 +28,10 @@ from .router import Routes, WebSession
 
 log = Logger()
 
+#: iopub messages of one session held back at most while the news of an
+#: execution's files is on its way from a worker host
+MAX_HELD = 1000
+
 DAEMON_SESSION = "sagecell-daemon"
 MAX_PENDING = 64
 #: how many recent executions keep counting output against the cap
@@ -94,7 +98,9 @@ class SessionManager:
         self.msgs_to_kernels = self.bytes_to_kernels = 0
         self.msgs_from_kernels = self.bytes_from_kernels = 0
         #: called with (session, execute_request parent header) when an
-        #: execution ends (its kernel went idle): the files watcher uses it
+        #: execution ends (its kernel went idle): the files watcher uses it.
+        #: A hook may return a Deferred of a message to send before "idle"
+        #: (news that takes a round trip): iopub is held until it fires.
         self.on_execute_done: list[Callable[[WebSession, dict], None]] = []
 
     def start(self) -> None:
@@ -356,8 +362,11 @@ class SessionManager:
                     session.last_activity = self.clock.seconds()
                     if state == "idle" and session.executions.pop(parent.get("msg_id"), None) is not None:
                         # Before "idle", so clients still count it as part of the execution.
-                        for hook in list(self.on_execute_done):
-                            hook(session, parent)
+                        waits = [hook(session, parent) for hook in list(self.on_execute_done)]
+                        waits = [d for d in waits if isinstance(d, defer.Deferred)]
+                        if waits:
+                            self._hold(session, msg, waits)
+                            return
             self._broadcast(session, msg)
             return
         if parent.get("session") == DAEMON_SESSION:
@@ -407,8 +416,39 @@ class SessionManager:
         self._broadcast(session, msg)
 
     def _broadcast(self, session: WebSession, msg: Message) -> None:
+        if session.held is not None:
+            if len(session.held) < MAX_HELD:
+                session.held.append(msg)
+                return
+            self._release(session, session.held, [])  # too much to hold: the news will come late
         for conn in list(session.connections):
             conn.deliver(msg)
+
+    def _hold(self, session: WebSession, idle: Message, waits: list[defer.Deferred]) -> None:
+        """
+        Hold ``idle`` and the iopub after it until ``waits`` fire (each with a
+        message or None; the hooks bound their time), then send those first.
+        """
+        if session.held is not None:  # still holding for an earlier execution: in line behind it
+            session.held.append(idle)
+            held = session.held
+        else:
+            held = session.held = [idle]
+
+        def release(results) -> None:
+            news = [m for ok, m in results if ok and isinstance(m, Message)]
+            self._release(session, held, news)
+
+        defer.DeferredList(waits, consumeErrors=True).addCallback(release)
+
+    def _release(self, session: WebSession, held: list, news: list[Message]) -> None:
+        if session.held is held:
+            session.held = None
+        else:
+            held = []  # already let go
+        for msg in [*news, *held]:
+            for conn in list(session.connections):
+                conn.deliver(msg)
 
     # -- time limits ------------------------------------------------------------
 

@@ -22,6 +22,7 @@ import sys
 import time
 
 from . import forkserver, sandbox
+from .worker_files import WorkerFiles
 
 PROTOCOL = 1
 #: Without a word from the daemon for this long, an embedded spawner stops.
@@ -157,6 +158,8 @@ class Front:
         self.config = config
         self.stopping = False
         self.name = args.name or f"{socket.gethostname()}:{os.getpid()}"
+        #: the daemon's file commands for kernels here (worker hosts; see worker_files)
+        self.files = WorkerFiles(config.base_dir, os.geteuid(), config.disk_quota)
 
     def run(self) -> int:
         import zmq
@@ -198,19 +201,21 @@ class Front:
                 if not data:
                     code = 1
                     break
-                self._send_raw(self._relayed(data) if self.relay is not None else data)
+                self._send_raw(self._relayed(data))
             if self.relay is not None:
                 for sock in events:
                     if sock is self.relay.zap:
                         self.relay.authenticate()
                     elif sock in self.relay.peers:
                         self.relay.forward(sock)
+            self.files.expire()
             silent = time.monotonic() - heard
             if self.args.exit_with_parent and silent > DAEMON_SILENCE:
                 break
             if silent > NUDGE_AFTER and time.monotonic() - nudged > NUDGE_AFTER:
                 nudged = time.monotonic()
                 self._to_daemon({"event": "pong", "t": None})
+        self.files.close()
         self._stop_server()
         self._to_daemon({"event": "bye", "name": self.name})
         if self.relay is not None:
@@ -239,7 +244,11 @@ class Front:
         )
 
     def _relayed(self, data: bytes) -> bytes:
-        """A fork server event, with ready kernels' addresses turned into the relay's."""
+        """
+        A fork server event, with ready kernels' addresses turned into the
+        relay's (on a worker host); the kernels it names are the only ones
+        whose files the daemon may ask for.
+        """
         import zmq
 
         try:
@@ -247,6 +256,12 @@ class Front:
         except ValueError:
             return data
         event = msg.get("event") if isinstance(msg, dict) else None
+        if event == "ready" and isinstance(msg.get("kernel"), dict):
+            self.files.kernel_ready(msg["kernel"].get("id"))
+        elif event == "dead":
+            self.files.kernel_dead(str(msg.get("id")))
+        if self.relay is None:
+            return data
         if event == "ready":
             info, socks = self.relay.open(msg["kernel"])
             for sock in socks:
@@ -263,20 +278,23 @@ class Front:
     def _to_daemon(self, msg: dict) -> None:
         self._send_raw(json.dumps(msg).encode())
 
-    def _send_raw(self, data: bytes) -> None:
+    def _send_raw(self, data: bytes, extra: bytes | None = None) -> None:
         """Never block on the daemon: with no daemon connected a DEALER send would wait forever."""
         import zmq
 
         try:
-            self.dealer.send(data, zmq.NOBLOCK)
+            if extra is None:
+                self.dealer.send(data, zmq.NOBLOCK)
+            else:
+                self.dealer.send_multipart([data, extra], zmq.NOBLOCK)
         except zmq.Again:
             pass
 
     def _from_daemon(self, parts: list[bytes]) -> None:
-        if not parts:
+        if not parts or len(parts) > 2:
             return
         try:
-            msg = json.loads(parts[-1])
+            msg = json.loads(parts[0])
         except ValueError:
             return
         if not isinstance(msg, dict):
@@ -288,6 +306,9 @@ class Front:
             self.stopping = True
         elif cmd == "hello":  # a daemon that does not know us (it restarted)
             self._hello()
+        elif cmd == "files":
+            reply, data = self.files.handle(msg, parts[1] if len(parts) == 2 else None)
+            self._send_raw(json.dumps(reply).encode(), data)
         elif cmd in ("take", "kill", "status", "sync", "demand"):
             self.sock.send(json.dumps(msg).encode())
 

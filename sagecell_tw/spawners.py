@@ -22,6 +22,19 @@ log = Logger()
 
 PING_INTERVAL = 1.0
 SILENCE = 5.0
+#: a request to a spawner (files on a worker host) fails after this long ...
+REQUEST_TIMEOUT = 10.0
+#: ... and at most this many wait for answers from one spawner at once
+MAX_PENDING = 64
+
+
+class RequestFailed(Exception):
+    """A request to a spawner got no answer: it timed out, or the spawner went away."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 class Spawner:
@@ -40,9 +53,52 @@ class Spawner:
         self.max_kernels: int | None = cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None
         self.last_heard = now
         self.pool = {"ready": 0, "starting": 0, "taken": 0}
+        #: request number -> (Deferred of (reply, data frame or None), its timeout call)
+        self.pending: dict[int, tuple[defer.Deferred, object]] = {}
 
-    def send(self, msg: dict) -> None:
-        self.channel.send(self.identity, msg)
+    def send(self, msg: dict, data: bytes | None = None) -> None:
+        self.channel.send(self.identity, msg, data)
+
+    def request(self, msg: dict, data: bytes | None = None, timeout: float = REQUEST_TIMEOUT) -> defer.Deferred:
+        """
+        Send ``msg`` (``cmd`` and its fields; ``req`` is added) and, optionally,
+        a data frame; fires with ``(reply, data)`` when the spawner answers
+        with the same ``req``, or fails with ``RequestFailed``: 504 after
+        ``timeout``, 503 if the spawner goes away or has too many waiting.
+        """
+        if len(self.pending) >= MAX_PENDING:
+            return defer.fail(RequestFailed(503, f"the worker host {self.host} is busy; try again in a moment"))
+        req = self.channel.next_request()
+        d: defer.Deferred = defer.Deferred()
+        call = self.channel.clock.callLater(timeout, self._expire, req, timeout)
+        self.pending[req] = (d, call)
+        self.send(dict(msg, req=req), data)
+        return d
+
+    def _expire(self, req: int, timeout: float) -> None:
+        d, _ = self.pending.pop(req, (None, None))
+        if d is not None:
+            d.errback(RequestFailed(504, f"the worker host {self.host} did not answer within {timeout:g} s"))
+
+    def answered(self, msg: dict, data: bytes | None) -> None:
+        """A reply from the spawner: to the request waiting for it, if any (a late one is dropped)."""
+        req = msg.get("req")
+        if not isinstance(req, int) or isinstance(req, bool):
+            return
+        d, call = self.pending.pop(req, (None, None))
+        if d is None:
+            return
+        if call.active():
+            call.cancel()
+        d.callback((msg, data))
+
+    def fail_pending(self, why: str) -> None:
+        """The spawner is gone: every request waiting for it fails."""
+        pending, self.pending = self.pending, {}
+        for d, call in pending.values():
+            if call.active():
+                call.cancel()
+            d.errback(RequestFailed(503, why))
 
     def take(self, kernel_id: str) -> None:
         self.send({"cmd": "take", "id": kernel_id})
@@ -67,6 +123,7 @@ class ControlChannel:
         self.clock = clock
         self.spawners: dict[bytes, Spawner] = {}
         self.router = None
+        self._requests = 0
         self._pinger = LoopingCall(self._ping)
         self._pinger.clock = clock
         #: called with (event, spawner) for "joined" and "lost"
@@ -119,17 +176,25 @@ class ControlChannel:
         if self.router is not None:
             self.router.close()
 
-    def send(self, identity: bytes, msg: dict) -> None:
+    def send(self, identity: bytes, msg: dict, data: bytes | None = None) -> None:
         if self.router is not None:
-            self.router.send([identity, json.dumps(msg).encode()])
+            frames = [identity, json.dumps(msg).encode()]
+            if data is not None:
+                frames.append(data)
+            self.router.send(frames)
+
+    def next_request(self) -> int:
+        self._requests += 1
+        return self._requests
 
     def connected(self) -> bool:
         return bool(self.spawners)
 
     def _received(self, frames: list[bytes]) -> None:
-        if len(frames) != 2:
+        if len(frames) not in (2, 3):
             return
-        identity, payload = frames
+        identity, payload = frames[:2]
+        data = frames[2] if len(frames) == 3 else None
         try:
             msg = json.loads(payload)
             event = msg["event"]
@@ -179,6 +244,8 @@ class ControlChannel:
             self.manager.kernel_dead(str(msg.get("id")), str(msg.get("reason") or "the kernel ended"))
         elif event == "pool":
             spawner.pool = {k: int(msg.get(k, 0)) for k in ("ready", "starting", "taken")}
+        elif event == "files":
+            spawner.answered(msg, data)
         elif event == "bye":
             self._lost(spawner, "it shut down")
 
@@ -200,6 +267,7 @@ class ControlChannel:
         if self.spawners.get(spawner.identity) is spawner:
             del self.spawners[spawner.identity]
         log.warn("spawner {name} lost: {why}", event="spawner_lost", name=spawner.name, why=why)
+        spawner.fail_pending(f"the worker host {spawner.host} went away ({why})")
         if spawner.remote:
             # Its kernels were reached through its relay, which is gone.
             self.manager.spawner_lost(spawner, f"the worker host {spawner.host} went away ({why})")

@@ -5,6 +5,7 @@ a daemon and two workers in network namespaces this test makes.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -212,6 +213,16 @@ class NetnsDaemon:
         conn.close()
         return resp.status, answer
 
+    def raw(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        """(status, lower-case headers, body bytes); the path goes on the wire exactly as given."""
+        conn = UnixHTTP(self.web_sock)
+        try:
+            conn.request(method, path, body, headers or {})
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
     def new_kernel(self) -> str:
         status, body = self.request("POST", "/api/kernels", {"name": "python3"})
         assert status == 201, body
@@ -255,6 +266,76 @@ def until_dead(client: Client, timeout: float = 15.0) -> str:
         if m["msg_type"] == "status" and m["content"]["execution_state"] == "dead":
             return text
     raise AssertionError(f"no dead status; saw {text!r}")
+
+
+def check_files_on_a_worker(daemon: NetnsDaemon, kid: str, c: Client) -> None:
+    """Files of a kernel on a worker host, through the daemon: up, news, listing, down, attacks."""
+    base = f"/api/kernels/{kid}/files"
+    payload = bytes(range(256)) * 1200 + bytes(range(256))  # every byte value; over a chunk
+    status, _, body = daemon.raw("PUT", f"{base}/in/all.bin", payload)
+    assert status == 201, body
+    model = json.loads(body)
+    assert (model["path"], model["size"], model["url"]) == ("in/all.bin", len(payload), f"{base}/in/all.bin")
+    reply, out = c.execute(
+        "import hashlib\n"
+        "d = open('in/all.bin', 'rb').read()\n"
+        "print(hashlib.sha256(d).hexdigest(), len(d))\n"
+        "open('out.bin', 'wb').write(d[::-1] * 3)"
+    )
+    assert reply["status"] == "ok", reply
+    assert stdout_of(out).split() == [hashlib.sha256(payload).hexdigest(), str(len(payload))]
+    expected = payload[::-1] * 3
+    # The news of what the code wrote (not of the upload), before the execution's idle.
+    news = [m for m in out if m["msg_type"] == "sagecell.files"]
+    assert len(news) == 1, [m["msg_type"] for m in out]
+    assert [(f["path"], f["change"], f["size"]) for f in news[0]["content"]["files"]] == [
+        ("out.bin", "created", len(expected))
+    ]
+    idle = [i for i, m in enumerate(out) if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle"]
+    assert out.index(news[0]) < idle[-1]
+    status, _, body = daemon.raw("GET", f"{base}/")
+    assert status == 200
+    assert {f["path"]: f["size"] for f in json.loads(body)["files"]} == {
+        "in/all.bin": len(payload),
+        "out.bin": len(expected),
+    }
+    status, _, body = daemon.raw("GET", f"{base}/in/")
+    assert [f["url"] for f in json.loads(body)["files"]] == [f"{base}/in/all.bin"]
+    # Downloads: whole, a range, HEAD; the same headers as for a local kernel.
+    status, headers, body = daemon.raw("GET", f"{base}/out.bin")
+    assert status == 200 and body == expected
+    assert headers["content-type"] == "application/octet-stream"
+    assert headers["content-disposition"].startswith('attachment; filename="out.bin"')
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["content-security-policy"] == "sandbox allow-scripts"
+    status, headers, body = daemon.raw("GET", f"{base}/out.bin", headers={"Range": "bytes=1000-400999"})
+    assert status == 206 and body == expected[1000:401000]
+    assert headers["content-range"] == f"bytes 1000-400999/{len(expected)}"
+    status, headers, body = daemon.raw("HEAD", f"{base}/in/all.bin")
+    assert status == 200 and body == b"" and headers["content-length"] == str(len(payload))
+    # A form upload, as the widget sends it.
+    form = (
+        b'--B0undary\r\nContent-Disposition: form-data; name="path"\r\n\r\nsub/form.bin\r\n'
+        b'--B0undary\r\nContent-Disposition: form-data; name="file"; filename="x.bin"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n" + payload + b"\r\n--B0undary--\r\n"
+    )
+    status, _, body = daemon.raw("POST", f"{base}/", form, {"Content-Type": "multipart/form-data; boundary=B0undary"})
+    assert status == 201 and json.loads(body)["path"] == "sub/form.bin", body
+    assert daemon.raw("GET", f"{base}/sub/form.bin")[2] == payload
+    # Attacks: climbing out, and links the code made to outside; nothing changes.
+    planted = f"/tmp/sagecell-planted-{uuid.uuid4().hex}"
+    assert c.execute("import os\nos.symlink('/etc/passwd', 'pw')\nos.symlink('/tmp', 'tmp')")[0]["status"] == "ok"
+    for path in (f"{base}/%2e%2e/%2e%2e/x", f"{base}/..%2F..%2Fx", f"{base}/in/%2e%2e/%2e%2e/%2e%2e/etc/passwd"):
+        assert daemon.raw("GET", path)[0] in (400, 403), path
+        assert daemon.raw("PUT", path, b"evil")[0] in (400, 403), path
+    assert daemon.raw("GET", f"{base}/pw")[0] == 403
+    status, _, body = daemon.raw("PUT", f"{base}/tmp/{os.path.basename(planted)}", b"evil")
+    assert status in (403, 409), (status, body)
+    assert not os.path.exists(planted)
+    status, _, body = daemon.raw("GET", f"{base}/")
+    assert sorted(f["path"] for f in json.loads(body)["files"]) == ["in/all.bin", "out.bin", "sub/form.bin"]
+    out = c.execute("import os\nprint(sorted(n for n in os.listdir('.') if n.startswith('.')))")[1]
+    assert stdout_of(out) == "[]\n"  # no temporary upload file left behind
 
 
 @pytest.mark.slow
@@ -401,9 +482,7 @@ def test_workers_on_other_hosts_over_curve():
         hosts = {kid: daemon.host_of(kid) for kid in sessions}
         assert sorted(hosts.values()) == ["w1", "w1", "w2", "w2"], hosts
         assert "spawner stranger joined" not in daemon.log()
-        # Their files stay on the worker host: asking says so plainly.
-        status, body = daemon.request("GET", f"/api/kernels/{kid}/files/")
-        assert status == 501 and "worker hosts" in body["message"], (status, body)
+        check_files_on_a_worker(daemon, kid, sessions[kid])
 
         # w1 dies: its sessions are told, the others keep working, new ones go to w2.
         os.killpg(procs["w1"].pid, signal.SIGKILL)
