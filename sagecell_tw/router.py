@@ -47,6 +47,7 @@ class WebSession:
     #: iopub messages held back (from an execution's "idle" on) until the
     #: news of its files, which comes from a worker host, is out; None: none
     held: list | None = None
+    held_bytes: int = 0
 
     def model(self) -> dict:
         """The Jupyter Server kernel model."""

@@ -28,9 +28,10 @@ from .router import Routes, WebSession
 
 log = Logger()
 
-#: iopub messages of one session held back at most while the news of an
-#: execution's files is on its way from a worker host
+#: iopub messages of one session held back at most (count, bytes) while
+#: the news of an execution's files is on its way from a worker host
 MAX_HELD = 1000
+MAX_HELD_BYTES = 16 << 20
 
 DAEMON_SESSION = "sagecell-daemon"
 MAX_PENDING = 64
@@ -417,8 +418,10 @@ class SessionManager:
 
     def _broadcast(self, session: WebSession, msg: Message) -> None:
         if session.held is not None:
-            if len(session.held) < MAX_HELD:
+            size = _size(msg)
+            if len(session.held) < MAX_HELD and session.held_bytes + size <= MAX_HELD_BYTES:
                 session.held.append(msg)
+                session.held_bytes += size
                 return
             self._release(session, session.held, [])  # too much to hold: the news will come late
         for conn in list(session.connections):
@@ -434,6 +437,7 @@ class SessionManager:
             held = session.held
         else:
             held = session.held = [idle]
+            session.held_bytes = _size(idle)
 
         def release(results) -> None:
             news = [m for ok, m in results if ok and isinstance(m, Message)]
@@ -444,6 +448,7 @@ class SessionManager:
     def _release(self, session: WebSession, held: list, news: list[Message]) -> None:
         if session.held is held:
             session.held = None
+            session.held_bytes = 0
         else:
             held = []  # already let go
         for msg in [*news, *held]:
