@@ -168,7 +168,7 @@ def landlock_rules(spec: dict) -> list[tuple[str, int]]:
         *((d, sandbox.READ) for d in (*SYSTEM_DIRS, *sorted(python))),
         ("/dev", sandbox.DEVICES),
         ("/proc", sandbox.READ | sandbox.FS_WRITE_FILE),
-        *((d, sandbox.EVERYTHING) for d in (spec["dir"], "/tmp", "/var/tmp", "/dev/shm")),
+        *((d, sandbox.EVERYTHING) for d in (spec["dir"], *SCRATCH)),
     ]
 
 
@@ -240,6 +240,11 @@ def _python_paths(hidden: list[str], private: tuple[str, ...] = ()) -> list[tupl
 #: dirs every kernel sees empty (a fresh tmpfs): shared scratch space, where
 #: one session could leave something for the next, and people's homes
 HIDDEN = ("/tmp", "/var/tmp", "/dev/shm", "/home", "/root", "/run/user")
+#: of those, the ones a kernel may write in (each a tmpfs of SCRATCH_SIZE:
+#: memory its address-space limit does not count); the others are empty
+#: and read-only
+SCRATCH = ("/tmp", "/dev/shm")
+SCRATCH_SIZE = "16m"
 #: mounts left writable: devices (writes reach the device, not a file
 #: system) would be harmless read-only too, but a pty needs /dev/pts
 WRITABLE = ("/dev/pts",)
@@ -286,7 +291,8 @@ def _private_filesystem(spec: dict) -> list[str]:
         # through a symlink): note how to put it back before hiding anything.
         python = _python_paths(hidden, tuple(os.path.realpath(p) for p in spec.get("hide", ())) + (kdir,))
         for path in hidden:
-            sandbox.mount("tmpfs", path, "tmpfs", sandbox.MS_NOSUID | sandbox.MS_NODEV, "size=16m,mode=1777")
+            size = SCRATCH_SIZE if path in SCRATCH else "1m"
+            sandbox.mount("tmpfs", path, "tmpfs", sandbox.MS_NOSUID | sandbox.MS_NODEV, f"size={size},mode=1777")
         for kind, path, what in python:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             if kind == "symlink":
@@ -306,6 +312,11 @@ def _private_filesystem(spec: dict) -> list[str]:
         while base is not None and parent != base and parent.startswith(base + "/"):
             os.chmod(parent, 0o111)
             parent = os.path.dirname(parent)
+        # What we built in the hiding tmpfs is done: all but the scratch
+        # dirs become read-only.
+        for path in hidden:
+            if path not in SCRATCH:
+                sandbox.mount("none", path, None, sandbox.MS_REMOUNT | sandbox.MS_RDONLY | sandbox.MS_NOSUID | sandbox.MS_NODEV)
     except OSError as e:
         missing.append(f"a private view of the file system ({e.strerror})")
         return missing + _proc()
