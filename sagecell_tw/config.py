@@ -37,6 +37,7 @@ class Config:
     allow_origin: tuple[str, ...] = ("*",)
     max_message_size: int = 10 << 20
     base_url: str = ""
+    max_connections_per_client: int = 256
     max_sockets_per_session: int = 32
     http_idle_timeout: float = 120.0
     # -- spawning kernels
@@ -89,6 +90,7 @@ class Config:
             "max_message_size",
             "open_files",
             "max_sockets_per_session",
+            "max_connections_per_client",
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
@@ -99,6 +101,7 @@ class Config:
         _positive("max-kernels-per-page", self.max_kernels_per_page)
         _positive("max-message-size", self.max_message_size)
         _positive("max-sockets-per-session", self.max_sockets_per_session)
+        _positive("max-connections-per-client", self.max_connections_per_client)
         for name in (
             "exec_timeout",
             "idle_timeout",

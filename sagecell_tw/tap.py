@@ -18,6 +18,7 @@ HELP = {
     "allow_origin": "comma-separated origins that may use the API and WebSockets ('*' for any)",
     "max_message_size": "largest WebSocket message or JSON body, in bytes (10M, 512k ...)",
     "base_url": "path prefix the service is mounted under (unused by default)",
+    "max_connections_per_client": "most open connections (HTTP and WebSocket) from one client address; more are closed at once",
     "max_sockets_per_session": "most WebSockets open to one session at once",
     "http_idle_timeout": "close an HTTP connection idle this long, seconds (WebSockets have their own pings)",
     "pool_size": "kernels kept forked and ready",
@@ -117,12 +118,12 @@ def makeService(options: Options):
     from twisted.internet import reactor
 
     from .service import SageCellService
-    from .web import build_site
+    from .web import ConnectionsPerClient, build_site
 
     config = options.config
     _more_open_files()
     top = SageCellService(config, reactor)
     site = build_site(top, config, reactor)
-    listener = strports.service(config.port, site, reactor=reactor)
+    listener = strports.service(config.port, ConnectionsPerClient(site, config.max_connections_per_client), reactor=reactor)
     listener.setServiceParent(top)
     return top

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web import resource, server, static
 
 from .api import Api
@@ -19,13 +21,122 @@ from .websocket import KernelWebSocketFactory
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 
+log = Logger()
+
+
+class _Counted(ProtocolWrapper):
+    """A connection that counts against its client's ``ConnectionsPerClient`` limit."""
+
+    def hand_over(self):
+        """
+        Step out from between the connection and its protocol; return the
+        transport we stood in front of. Autobahn takes a WebSocket's
+        transport from the HTTP channel and reads TLS details from it, which
+        must then be the TLS transport itself. The connection stays counted
+        for as long as its socket is open.
+        """
+        inner = self.transport
+        if isinstance(inner, ProtocolWrapper):
+            inner.wrappedProtocol = self.wrappedProtocol
+        else:
+            inner.protocol = self.wrappedProtocol
+        self.factory.handed_over(self)
+        return inner
+
+
+def _socket_of(transport):
+    """The TCP (or unix) transport under any wrappers (TLS): it lives as long as the connection."""
+    for _ in range(8):
+        if not isinstance(transport, ProtocolWrapper):
+            break
+        transport = transport.transport
+    return transport
+
+
+class ConnectionsPerClient(WrappingFactory):
+    """
+    At most ``limit`` open connections from one client address; more are
+    closed as they come, so that one client cannot use up the daemon's file
+    descriptors and with them everyone's service. (Twisted's own
+    ``LimitConnectionsByPeer`` still indexes addresses as tuples.) Counted
+    by the connections' sockets, which outlive our wrapper when a
+    WebSocket takes a connection over (``_Counted.hand_over``).
+    """
+
+    protocol = _Counted
+
+    def __init__(self, site: server.Site, limit: int):
+        super().__init__(site)
+        self.limit = limit
+        #: client address -> the sockets of its open connections
+        self.open: dict[str, set] = {}
+        self.refused = 0
+        self._built = 0
+
+    def logPrefix(self) -> str:
+        return self.wrappedFactory.logPrefix()  # "Site starting on ...", as without us
+
+    def buildProtocol(self, addr):
+        host = _host(addr)
+        self._built += 1
+        if self._built % 1024 == 0:
+            for other in list(self.open):
+                self._live(other)
+        if len(self._live(host)) >= self.limit:
+            self.refused += 1
+            if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
+                log.warn(
+                    "refused a connection from {client}: it has {limit} open ({n} refused so far)",
+                    event="limit_hit",
+                    kind="max_connections_per_client",
+                    client=host,
+                    limit=self.limit,
+                    n=self.refused,
+                )
+            return None
+        return super().buildProtocol(addr)
+
+    def _live(self, host: str) -> set:
+        """The open sockets of ``host``'s connections, forgetting closed ones."""
+        sockets = self.open.get(host, set())
+        closed = {s for s in sockets if getattr(s, "disconnected", False)}
+        sockets -= closed
+        if not sockets:
+            self.open.pop(host, None)
+        return sockets
+
+    def registerProtocol(self, p) -> None:
+        super().registerProtocol(p)
+        self.open.setdefault(_host(p.getPeer()), set()).add(_socket_of(p.transport))
+
+    def unregisterProtocol(self, p) -> None:
+        super().unregisterProtocol(p)
+        host = _host(p.getPeer())
+        sockets = self.open.get(host)
+        if sockets is not None:
+            sockets.discard(_socket_of(p.transport))
+            if not sockets:
+                del self.open[host]
+
+    def handed_over(self, p) -> None:
+        """``p`` left the connection to a WebSocket: no longer ours to unregister; its socket still counts."""
+        self.protocols.pop(p, None)
+
+
+def _host(addr) -> str:
+    return getattr(addr, "host", None) or type(addr).__name__
+
+
 class KernelSocketResource(WebSocketResource):
-    """Autobahn's resource, minus the HTTP idle timeout once the connection is a WebSocket."""
+    """Autobahn's resource, for connections counted per client, and without the HTTP idle timeout."""
 
     def render(self, request):
+        channel = request.channel
+        if isinstance(channel.transport, _Counted):
+            channel.transport = channel.transport.hand_over()
         # The HTTP channel gives its transport to the WebSocket but keeps its
         # idle timer, which would fire on a channel with no transport.
-        request.channel.setTimeout(None)
+        channel.setTimeout(None)
         return super().render(request)
 
 

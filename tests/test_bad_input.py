@@ -23,6 +23,7 @@ from support import Client, Daemon, msg, stdout_of
 MAX_MESSAGE = 64 << 10
 TOKEN = "s3cret-token"
 MAX_SOCKETS = 4
+MAX_CONNECTIONS = 24
 IDLE = 1.0
 DEEP = "[" * 20_000 + "]" * 20_000  # under the size limit, far over Python's recursion limit
 
@@ -35,6 +36,7 @@ def strict():
         max_message_size=MAX_MESSAGE,
         token=TOKEN,
         max_sockets_per_session=MAX_SOCKETS,
+        max_connections_per_client=MAX_CONNECTIONS,
         http_idle_timeout=IDLE,
     ).start()
     try:
@@ -278,6 +280,34 @@ def test_one_session_takes_a_bounded_number_of_websockets(strict):
         finally:
             for c in more:
                 c.close()
+    no_tracebacks(strict)
+
+
+def test_one_client_takes_a_bounded_number_of_connections(strict):
+    with session(strict) as ws:  # a WebSocket counts as one connection too
+        held = [ws.ws.sock]
+        try:
+            for _ in range(MAX_CONNECTIONS - 1):
+                held.append(socket.create_connection(("127.0.0.1", strict.port), timeout=10))
+            extra = socket.create_connection(("127.0.0.1", strict.port), timeout=10)
+            assert closed_within(extra, 10), "a connection over the limit was kept open"
+            extra.close()
+            still_works(ws)  # the connections it has keep working
+        finally:
+            for s in held[1:]:
+                s.close()
+    # Their places come free: the client is served again.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            status, _, _ = authed(strict, "GET", "/api/kernels")
+        except OSError:
+            status = None
+        if status == 200:
+            break
+        assert time.monotonic() < deadline, "the closed connections' places never came free"
+        time.sleep(0.05)
+    assert "limit_hit" in strict.log() or "refused a connection" in strict.log()
     no_tracebacks(strict)
 
 
