@@ -290,8 +290,9 @@ def _private_filesystem(spec: dict) -> list[str]:
         # Python itself may live under a dir we hide (a venv in /tmp, reached
         # through a symlink): note how to put it back before hiding anything.
         python = _python_paths(hidden, tuple(os.path.realpath(p) for p in spec.get("hide", ())) + (kdir,))
+        scratch = {os.path.realpath(p) for p in SCRATCH}
         for path in hidden:
-            size = SCRATCH_SIZE if path in SCRATCH else "1m"
+            size = SCRATCH_SIZE if path in scratch else "1m"
             sandbox.mount("tmpfs", path, "tmpfs", sandbox.MS_NOSUID | sandbox.MS_NODEV, f"size={size},mode=1777")
         for kind, path, what in python:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -315,7 +316,7 @@ def _private_filesystem(spec: dict) -> list[str]:
         # What we built in the hiding tmpfs is done: all but the scratch
         # dirs become read-only.
         for path in hidden:
-            if path not in SCRATCH:
+            if path not in scratch:
                 sandbox.mount("none", path, None, sandbox.MS_REMOUNT | sandbox.MS_RDONLY | sandbox.MS_NOSUID | sandbox.MS_NODEV)
     except OSError as e:
         missing.append(f"a private view of the file system ({e.strerror})")
