@@ -525,8 +525,8 @@ class ForkServer:
             return
         if pid <= 1 or pid in self.by_pid:
             return
-        if self.by_pid.get(child.pid) is child:
-            del self.by_pid[child.pid]  # the outer process: its exit is no kernel's death
+        # The outer process stays in by_pid until we reap it: its exit,
+        # whenever it comes, is then known for no kernel's death (_reap).
         child.pid = pid
         status = self.reaped_unclaimed.pop(pid, None)
         if status is not None:  # it died before we knew it was this kernel

@@ -182,20 +182,21 @@ def _become_pid1(ready_fd: int) -> None:
     exits, and the fork server, a child subreaper, becomes the kernel's
     parent. No process waits outside each kernel (one fork of the master
     less per kernel: ~2 MiB private memory). The kernel goes on only once
-    this process is gone, so the fork server hears "P" before anything else
-    from it.
+    "P" is written, so the fork server hears it before anything else from
+    the kernel.
     """
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(w)
-        while os.read(r, 1):  # EOF: the outer process has exited
+        while os.read(r, 1):  # EOF: the outer process has said "P"
             pass
         os.close(r)
         return
     os.close(r)
     try:
         os.write(ready_fd, b"P%d\n" % pid)
+        os.close(w)  # now the kernel may go on: not only once our exit has torn down our memory
     finally:
         os._exit(0)
 

@@ -56,7 +56,6 @@ class ReadyPipeTests(unittest.TestCase):
         self.fs._hear(self.child)
         self.assertEqual(self.child.pid, KERNEL)
         self.assertIs(self.fs.by_pid[KERNEL], self.child)
-        self.assertNotIn(OUTER, self.fs.by_pid)
         self.assertEqual(self.child.state, "starting")
         self.assertIsNotNone(self.child.ready_fd)
         with open(os.path.join(self.child.dir, "pid")) as f:
@@ -82,6 +81,17 @@ class ReadyPipeTests(unittest.TestCase):
         self.say(b"\n")
         self.fs._hear(self.child)
         self.assertEqual(self.child.pid, KERNEL)
+
+    def test_the_outer_process_exiting_after_the_name_is_no_death(self):
+        self.say(b"P%d\n" % KERNEL)
+        self.fs._hear(self.child)
+        statuses = [(OUTER, 0), (0, 0)]
+        self.patch(forkserver.os, "waitpid", lambda pid, flags: statuses.pop(0))
+        self.fs._reap()
+        self.assertEqual(self.events("dead"), [])
+        self.assertEqual(self.fs.reaped_unclaimed, {})
+        self.assertNotIn(OUTER, self.fs.by_pid)
+        self.assertIs(self.fs.by_pid[KERNEL], self.child)
 
     def test_the_outer_process_exiting_is_no_death(self):
         self.say(b"P%d\n" % KERNEL)  # written before it exits; not read yet
