@@ -434,6 +434,7 @@ class SessionManager:
         """
         if session.held is not None:  # still holding for an earlier execution: in line behind it
             session.held.append(idle)
+            session.held_bytes += _size(idle)
             held = session.held
         else:
             held = session.held = [idle]
