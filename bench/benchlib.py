@@ -26,7 +26,7 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from support import Daemon  # noqa: E402,F401  (re-exported for the benchmarks)
+from support import Daemon, descendants  # noqa: E402,F401  (Daemon re-exported for the benchmarks)
 
 # -- statistics ---------------------------------------------------------------
 
@@ -407,22 +407,6 @@ def _stat(pid: int) -> list[str] | None:
         return None
 
 
-def kernel_processes(pid: int) -> list[int]:
-    """A kernel's processes: ``pid`` (PID 1 of its namespace) and everything under it."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            st = _stat(int(name))
-            if st is not None:
-                children.setdefault(int(st[1]), []).append(int(name))
-    out, todo = [], [pid]
-    while todo and len(out) < 1000:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
 def rollup(pid: int) -> dict[str, int]:
     """/proc/pid/smaps_rollup in KiB."""
     out = {}
@@ -439,11 +423,11 @@ def rollup(pid: int) -> dict[str, int]:
 
 def kernel_pss_mib(pid: int) -> float:
     """PSS of one kernel: all its processes."""
-    return sum(rollup(p).get("Pss", 0) for p in kernel_processes(pid)) / 1024
+    return sum(rollup(p).get("Pss", 0) for p in descendants(pid)) / 1024
 
 
 def kernel_private_mib(pid: int) -> float:
-    return sum(rollup(p).get("Private_Dirty", 0) + rollup(p).get("Private_Clean", 0) for p in kernel_processes(pid)) / 1024
+    return sum(rollup(p).get("Private_Dirty", 0) + rollup(p).get("Private_Clean", 0) for p in descendants(pid)) / 1024
 
 
 def rss_mib(pid: int) -> float:

@@ -253,16 +253,11 @@ WRITABLE = ("/dev/pts",)
 
 def _hidden_dirs(spec: dict) -> tuple[str, ...]:
     """``HIDDEN``, the dirs the spec names, and this account's home (the daemon's, when not root)."""
-    home = pwd.getpwuid(os.getuid()).pw_dir if _has_account(os.getuid()) else ""
-    return (*HIDDEN, *spec.get("hide", ()), *([home] if home not in ("", "/") else []))
-
-
-def _has_account(uid: int) -> bool:
     try:
-        pwd.getpwuid(uid)
-    except KeyError:
-        return False
-    return True
+        home = pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:  # a uid with no account: no home to hide
+        home = ""
+    return (*HIDDEN, *spec.get("hide", ()), *([home] if home not in ("", "/") else []))
 
 
 def _private_filesystem(spec: dict) -> list[str]:

@@ -256,3 +256,22 @@ class Client:
 
 def stdout_of(outputs: list[dict]) -> str:
     return "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream" and m["content"]["name"] == "stdout")
+
+
+def descendants(pid: int, most: int = 1000) -> list[int]:
+    """``pid`` and every process under it (host view), at most ``most`` of them."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [pid]
+    while todo and len(out) < most:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out

@@ -22,7 +22,7 @@ import urllib.request
 import pytest
 import websocket
 from fakes import FakeChannel, FakeZmq, kernel_info
-from support import ROOT, Client, Daemon, stdout_of
+from support import ROOT, Client, Daemon, descendants, stdout_of
 from twisted.internet import task
 from twisted.internet.error import ProcessTerminated
 from twisted.python.failure import Failure
@@ -77,24 +77,6 @@ def metric(text: str, name: str, labels: str = "") -> float:
     m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
     assert m, f"{name}{labels} not in metrics"
     return float(m.group(1))
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
 
 
 def kill_leftovers(pids):

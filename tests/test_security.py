@@ -27,7 +27,7 @@ import time
 import uuid
 
 import pytest
-from support import ROOT, Client, Daemon, msg, stdout_of
+from support import ROOT, Client, Daemon, descendants, msg, stdout_of
 
 from sagecell_tw import sandbox
 
@@ -243,25 +243,6 @@ def ordinary_account() -> pwd.struct_passwd | None:
         return pwd.getpwnam(TEST_ACCOUNT)
     except KeyError:
         return None
-
-
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process under it (host view)."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(name))
-    out, todo = [], [pid]
-    while todo and len(out) < 1000:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
 
 
 def local_addresses() -> list[str]:
