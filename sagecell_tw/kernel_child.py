@@ -378,13 +378,10 @@ def _inline_matplotlib() -> None:
 
 def _start_kernel(spec: dict, ready_fd: int, missing: list[str]) -> None:
     app = kernel_app(spec["private"], spec["ipc_prefix"], spec["key"])
-    _inline_matplotlib()
+    if not MASTER_SHELL:
+        _inline_matplotlib()
+        _first_format(app.shell)
     _lossless_iopub(app)
-    # The display formatter's first call resolves its deferred printers
-    # (~4 ms): pay it now, not in the visitor's first cell. The daemon's
-    # silent warm-up cell (kernels.Kernel._warm_up) cannot: silent cells
-    # display nothing.
-    app.shell.display_formatter.format(2)
     # Sockets are bound: tell the fork server we can take messages, and
     # which protections we could not have.
     os.write(ready_fd, b"R" + json.dumps(missing).encode())
@@ -398,6 +395,7 @@ MASTER_MODULE_FILES: list[str] = []
 MASTER_MODULE_NAMES: frozenset[str] = frozenset()
 _APP_CLASS = None
 _KERNEL_CLASS = None
+_SHELL_CLASS = None
 
 
 def prepare_master() -> None:
@@ -408,16 +406,108 @@ def prepare_master() -> None:
     app class (traitlets walks every trait of the class), creating the (not
     yet initialized: no socket, thread or loop) app instance and switching
     matplotlib to the inline backend here instead of in each kernel saves
-    ~5 MiB and ~12 ms per kernel (bench/bench_output.py).
+    ~5 MiB and ~12 ms per kernel (bench/bench_output.py); so does making
+    the IPython shell here (``_make_master_shell``): ~10 ms and ~2 MiB more.
     """
+    global MASTER_SHELL
     remember_modules()
     _kernel_class()
-    _app_class().instance()
+    app = _app_class().instance()
+    app.update_config(_shared_config())
     if "matplotlib.pyplot" in sys.modules:
         try:
             sys.modules["matplotlib.pyplot"].switch_backend("module://matplotlib_inline.backend_inline")
         except Exception:  # _inline_matplotlib tries again in each kernel
             pass
+    MASTER_SHELL = _make_master_shell(app)
+
+
+#: the shell the master made for every kernel to adopt (``_make_master_shell``), if any
+MASTER_SHELL = None
+
+
+def _make_master_shell(app):
+    """
+    The kernels' IPython shell, made once in the master; None if that failed.
+
+    DESIGN.md had the master make no InteractiveShell, for fear of what it
+    starts. With history off (``DummyDB``, no saving thread) it starts
+    nothing: no thread, no zmq context or socket, no event loop
+    (tests/test_forkserver.py checks this master). It is the bulk of a
+    kernel's start-up (~10 ms of ~40) and of the master's pages a kernel
+    would otherwise copy. What it learnt of this process (its dirs, its
+    ``__main__``, the environment it set) each kernel puts right in
+    ``_adopt_shell``; the zmq parts (display publisher, display hook) get
+    their session and sockets from the kernel, as always.
+    """
+    import atexit
+
+    from IPython.core.application import BaseIPythonApplication
+    from ipykernel.compiler import XCachingCompiler
+
+    main = sys.modules.get("__main__")
+    hook = sys.excepthook
+    try:
+        # Config files and a profile, as the app would load them in a
+        # kernel: the shell takes its settings from them as it is made.
+        BaseIPythonApplication.initialize(app, [])
+        shell = _SHELL_CLASS.instance(
+            parent=app,
+            profile_dir=app.profile_dir,
+            user_module=None,
+            user_ns=None,
+            kernel=None,
+            compiler_class=XCachingCompiler,
+        )
+        _inline_matplotlib()
+        _first_format(shell)
+    except Exception:  # each kernel makes its own, as before
+        traceback.print_exc()
+        return None
+    finally:
+        sys.excepthook = hook
+        if main is not None:
+            sys.modules["__main__"] = main  # the shell made its namespace __main__
+    # The master never runs the shell's exit operations (a kernel, if ever,
+    # runs its own).
+    atexit.unregister(shell.atexit_operations)
+    return shell
+
+
+def _adopt_shell(shell, kernel) -> None:
+    """
+    In a kernel: make the master's shell this kernel's.
+
+    ``IPythonKernel.__init__`` got it from ``instance()`` (the singleton
+    the master made) and gave its display hook and publisher this kernel's
+    session and sockets; the rest is what the shell took from the master
+    when it was made: its parent and kernel, its profile and dirs, the
+    working dir in ``_dh``, the environment variables it sets, and the
+    module it puts in ``sys.modules`` as ``__main__``.
+    """
+    from pathlib import Path
+
+    app = kernel.parent
+    shell.parent = kernel
+    shell.kernel = kernel
+    shell.ipython_dir = app.ipython_dir
+    shell.profile_dir = app.profile_dir
+    shell.home_dir = os.environ.get("HOME", shell.home_dir)
+    shell.starting_dir = os.getcwd()
+    shell.history_manager.dir_hist[:] = [Path.cwd()]
+    shell.init_environment()
+    shell.init_sys_modules()
+    shell._logger = None  # made on first use, in the home dir it finds then
+
+
+def _first_format(shell) -> None:
+    """
+    The display formatter's first call resolves its deferred printers
+    (~4 ms): pay it before the visitor's first cell. The daemon's silent
+    warm-up cell (kernels.Kernel._warm_up) cannot: silent cells display
+    nothing.
+    """
+    shell.display_formatter.format(2)
 
 
 def remember_modules() -> None:
@@ -490,7 +580,7 @@ def _kernel_class():
     off): a loop printing 3M lines took a kernel past 1 GiB. Here, printed
     output goes to the browser only.
     """
-    global _KERNEL_CLASS
+    global _KERNEL_CLASS, _SHELL_CLASS
     if _KERNEL_CLASS is None:
         from ipykernel.ipkernel import IPythonKernel
         from ipykernel.zmqshell import ZMQInteractiveShell
@@ -504,8 +594,27 @@ def _kernel_class():
         class Kernel(IPythonKernel):
             shell_class = Type(Shell)
 
-        _KERNEL_CLASS = Kernel
+            def __init__(self, **kwargs) -> None:
+                super().__init__(**kwargs)
+                if self.shell.kernel is not self:  # the master's (``_make_master_shell``)
+                    _adopt_shell(self.shell, self)
+
+        _KERNEL_CLASS, _SHELL_CLASS = Kernel, Shell
     return _KERNEL_CLASS
+
+
+def _shared_config():
+    """The kernel app's settings that are the same for every kernel."""
+    from traitlets.config import Config
+
+    config = Config()
+    config.IPKernelApp.parent_handle = 0
+    config.IPKernelApp.quiet = True
+    config.IPKernelApp.outstream_class = "sagecell_tw.kernel_output.OutStream"
+    config.HistoryManager.enabled = False
+    config.Kernel._execute_sleep = 0.0
+    config.IPKernelApp.kernel_class = _kernel_class()
+    return config
 
 
 def kernel_app(private: str, ipc_prefix: str, key: str):
@@ -517,22 +626,22 @@ def kernel_app(private: str, ipc_prefix: str, key: str):
     ours do), stdout/stderr are ``kernel_output.OutStream`` (coalesced
     flushes, bounded backlog, no loss), and the kernel is ``_kernel_class``.
     """
-    from traitlets.config import Config
-
     conn_file = os.path.join(private, "kernel.json")
     fd = os.open(conn_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(connection_info(ipc_prefix, key), f)
-    config = Config()
+    config = _shared_config()
     config.IPKernelApp.connection_file = conn_file
-    config.IPKernelApp.parent_handle = 0
-    config.IPKernelApp.quiet = True
-    config.IPKernelApp.outstream_class = "sagecell_tw.kernel_output.OutStream"
-    config.HistoryManager.enabled = False
     config.Session.key = key.encode()
-    config.Kernel._execute_sleep = 0.0
-    config.IPKernelApp.kernel_class = _kernel_class()
     app = _app_class().instance()
+    if app.profile_dir is not None:
+        # The master's (``_make_master_shell``): a kernel has a profile of its own.
+        master = app.profile_dir.location
+        app.config_file_paths = [p for p in app.config_file_paths if p != master]
+        app.profile_dir = None
+    ipython_dir = os.environ.get("IPYTHONDIR") or os.path.join(private, "ipython")
+    os.makedirs(ipython_dir, exist_ok=True)
+    app.ipython_dir = ipython_dir
     app.update_config(config)
     with _module_list_from_master():
         app.initialize([])
