@@ -447,6 +447,7 @@ def _make_master_shell(app):
 
     main = sys.modules.get("__main__")
     hook = sys.excepthook
+    threads = _thread_count()
     try:
         # Config files and a profile, as the app would load them in a
         # kernel: the shell takes its settings from them as it is made.
@@ -471,7 +472,16 @@ def _make_master_shell(app):
     # The master never runs the shell's exit operations (a kernel, if ever,
     # runs its own).
     atexit.unregister(shell.atexit_operations)
+    if _thread_count() != threads:  # a config file turned something on
+        sys.stderr.write(
+            "sagecell fork server: making the IPython shell started a thread; a fork may "
+            "copy a lock it holds. Check the IPython config files (HistoryManager is off here).\n"
+        )
     return shell
+
+
+def _thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
 
 
 def _adopt_shell(shell, kernel) -> None:

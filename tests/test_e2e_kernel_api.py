@@ -115,3 +115,32 @@ def test_killed_kernel_reports_dead(daemon):
     assert time.monotonic() - t0 < 1.0
     _, body, _ = daemon.request("GET", f"/api/kernels/{kid}")
     assert body["execution_state"] == "dead"
+
+
+def test_the_shell_is_the_kernels_own(daemon):
+    """
+    The master made the shell (kernel_child._make_master_shell); in each
+    kernel it knows that kernel's dirs, its ``__main__`` and its kernel.
+    """
+    for k in daemon.request("GET", "/api/kernels")[1]:  # the per-client limit
+        daemon.request("DELETE", f"/api/kernels/{k['id']}")
+    c = Client(daemon, daemon.new_kernel())
+    code = "\n".join(
+        [
+            "import os, pickle, sys",
+            "ip = get_ipython()",
+            "class Point: pass",
+            "here = os.getcwd()",
+            "print(os.path.basename(here))",
+            "print([str(d) for d in _dh] == [here], ip.starting_dir == here, os.environ['HOME'] == here)",
+            "print(ip.profile_dir.location.startswith(os.path.dirname(here) + '/'))",
+            "print(type(pickle.loads(pickle.dumps(Point()))).__name__)",
+            "print(ip.kernel is not None and ip.parent is ip.kernel, os.environ.get('PAGER'))",
+        ]
+    )
+    reply, outputs = c.execute(code)
+    assert reply["status"] == "ok", reply
+    assert stdout_of(outputs) == "work\nTrue True True\nTrue\nPoint\nTrue cat\n"
+    reply, outputs = c.execute("%cd /\n%cd -\nsaved = 42\n%store saved")
+    assert reply["status"] == "ok", reply
+    assert stdout_of(outputs).endswith("/work\nStored 'saved' (int)\n")

@@ -135,3 +135,57 @@ class ReadyPipeTests(unittest.TestCase):
             self.fs._hear(self.child)
             self.assertEqual(self.child.pid, OUTER)
         self.assertIs(self.fs.by_pid[OUTER], self.child)
+
+
+#: run in a fresh interpreter: what the master is left with after preloading
+MASTER_CHECK = r"""
+import asyncio, json, os, sys
+main, hook = sys.modules["__main__"], sys.excepthook
+from sagecell_tw import forkserver, kernel_child
+failed = forkserver.preload(())
+import zmq
+shell = kernel_child.MASTER_SHELL
+print(json.dumps({
+    "failed": failed,
+    "shell": type(shell).__name__ if shell is not None else None,
+    "threads": len(os.listdir("/proc/self/task")),
+    "zmq_context": zmq.Context._instance is not None,
+    "event_loop": asyncio.get_event_loop_policy()._local._loop is not None,
+    "main_kept": sys.modules["__main__"] is main,
+    "excepthook_kept": sys.excepthook is hook,
+}))
+"""
+
+
+class MasterTests(unittest.TestCase):
+    def test_the_master_makes_the_shell_and_nothing_a_fork_must_not_inherit(self):
+        """
+        The shell every kernel adopts is made before any fork: the master
+        must still have one thread, no zmq context and no event loop, and
+        its own ``__main__`` and excepthook.
+        """
+        import json
+        import subprocess
+        import sys
+
+        home = tempfile.mkdtemp(prefix="sagecell-master-test-")
+        self.addCleanup(shutil.rmtree, home, True)
+        env = dict(os.environ, HOME=home, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env.pop("IPYTHONDIR", None)
+        out = subprocess.run(
+            [sys.executable, "-c", MASTER_CHECK], env=env, cwd=home, capture_output=True, text=True, timeout=120
+        )
+        self.assertEqual(out.returncode, 0, out.stderr)
+        seen = json.loads(out.stdout.strip().splitlines()[-1])
+        self.assertEqual(
+            seen,
+            {
+                "failed": [],
+                "shell": "Shell",
+                "threads": 1,
+                "zmq_context": False,
+                "event_loop": False,
+                "main_kept": True,
+                "excepthook_kept": True,
+            },
+        )
