@@ -2,6 +2,7 @@
 
 import time
 
+import pytest
 from support import Client, msg, stdout_of
 
 
@@ -42,11 +43,18 @@ def test_sessions_do_not_share_kernels_or_output(daemon):
     assert daemon.kernel_pid(a) != daemon.kernel_pid(b)
 
 
-def test_interrupt_sleep_within_a_second(daemon):
+@pytest.mark.parametrize(
+    ("code", "ename"),
+    # A cell that awaits is cancelled (ipykernel's way), the others interrupted.
+    [("time.sleep(30)", "KeyboardInterrupt"), ("await asyncio.sleep(30)", "CancelledError")],
+)
+def test_interrupt_sleep_within_a_second(daemon, code, ename):
+    for k in daemon.request("GET", "/api/kernels")[1]:  # the per-client limit
+        daemon.request("DELETE", f"/api/kernels/{k['id']}")
     kid = daemon.new_kernel()
     c = Client(daemon, kid)
-    c.execute("import time")
-    req = c.send(msg("execute_request", {"code": "time.sleep(30)", "silent": False}))
+    c.execute("import asyncio, time")
+    req = c.send(msg("execute_request", {"code": code, "silent": False}))
     # wait for busy
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -62,7 +70,7 @@ def test_interrupt_sleep_within_a_second(daemon):
         if m["msg_type"] == "execute_reply":
             break
     assert m["msg_type"] == "execute_reply" and m["content"]["status"] == "error"
-    assert m["content"]["ename"] == "KeyboardInterrupt"
+    assert m["content"]["ename"] == ename
     assert time.monotonic() - t0 < 1.0
 
 
@@ -144,3 +152,20 @@ def test_the_shell_is_the_kernels_own(daemon):
     reply, outputs = c.execute("%cd /\n%cd -\nsaved = 42\n%store saved")
     assert reply["status"] == "ok", reply
     assert stdout_of(outputs).endswith("/work\nStored 'saved' (int)\n")
+
+
+def test_top_level_await_and_long_cells(daemon):
+    """Cells that await still run as coroutines; long cells without it run as they are."""
+    for k in daemon.request("GET", "/api/kernels")[1]:  # the per-client limit
+        daemon.request("DELETE", f"/api/kernels/{k['id']}")
+    c = Client(daemon, daemon.new_kernel())
+    reply, outputs = c.execute("import asyncio\nawait asyncio.sleep(0)\nprint('awaited', asyncio.get_running_loop() is not None)")
+    assert reply["status"] == "ok", reply
+    assert stdout_of(outputs) == "awaited True\n"
+    reply, outputs = c.execute("async def agen():\n    yield 1\n[i async for i in agen()]")
+    assert reply["status"] == "ok", reply
+    assert [m["content"]["data"]["text/plain"] for m in outputs if m["msg_type"] == "execute_result"] == ["[1]"]
+    long_cell = "".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(300)) + "print(f299(1))"
+    reply, outputs = c.execute(long_cell)
+    assert reply["status"] == "ok", reply
+    assert stdout_of(outputs) == "300\n"
