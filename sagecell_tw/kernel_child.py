@@ -378,7 +378,7 @@ def _inline_matplotlib() -> None:
 
 def _start_kernel(spec: dict, ready_fd: int, missing: list[str]) -> None:
     app = kernel_app(spec["private"], spec["ipc_prefix"], spec["key"])
-    if not MASTER_SHELL:
+    if MASTER_SHELL is None:
         _inline_matplotlib()
         _first_format(app.shell)
     _lossless_iopub(app)
@@ -464,6 +464,7 @@ def _make_master_shell(app):
         _first_format(shell)
     except Exception:  # each kernel makes its own, as before
         traceback.print_exc()
+        _SHELL_CLASS.clear_instance()  # no half-made shell for a kernel to adopt
         return None
     finally:
         sys.excepthook = hook
