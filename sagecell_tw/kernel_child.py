@@ -562,11 +562,16 @@ def _app_class():
                 (two more native threads) in every kernel.
                 """
 
-            def init_sockets(self) -> None:
-                super().init_sockets()
-                thread, self.shell_channel_thread = self.shell_channel_thread, _NoShellChannelThread()
-                if thread is not None:
-                    thread.io_loop.close(all_fds=True)
+            def init_control(self, context) -> None:
+                """ipykernel's, but no shell channel thread is made (nor its event loop)."""
+                import ipykernel.kernelapp
+
+                made = ipykernel.kernelapp.ShellChannelThread
+                ipykernel.kernelapp.ShellChannelThread = lambda *args, **kwargs: _NoShellChannelThread()
+                try:
+                    super().init_control(context)
+                finally:
+                    ipykernel.kernelapp.ShellChannelThread = made
 
             def init_code(self) -> None:
                 """
