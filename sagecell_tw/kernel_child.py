@@ -573,6 +573,24 @@ def _app_class():
                 finally:
                     ipykernel.kernelapp.ShellChannelThread = made
 
+            #: the connection info ``kernel_app`` wrote to ``connection_file``
+            connection: dict | None = None
+
+            def init_connection_file(self) -> None:
+                """From the info we wrote, not by finding and reading the file back."""
+                if self.connection is None:
+                    super().init_connection_file()
+                else:
+                    self.load_connection_info(self.connection)
+
+            def write_connection_file(self, **kwargs) -> None:
+                """Nothing to add: ipc ports are fixed, so the file we wrote is complete."""
+                if self.connection is None:
+                    super().write_connection_file(**kwargs)
+
+            def log_connection_info(self) -> None:
+                """None: "to connect another client" is for people at a terminal, not the kernel's log."""
+
             def init_code(self) -> None:
                 """
                 IPython's, minus what a fresh private profile never has
@@ -707,13 +725,15 @@ def kernel_app(private: str, ipc_prefix: str, key: str):
     flushes, bounded backlog, no loss), and the kernel is ``_kernel_class``.
     """
     conn_file = os.path.join(private, "kernel.json")
+    info = connection_info(ipc_prefix, key)
     fd = os.open(conn_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(connection_info(ipc_prefix, key), f)
+        json.dump(info, f)
     config = _shared_config()
     config.IPKernelApp.connection_file = conn_file
     config.Session.key = key.encode()
     app = _app_class().instance()
+    app.connection = info
     if app.profile_dir is not None:
         # The master's (``_make_master_shell``): a kernel has a profile of its own.
         master = app.profile_dir.location
