@@ -169,3 +169,16 @@ def test_top_level_await_and_long_cells(daemon):
     reply, outputs = c.execute(long_cell)
     assert reply["status"] == "ok", reply
     assert stdout_of(outputs) == "300\n"
+
+
+def test_a_plot_shows_inline_at_the_end_of_its_cell(daemon):
+    """The inline backend's hook is the master shell's (kernel_child._make_master_shell): no plt.show() needed."""
+    for k in daemon.request("GET", "/api/kernels")[1]:  # the per-client limit
+        daemon.request("DELETE", f"/api/kernels/{k['id']}")
+    c = Client(daemon, daemon.new_kernel())
+    reply, outputs = c.execute("import matplotlib.pyplot as plt\nplt.plot([1, 4, 9]);")
+    assert reply["status"] == "ok", reply
+    images = [m for m in outputs if m["msg_type"] == "display_data" and "image/png" in m["content"]["data"]]
+    assert len(images) == 1
+    reply, outputs = c.execute("1")  # and the figure is not shown again
+    assert not [m for m in outputs if m["msg_type"] == "display_data"]
