@@ -6,6 +6,13 @@ import pytest
 from support import Client, msg, stdout_of
 
 
+def only_kernel(daemon) -> str:
+    """A new kernel, the others of this module shut down first (they count towards the per-client limit)."""
+    for k in daemon.request("GET", "/api/kernels")[1]:
+        daemon.request("DELETE", f"/api/kernels/{k['id']}")
+    return daemon.new_kernel()
+
+
 def test_execute_streams_output(daemon):
     kid = daemon.new_kernel()
     c = Client(daemon, kid)
@@ -49,9 +56,7 @@ def test_sessions_do_not_share_kernels_or_output(daemon):
     [("time.sleep(30)", "KeyboardInterrupt"), ("await asyncio.sleep(30)", "CancelledError")],
 )
 def test_interrupt_sleep_within_a_second(daemon, code, ename):
-    for k in daemon.request("GET", "/api/kernels")[1]:  # the per-client limit
-        daemon.request("DELETE", f"/api/kernels/{k['id']}")
-    kid = daemon.new_kernel()
+    kid = only_kernel(daemon)
     c = Client(daemon, kid)
     c.execute("import asyncio, time")
     req = c.send(msg("execute_request", {"code": code, "silent": False}))
@@ -130,9 +135,7 @@ def test_the_shell_is_the_kernels_own(daemon):
     The master made the shell (kernel_child._make_master_shell); in each
     kernel it knows that kernel's dirs, its ``__main__`` and its kernel.
     """
-    for k in daemon.request("GET", "/api/kernels")[1]:  # the per-client limit
-        daemon.request("DELETE", f"/api/kernels/{k['id']}")
-    c = Client(daemon, daemon.new_kernel())
+    c = Client(daemon, only_kernel(daemon))
     code = "\n".join(
         [
             "import os, pickle, sys",
@@ -156,9 +159,7 @@ def test_the_shell_is_the_kernels_own(daemon):
 
 def test_top_level_await_and_long_cells(daemon):
     """Cells that await still run as coroutines; long cells without it run as they are."""
-    for k in daemon.request("GET", "/api/kernels")[1]:  # the per-client limit
-        daemon.request("DELETE", f"/api/kernels/{k['id']}")
-    c = Client(daemon, daemon.new_kernel())
+    c = Client(daemon, only_kernel(daemon))
     reply, outputs = c.execute("import asyncio\nawait asyncio.sleep(0)\nprint('awaited', asyncio.get_running_loop() is not None)")
     assert reply["status"] == "ok", reply
     assert stdout_of(outputs) == "awaited True\n"
@@ -173,9 +174,7 @@ def test_top_level_await_and_long_cells(daemon):
 
 def test_a_plot_shows_inline_at_the_end_of_its_cell(daemon):
     """The inline backend's hook is the master shell's (kernel_child._make_master_shell): no plt.show() needed."""
-    for k in daemon.request("GET", "/api/kernels")[1]:  # the per-client limit
-        daemon.request("DELETE", f"/api/kernels/{k['id']}")
-    c = Client(daemon, daemon.new_kernel())
+    c = Client(daemon, only_kernel(daemon))
     reply, outputs = c.execute("import matplotlib.pyplot as plt\nplt.plot([1, 4, 9]);")
     assert reply["status"] == "ok", reply
     images = [m for m in outputs if m["msg_type"] == "display_data" and "image/png" in m["content"]["data"]]
