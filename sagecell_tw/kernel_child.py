@@ -440,8 +440,8 @@ def _make_master_shell(app):
     """
     import atexit
 
-    from IPython.core.application import BaseIPythonApplication
     from ipykernel.compiler import XCachingCompiler
+    from IPython.core.application import BaseIPythonApplication
 
     main = sys.modules.get("__main__")
     hook = sys.excepthook
