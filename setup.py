@@ -18,7 +18,7 @@ setup(
         "pyzmq>=25",
         "service_identity>=24.1",
         "pyopenssl>=24",
-        # kernel_child adapts ipykernel 7's and IPython 9's internals (the
+        # ipython_kernel adapts ipykernel 7's and IPython 9's internals (the
         # master-made shell, no shell channel thread): newer majors need a look first
         "ipykernel>=7.4,<8",
         "ipython>=9,<10",

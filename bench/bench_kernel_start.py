@@ -4,7 +4,7 @@ Where a kernel's start goes, without the daemon or the sandbox.
 
 Preloads as the fork server does (``forkserver.preload``: the default
 modules, the master-made shell), then forks kernels one at a time, each
-running ``kernel_child.kernel_app`` in a temporary dir as a real kernel does
+running ``ipython_kernel.kernel_app`` in a temporary dir as a real kernel does
 after its sandbox is set up, and prints medians of:
   - the fork itself (parent's fork() to the child's first line);
   - ``kernel_app`` (ipykernel's initialize, sockets bound), with the time in
@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sagecell_tw import forkserver, kernel_child, spawner  # noqa: E402
+from sagecell_tw import forkserver, ipython_kernel, spawner  # noqa: E402
 
 #: IPKernelApp.initialize's steps, in order
 STEPS = (
@@ -62,7 +62,7 @@ def private_mib() -> float:
 
 def time_steps(timings: list[tuple[str, float]]) -> None:
     """Wrap the app class's steps (in the master, before any fork) to record their wall time."""
-    app_class = kernel_child._app_class()
+    app_class = ipython_kernel._app_class()
     for name in STEPS:
         step = getattr(app_class, name, None)
         if step is None:
@@ -98,10 +98,7 @@ def one_kernel(timings: list[tuple[str, float]]) -> dict:
             os.chdir(work)
             timings.clear()
             t1 = time.perf_counter()
-            app = kernel_child.kernel_app(tmp, os.path.join(tmp, "k"), "bench")
-            if kernel_child.MASTER_SHELL is None:
-                kernel_child._inline_matplotlib()
-                kernel_child._first_format(app.shell)
+            app = ipython_kernel.kernel_app(tmp, os.path.join(tmp, "k"), "bench")
             t2 = time.perf_counter()
             up = private_mib()
             app.shell.run_cell("1+1", store_history=False)
@@ -148,7 +145,7 @@ def main() -> None:
     finally:
         shutil.rmtree(home, ignore_errors=True)
     print(f"preload: {', '.join(modules) or '(none)'}{'; failed: ' + ', '.join(failed) if failed else ''}")
-    print(f"master shell: {'yes' if kernel_child.MASTER_SHELL is not None else 'no'}; {len(runs)} kernels")
+    print(f"master shell: {'yes' if ipython_kernel.MASTER_SHELL is not None else 'no'}; {len(runs)} kernels")
     for key in ("fork_ms", "kernel_app_ms", "private_mib_up", "private_mib_after_cell"):
         values = [r[key] for r in runs]
         print(f"{key:28s} {statistics.median(values):8.2f}  (min {min(values):.2f}, max {max(values):.2f})")

@@ -40,7 +40,7 @@ import traceback
 import uuid
 from dataclasses import dataclass, field
 
-from . import kernel_child, sandbox
+from . import ipython_kernel, kernel_child, sandbox
 from .quota import UPLOAD_TEMP, DiskQuota
 
 #: How long a kernel may take from fork to bound sockets before it is killed.
@@ -101,7 +101,7 @@ class Child:
             "pid": self.pid,
             "dir": self.dir,
             "workdir": os.path.join(self.dir, "work"),
-            "connection": kernel_child.connection_info(ipc, self.key),
+            "connection": ipython_kernel.connection_info(ipc, self.key),
             "host": config.host,
         }
 
@@ -137,7 +137,7 @@ def preload(modules: tuple[str, ...]) -> list[str]:
             except Exception:
                 retry.append(name)
         pending = retry
-    kernel_child.prepare_master()
+    ipython_kernel.prepare_master()
     gc.freeze()
     gc.enable()
     return failed
@@ -170,8 +170,7 @@ def _initialize_imports() -> list[str]:
             os.environ["MPLCONFIGDIR"] = os.path.join(tmp, "mpl")
             os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
             kernel_child._reseed()
-            app = kernel_child.kernel_app(tmp, os.path.join(tmp, "k"), "trial")
-            kernel_child._inline_matplotlib()
+            app = ipython_kernel.kernel_app(tmp, os.path.join(tmp, "k"), "trial")
             app.shell.run_cell("1+1", store_history=False)
             new = sorted(set(sys.modules) - before)
             os.write(w, json.dumps(new).encode())

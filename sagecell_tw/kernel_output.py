@@ -2,7 +2,7 @@
 """
 A kernel's stdout and stderr: ipykernel's ``OutStream``, made fast and lossless.
 
-Runs in the forked kernel child only (``kernel_child`` names this class as
+Runs in the forked kernel child only (``ipython_kernel`` names this class as
 ``IPKernelApp.outstream_class``); imports ipykernel, nothing of the daemon.
 
 Stock ipykernel makes every ``flush()`` a round trip to its IOPub thread and
@@ -22,7 +22,7 @@ one message, which caps ``write(); flush()`` loops near 2,000 lines/s. Here:
 - *Bounded messages.* Once ``CHUNK`` characters wait, the IOPub thread is
   asked to send them without waiting for its 0.2 s timer.
 - *Backpressure, not loss.* The kernel's iopub socket does not drop at its
-  high-water mark (``kernel_child`` sets ``XPUB_NODROP``), so when the daemon
+  high-water mark (``ipython_kernel`` sets ``XPUB_NODROP``), so when the daemon
   stops reading (its browser is slow) the IOPub thread blocks in send; a
   writer with more than ``MAX_PENDING`` characters unsent then waits here
   until the IOPub thread catches up. Memory stays bounded everywhere and

@@ -132,7 +132,7 @@ def test_killed_kernel_reports_dead(daemon):
 
 def test_the_shell_is_the_kernels_own(daemon):
     """
-    The master made the shell (kernel_child._make_master_shell); in each
+    The master made the shell (ipython_kernel._make_master_shell); in each
     kernel it knows that kernel's dirs, its ``__main__`` and its kernel.
     """
     c = Client(daemon, only_kernel(daemon))
@@ -173,7 +173,7 @@ def test_top_level_await_and_long_cells(daemon):
 
 
 def test_a_plot_shows_inline_at_the_end_of_its_cell(daemon):
-    """The inline backend's hook is the master shell's (kernel_child._make_master_shell): no plt.show() needed."""
+    """The inline backend's hook is the master shell's (ipython_kernel._make_master_shell): no plt.show() needed."""
     c = Client(daemon, only_kernel(daemon))
     reply, outputs = c.execute("import matplotlib.pyplot as plt\nplt.plot([1, 4, 9]);")
     assert reply["status"] == "ok", reply

@@ -141,10 +141,10 @@ class ReadyPipeTests(unittest.TestCase):
 MASTER_CHECK = r"""
 import asyncio, json, os, sys
 main, hook = sys.modules["__main__"], sys.excepthook
-from sagecell_tw import forkserver, kernel_child
+from sagecell_tw import forkserver, ipython_kernel
 failed = forkserver.preload(())
 import zmq
-shell = kernel_child.MASTER_SHELL
+shell = ipython_kernel.MASTER_SHELL
 print(json.dumps({
     "failed": failed,
     "shell": type(shell).__name__ if shell is not None else None,
