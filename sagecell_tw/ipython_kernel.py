@@ -35,12 +35,13 @@ def connection_info(ipc_prefix: str, key: str) -> dict:
     return info
 
 
-
 def _inline_matplotlib() -> None:
     """
-    Plots inline. The master imported pyplot before any shell existed, so
-    matplotlib chose 'agg' and the inline backend never hooked into IPython:
-    do now what importing it under a live shell would have done.
+    Plots inline, in the shell there is now. The master imported pyplot
+    before any shell existed, so matplotlib chose 'agg' and the inline
+    backend never hooked into IPython: do what importing it under a live
+    shell would have done (in the master once it has made the shell, else
+    in each kernel).
     """
     if "matplotlib" not in sys.modules:
         return
@@ -98,12 +99,13 @@ def _make_master_shell(app):
     DESIGN.md had the master make no InteractiveShell, for fear of what it
     starts. With history off (``DummyDB``, no saving thread) it starts
     nothing: no thread, no zmq context or socket, no event loop
-    (tests/test_forkserver.py checks this master). Making it was the bulk
-    of a kernel's start-up in the kernel (7 to 12 ms of ~40), and it
-    copied ~2.7 MiB of the master's pages into each kernel. What it learnt of this process (its dirs, its
-    ``__main__``, the environment it set) each kernel puts right in
-    ``_adopt_shell``; the zmq parts (display publisher, display hook) get
-    their session and sockets from the kernel, as always.
+    (tests/test_forkserver.py checks this master). Made in each kernel,
+    it was the bulk of the kernel's start-up (7 to 12 ms of ~40), and it
+    copied ~2.7 MiB of the master's pages into each kernel. What it learnt
+    of this process (its dirs, its ``__main__``, the environment it set)
+    each kernel puts right in ``_adopt_shell``; the zmq parts (display
+    publisher, display hook) get their session and sockets from the
+    kernel, as always.
     """
     import atexit
 
