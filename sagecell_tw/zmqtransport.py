@@ -7,7 +7,7 @@ mark (txzmq's default of 0 is unbounded), and a read turn handles at most
 ``READ_BATCH`` messages before yielding to the reactor, so one chatty kernel
 cannot starve the others. A channel can be paused: the daemon then stops
 reading it, zmq queues up to the high-water mark, and the kernel's iopub
-socket (``XPUB_NODROP``, see ``kernel_child``) makes the kernel wait; that is
+socket (``XPUB_NODROP``, see ``ipython_kernel``) makes the kernel wait; that is
 how a slow browser slows its kernel down instead of filling our memory.
 txzmq reaches for the global reactor in a few places; the reactor handed to
 ``ZmqContext`` is used everywhere we can.

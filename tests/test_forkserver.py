@@ -6,6 +6,9 @@ A kernel is forked by a process that puts it in its own PID namespace, says
 are bound (kernel_child). The fork server must follow the kernel, not the
 process that forked it, whatever order the pipe, the exits and its own
 reaping come in.
+
+And what the master is left with after preloading (in a fresh interpreter):
+the IPython shell it made, and nothing a fork must not copy.
 """
 
 from __future__ import annotations
