@@ -83,48 +83,32 @@ def one_kernel(timings: list[tuple[str, float]]) -> dict:
     tmp = tempfile.mkdtemp(prefix="sagecell-bench-start-")
     work = os.path.join(tmp, "work")
     os.mkdir(work)
-    r, w = os.pipe()
+
+    def start() -> bytes:
+        t_child = time.perf_counter()
+        os.environ.update(HOME=work, IPYTHONDIR=os.path.join(tmp, "ipython"), MPLCONFIGDIR=os.path.join(tmp, "mpl"))
+        os.chdir(work)
+        timings.clear()
+        t1 = time.perf_counter()
+        app = ipython_kernel.kernel_app(tmp, os.path.join(tmp, "k"), "bench")
+        t2 = time.perf_counter()
+        up = private_mib()
+        app.shell.run_cell("1+1", store_history=False)
+        out = {
+            "fork_ms": (t_child - t0) * 1e3,
+            "kernel_app_ms": (t2 - t1) * 1e3,
+            "private_mib_up": up,
+            "private_mib_after_cell": private_mib(),
+            "steps": dict(timings),
+        }
+        return json.dumps(out).encode()
+
     t0 = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(r)
-            t_child = time.perf_counter()
-            null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(null, fd)
-            os.environ.update(HOME=work, IPYTHONDIR=os.path.join(tmp, "ipython"), MPLCONFIGDIR=os.path.join(tmp, "mpl"))
-            os.chdir(work)
-            timings.clear()
-            t1 = time.perf_counter()
-            app = ipython_kernel.kernel_app(tmp, os.path.join(tmp, "k"), "bench")
-            t2 = time.perf_counter()
-            up = private_mib()
-            app.shell.run_cell("1+1", store_history=False)
-            out = {
-                "fork_ms": (t_child - t0) * 1e3,
-                "kernel_app_ms": (t2 - t1) * 1e3,
-                "private_mib_up": up,
-                "private_mib_after_cell": private_mib(),
-                "steps": dict(timings),
-            }
-            os.write(w, json.dumps(out).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    chunks = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        chunk = os.read(r, 1 << 16)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(r)
-    os.waitpid(pid, 0)
+    out = forkserver.output_of_child(start, timeout=60)
     shutil.rmtree(tmp, ignore_errors=True)
-    return json.loads(b"".join(chunks))
+    if not out:
+        raise SystemExit("a kernel did not start (or took over 60 s)")
+    return json.loads(out)
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ import sys
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import ipython_kernel, kernel_child, sandbox
@@ -143,43 +144,28 @@ def preload(modules: tuple[str, ...]) -> list[str]:
     return failed
 
 
-def _initialize_imports() -> list[str]:
+def output_of_child(work: Callable[[], bytes], timeout: float) -> bytes:
     """
-    The modules a kernel imports from start-up to its first execution, learnt from a trial child.
-
-    Importing them here, once, is what makes fork-to-ready fast and keeps
-    their pages shared. The trial starts a kernel the way ``kernel_child``
-    does (same app, same plots and random-seed set-up) and runs one cell.
+    What ``work()`` returns, run in a forked child with stdin, stdout and
+    stderr on /dev/null; b"" if it fails or takes over ``timeout`` seconds.
+    The child is killed (by its pid) and reaped either way.
     """
-    import tempfile
-
-    before = set(sys.modules)
     r, w = os.pipe()
-    tmp = tempfile.mkdtemp(prefix="sagecell-trial-")
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
             os.close(r)
-            os.setsid()
             null = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
-            os.chdir(tmp)
-            os.environ["IPYTHONDIR"] = os.path.join(tmp, "ipython")
-            os.environ["MPLCONFIGDIR"] = os.path.join(tmp, "mpl")
-            os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
-            kernel_child._reseed()
-            app = ipython_kernel.kernel_app(tmp, os.path.join(tmp, "k"), "trial")
-            app.shell.run_cell("1+1", store_history=False)
-            new = sorted(set(sys.modules) - before)
-            os.write(w, json.dumps(new).encode())
+            os.write(w, work())
             code = 0
         finally:
             os._exit(code)
     os.close(w)
     chunks = []
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ready, _, _ = select.select([r], [], [], 1.0)
         if ready:
@@ -193,9 +179,37 @@ def _initialize_imports() -> list[str]:
     except ProcessLookupError:
         pass
     os.waitpid(pid, 0)
+    return b"".join(chunks)
+
+
+def _initialize_imports() -> list[str]:
+    """
+    The modules a kernel imports from start-up to its first execution, learnt from a trial child.
+
+    Importing them here, once, is what makes fork-to-ready fast and keeps
+    their pages shared. The trial starts a kernel the way ``kernel_child``
+    does (same app, same plots and random-seed set-up) and runs one cell.
+    """
+    import tempfile
+
+    before = set(sys.modules)
+    tmp = tempfile.mkdtemp(prefix="sagecell-trial-")
+
+    def trial() -> bytes:
+        os.setsid()
+        os.chdir(tmp)
+        os.environ["IPYTHONDIR"] = os.path.join(tmp, "ipython")
+        os.environ["MPLCONFIGDIR"] = os.path.join(tmp, "mpl")
+        os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+        kernel_child._reseed()
+        app = ipython_kernel.kernel_app(tmp, os.path.join(tmp, "k"), "trial")
+        app.shell.run_cell("1+1", store_history=False)
+        return json.dumps(sorted(set(sys.modules) - before)).encode()
+
+    out = output_of_child(trial, timeout=30)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        names = json.loads(b"".join(chunks) or b"[]")
+        names = json.loads(out or b"[]")
     except ValueError:
         return []
     # Leave out private test helpers and main-module oddities.
