@@ -424,21 +424,23 @@ class SessionManager:
                 session.held_bytes += size
                 return
             self._release(session, session.held, [])  # too much to hold: the news will come late
-        for conn in list(session.connections):
-            conn.deliver(msg)
+        self._deliver(session, [msg])
+
+    def _deliver(self, session: WebSession, msgs: list[Message]) -> None:
+        for msg in msgs:
+            for conn in list(session.connections):
+                conn.deliver(msg)
 
     def _hold(self, session: WebSession, idle: Message, waits: list[defer.Deferred]) -> None:
         """
         Hold ``idle`` and the iopub after it until ``waits`` fire (each with a
         message or None; the hooks bound their time), then send those first.
         """
-        if session.held is not None:  # still holding for an earlier execution: in line behind it
-            session.held.append(idle)
-            session.held_bytes += _size(idle)
-            held = session.held
-        else:
-            held = session.held = [idle]
-            session.held_bytes = _size(idle)
+        if session.held is None:  # else still holding for an earlier execution: in line behind it
+            session.held, session.held_bytes = [], 0
+        held = session.held
+        held.append(idle)
+        session.held_bytes += _size(idle)
 
         def release(results) -> None:
             news = [m for ok, m in results if ok and isinstance(m, Message)]
@@ -452,9 +454,7 @@ class SessionManager:
             session.held_bytes = 0
         else:
             held = []  # already let go
-        for msg in [*news, *held]:
-            for conn in list(session.connections):
-                conn.deliver(msg)
+        self._deliver(session, [*news, *held])
 
     # -- time limits ------------------------------------------------------------
 
