@@ -96,7 +96,7 @@ _KEPT_FLAGS = (
 def mount_points() -> list[str]:
     """This process's mount points, in the order they were mounted (``/proc/self/mountinfo``)."""
     with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f if len(line.split()) > 4]
+        points = [fields[4] for fields in map(str.split, f) if len(fields) > 4]
     # Octal escapes for space, tab, newline and backslash.
     return [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), p) for p in points]
 
