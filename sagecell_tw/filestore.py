@@ -166,6 +166,7 @@ def resolve(root_fd: int, parts: list[str]) -> Target:
     stay inside. Never opens ``..``: a link's ``..`` pops our own stack of
     descriptors, so the walk cannot rise above ``root_fd``.
     """
+    path = "/".join(parts)
     stack = [os.dup(root_fd)]
     names: list[str] = []
     todo = list(parts)
@@ -185,7 +186,7 @@ def resolve(root_fd: int, parts: list[str]) -> Target:
             try:
                 st = os.stat(name, dir_fd=here, follow_symlinks=False)
             except FileNotFoundError:
-                raise FileError(404, f"no file {'/'.join(parts)}") from None
+                raise FileError(404, f"no file {path}") from None
             if stat.S_ISLNK(st.st_mode):
                 links += 1
                 if links > MAX_LINKS:
@@ -200,24 +201,24 @@ def resolve(root_fd: int, parts: list[str]) -> Target:
                 names.append(name)
                 continue
             if todo:
-                raise FileError(404, f"no file {'/'.join(parts)}: {name} is not a directory")
+                raise FileError(404, f"no file {path}: {name} is not a directory")
             if not stat.S_ISREG(st.st_mode):
-                raise FileError(403, f"{'/'.join(parts)} is not a regular file")
+                raise FileError(403, f"{path} is not a regular file")
             fd = os.open(name, _FILE_FLAGS, dir_fd=here)
             fst = os.fstat(fd)
             if not stat.S_ISREG(fst.st_mode) or (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
                 os.close(fd)
-                raise FileError(403, f"{'/'.join(parts)} changed while it was being opened")
+                raise FileError(403, f"{path} changed while it was being opened")
             return Target(fd, fst, names + [name])
         fd = stack.pop()
         return Target(fd, os.fstat(fd), names)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise FileError(403, f"{'/'.join(parts)} changed while it was being opened") from None
+            raise FileError(403, f"{path} changed while it was being opened") from None
         if e.errno == errno.EACCES:
-            raise FileError(403, f"{'/'.join(parts)} may not be read") from None
+            raise FileError(403, f"{path} may not be read") from None
         if e.errno == errno.ENOENT:
-            raise FileError(404, f"no file {'/'.join(parts)}") from None
+            raise FileError(404, f"no file {path}") from None
         raise
     finally:
         for fd in stack:
@@ -383,13 +384,17 @@ class Upload:
             pass
 
 
+def _over_upload_limit(max_upload: int) -> str:
+    return f"the file is {{size}} bytes or more, over the upload limit of {max_upload} bytes"
+
+
 def room_for(root_fd: int, parts: list[str], max_upload: int, quota: int, ignore: str = "") -> tuple[int, str]:
     """
     How many bytes this upload may have, and the message for going over: the
     per-file limit, or what is left of the quota once the file it replaces
     (and ``ignore``, our own temporary file) is not counted.
     """
-    limit, why = max_upload, f"the file is {{size}} bytes or more, over the upload limit of {max_upload} bytes"
+    limit, why = max_upload, _over_upload_limit(max_upload)
     if quota > 0:
         found, _ = scan(root_fd, QUOTA_SCAN_ENTRIES, 64, hidden=True)
         found.pop("/".join(parts), None)
@@ -435,9 +440,7 @@ def store_multipart(workdir: str, owner: int, base: list[str], body, boundary: b
     try:
         # The destination may be named after the data, and the file it
         # replaces does not count: the quota is checked at the end.
-        upload = Upload(
-            root, max_upload, f"the file is {{size}} bytes or more, over the upload limit of {max_upload} bytes"
-        )
+        upload = Upload(root, max_upload, _over_upload_limit(max_upload))
         try:
             parts = base + split_relative(read_form(body, boundary, upload.write))
             if quota > 0:
@@ -467,13 +470,13 @@ def read_form(body, boundary: bytes, write: Callable[[bytes], None]) -> str:
             state["file"] = filename or ""
             return write
         if name == "path":
-            chunks: list[bytes] = []
+            value = bytearray()
 
             def keep(data: bytes) -> None:
-                chunks.append(data)
-                if sum(map(len, chunks)) > MAX_PATH_FIELD:
+                value.extend(data)
+                if len(value) > MAX_PATH_FIELD:
                     raise FileError(400, "the path field is too long")
-                fields["path"] = b"".join(chunks).decode("utf-8", errors="replace")
+                fields["path"] = value.decode("utf-8", errors="replace")
 
             fields.setdefault("path", "")
             return keep
