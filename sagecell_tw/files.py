@@ -72,11 +72,11 @@ from . import messages, remote_files
 from .filestore import (
     FileError,
     boundary_of,
+    check_servable,
     clean_segments,
     open_workdir,
-    resolve,
+    opened,
     scan,
-    servable,
     store_body,
     store_multipart,
 )
@@ -283,24 +283,16 @@ class FilesResource(JsonResource):
 
     def _get(self, request, kernel, parts: list[str]):
         owner = self.files.kernel_uid
-        root = open_workdir(kernel.workdir, owner)
-        try:
-            target = resolve(root, parts)
-            try:
-                if target.is_dir:
-                    found, truncated = scan(target.fd)
-                    base = "/".join(target.parts)
-                    base = base + "/" if base else ""
-                    listing = [file_model(self.prefix, self.kernel_id, base + p, st) for p, st in found.items()]
-                    return {"files": listing, "truncated": truncated}
-                if not servable(target.st, owner):
-                    raise HTTPError(403, f"{'/'.join(parts)} does not belong to the kernel")
-                fd, target.fd = target.fd, -1
-                return OpenedFile(target.parts[-1], fd, target.st)
-            finally:
-                target.close()
-        finally:
-            os.close(root)
+        with opened(kernel.workdir, owner, parts) as target:
+            if target.is_dir:
+                found, truncated = scan(target.fd)
+                base = "/".join(target.parts)
+                base = base + "/" if base else ""
+                listing = [file_model(self.prefix, self.kernel_id, base + p, st) for p, st in found.items()]
+                return {"files": listing, "truncated": truncated}
+            check_servable(target.st, owner, parts)
+            fd, target.fd = target.fd, -1
+            return OpenedFile(target.parts[-1], fd, target.st)
 
     def _respond(self, request, result) -> bytes:
         if isinstance(result, OpenedFile):

@@ -11,6 +11,7 @@ carries the HTTP status the daemon answers with.
 
 from __future__ import annotations
 
+import contextlib
 import email.message
 import email.utils
 import errno
@@ -142,6 +143,12 @@ def servable(st: os.stat_result, owner: int) -> bool:
     return euid != 0 and st.st_uid == euid and st.st_nlink == 1
 
 
+def check_servable(st: os.stat_result, owner: int, parts: list[str]) -> None:
+    """403 unless the file with this ``fstat`` may be sent (``servable``)."""
+    if not servable(st, owner):
+        raise FileError(403, f"{'/'.join(parts)} does not belong to the kernel")
+
+
 class Target:
     """An opened file or directory under ``work/``: its descriptor, ``fstat`` and resolved parts."""
 
@@ -223,6 +230,20 @@ def resolve(root_fd: int, parts: list[str]) -> Target:
     finally:
         for fd in stack:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def opened(workdir: str, owner: int, parts: list[str]):
+    """``parts`` in the kernel's ``work/`` (``open_workdir``, ``resolve``): a ``Target``, closed on leaving."""
+    root = open_workdir(workdir, owner)
+    try:
+        target = resolve(root, parts)
+    finally:
+        os.close(root)
+    try:
+        yield target
+    finally:
+        target.close()
 
 
 def scan(dir_fd: int, max_entries: int = MAX_ENTRIES, max_depth: int = MAX_DEPTH, hidden: bool = False):

@@ -19,7 +19,6 @@ import errno
 import os
 import re
 import secrets
-import stat
 import sys
 import time
 
@@ -187,33 +186,20 @@ class WorkerFiles:
         return {"files": [[p, st.st_size, st.st_mtime_ns] for p, st in found.items()], "truncated": truncated}
 
     def _list(self, kernel: str, parts: list[str]) -> dict:
-        root = self._root(kernel)
-        try:
-            target = filestore.resolve(root, parts)
-            try:
-                if target.is_dir:
-                    found, truncated = filestore.scan(target.fd)
-                    files = [[p, st.st_size, st.st_mtime_ns] for p, st in found.items()]
-                    return {"kind": "dir", "parts": target.parts, "files": files, "truncated": truncated}
-                self._check_servable(target.st, parts)
-                st = target.st
-                return {
-                    "kind": "file",
-                    "parts": target.parts,
-                    "size": st.st_size,
-                    "mtime_ns": st.st_mtime_ns,
-                    "tag": tag_of(st),
-                }
-            finally:
-                target.close()
-        finally:
-            os.close(root)
-
-    def _check_servable(self, st: os.stat_result, parts: list[str]) -> None:
-        if not stat.S_ISREG(st.st_mode):
-            raise FileError(403, f"{'/'.join(parts)} is not a regular file")
-        if not filestore.servable(st, self.owner):
-            raise FileError(403, f"{'/'.join(parts)} does not belong to the kernel")
+        with filestore.opened(self.workdir(kernel), self.owner, parts) as target:
+            if target.is_dir:
+                found, truncated = filestore.scan(target.fd)
+                files = [[p, st.st_size, st.st_mtime_ns] for p, st in found.items()]
+                return {"kind": "dir", "parts": target.parts, "files": files, "truncated": truncated}
+            filestore.check_servable(target.st, self.owner, parts)
+            st = target.st
+            return {
+                "kind": "file",
+                "parts": target.parts,
+                "size": st.st_size,
+                "mtime_ns": st.st_mtime_ns,
+                "tag": tag_of(st),
+            }
 
     def _read(self, kernel: str, parts: list[str], msg: dict) -> tuple[dict, bytes]:
         offset = _int(msg, "offset")
@@ -221,21 +207,14 @@ class WorkerFiles:
         tag = msg.get("tag")
         if not isinstance(tag, str):
             raise FileError(400, "'tag' must be a string")
-        root = self._root(kernel)
-        try:
-            target = filestore.resolve(root, parts)
-            try:
-                if target.is_dir:
-                    raise FileError(409, f"{'/'.join(parts)} is a directory now")
-                self._check_servable(target.st, parts)
-                if tag_of(target.st) != tag:
-                    raise FileError(409, f"{'/'.join(parts)} changed during the download")
-                length = max(0, min(length, target.st.st_size - offset))
-                data = os.pread(target.fd, length, offset) if length else b""
-            finally:
-                target.close()
-        finally:
-            os.close(root)
+        with filestore.opened(self.workdir(kernel), self.owner, parts) as target:
+            if target.is_dir:
+                raise FileError(409, f"{'/'.join(parts)} is a directory now")
+            filestore.check_servable(target.st, self.owner, parts)
+            if tag_of(target.st) != tag:
+                raise FileError(409, f"{'/'.join(parts)} changed during the download")
+            length = max(0, min(length, target.st.st_size - offset))
+            data = os.pread(target.fd, length, offset) if length else b""
         return {"size": len(data)}, data
 
     def _open(self, kernel: str, parts: list[str], msg: dict) -> dict:
