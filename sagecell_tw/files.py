@@ -128,12 +128,16 @@ def kernel_uid(worker_user: str) -> int:
         return -1  # no kernels can run; serve nothing
 
 
-def file_model(prefix: str, kernel_id: str, path: str, st: os.stat_result) -> dict:
-    return model_of(prefix, kernel_id, path, st.st_size, st.st_mtime)
+def file_model(prefix: str, kernel_id: str, path: str, st) -> dict:
+    """A file's JSON model; ``st`` has ``st_size`` and ``st_mtime`` (an ``os.stat_result``, a ``RemoteStat``)."""
+    return {"path": path, "size": st.st_size, "mtime": st.st_mtime, "url": url_for(prefix, kernel_id, path.split("/"))}
 
 
-def model_of(prefix: str, kernel_id: str, path: str, size: int, mtime: float) -> dict:
-    return {"path": path, "size": size, "mtime": mtime, "url": url_for(prefix, kernel_id, path.split("/"))}
+def listing(prefix: str, kernel_id: str, dir_parts: list[str], found: dict, truncated: bool) -> dict:
+    """A directory's JSON answer: ``found`` maps paths below ``dir_parts`` to stats, as for ``file_model``."""
+    base = "/".join(dir_parts)
+    base = base + "/" if base else ""
+    return {"files": [file_model(prefix, kernel_id, base + p, st) for p, st in found.items()], "truncated": truncated}
 
 
 def as_http(failure):
@@ -286,10 +290,7 @@ class FilesResource(JsonResource):
         with opened(kernel.workdir, owner, parts) as target:
             if target.is_dir:
                 found, truncated = scan(target.fd)
-                base = "/".join(target.parts)
-                base = base + "/" if base else ""
-                listing = [file_model(self.prefix, self.kernel_id, base + p, st) for p, st in found.items()]
-                return {"files": listing, "truncated": truncated}
+                return listing(self.prefix, self.kernel_id, target.parts, found, truncated)
             check_servable(target.st, owner, parts)
             fd, target.fd = target.fd, -1
             return OpenedFile(target.parts[-1], fd, target.st)

@@ -172,19 +172,13 @@ class RemoteFiles:
 
     def get(self, kernel, parts: list[str], prefix: str, kernel_id: str) -> defer.Deferred:
         """A listing (dict), or a ``RemoteDownload`` for ``FilesResource`` to send."""
-        from .files import model_of
+        from .files import listing
 
         def answered(result):
             reply, _ = result
             found = _parts(reply.get("parts"))
             if reply.get("kind") == "dir":
-                base = "/".join(found)
-                base = base + "/" if base else ""
-                listing = [
-                    model_of(prefix, kernel_id, base + path, st.st_size, st.st_mtime)
-                    for path, st in _entries(reply).items()
-                ]
-                return {"files": listing, "truncated": bool(reply.get("truncated"))}
+                return listing(prefix, kernel_id, found, _entries(reply), bool(reply.get("truncated")))
             tag = reply.get("tag")
             if reply.get("kind") != "file" or not found or not isinstance(tag, str) or len(tag) > 200:
                 raise HTTPError(502, "the worker host gave a malformed answer")
