@@ -427,7 +427,7 @@ def kernel_pss_mib(pid: int) -> float:
 
 
 def kernel_private_mib(pid: int) -> float:
-    return sum(rollup(p).get("Private_Dirty", 0) + rollup(p).get("Private_Clean", 0) for p in descendants(pid)) / 1024
+    return sum(r.get("Private_Dirty", 0) + r.get("Private_Clean", 0) for r in map(rollup, descendants(pid))) / 1024
 
 
 def rss_mib(pid: int) -> float:
