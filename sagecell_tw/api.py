@@ -5,19 +5,23 @@ The Jupyter Server kernel REST API, enough for unmodified Jupyter clients.
 ``/api``, ``/api/status``, ``/api/kernelspecs``, ``/api/kernels[/{id}[/interrupt|/restart|/channels]]``
 and ``/api/sessions[/{id}]``. Unlike Jupyter Server, a new session never
 reuses another session's kernel because they share a ``path``.
+
+Who may see and use what is ``webbase.Policy``'s: anonymously, a kernel's
+id (and a notebook session's id) is the capability to use it, and the two
+listings answer 403; with ``--token``, token holders see everything.
 """
 
 from __future__ import annotations
 
+import secrets
 import sys
-import uuid
 from datetime import UTC, datetime
 
 from twisted.web import resource
 
 from . import __version__
 from .sessions import LimitExceeded
-from .webbase import HTTPError, JsonResource, NotFound, Policy, Response, client_address, read_json
+from .webbase import GRANT_RE, HTTPError, JsonResource, NotFound, Policy, Response, client_address, read_json
 
 KERNEL_NAME = "python3"
 ALIASES = {"python3", "python", ""}
@@ -55,10 +59,9 @@ class Api:
         self.spawners = spawners
         self.config = config
         self.clock = clock
-        self.policy = Policy(config)
+        self.policy = Policy(config, sessions)
         self.started = clock.seconds()
-        #: Jupyter session id -> model (path, name, type, kernel session id)
-        self.notebook_sessions: dict[str, dict] = {}
+        self.notebooks = NotebookSessions(sessions, config.max_kernels_per_client)
         self.files = files
 
     def iso(self, t: float) -> str:
@@ -74,16 +77,92 @@ class Api:
             raise HTTPError(e.status, str(e)) from None
         return session
 
-    def session_model(self, sid: str) -> dict:
-        model = self.notebook_sessions[sid]
-        kernel = self.sessions.get(model["kernel_id"])
-        kmodel = kernel.model() if kernel is not None else {"id": model["kernel_id"], "name": KERNEL_NAME, "execution_state": "dead", "connections": 0, "last_activity": self.iso(self.started)}
+    def refuse_listing(self, what: str) -> None:
+        """403 for a listing the caller may not see (``Policy.may_list``)."""
+        if not self.policy.may_list():
+            raise HTTPError(
+                403,
+                f"this server does not list {what}: use the id you were given when you created yours",
+            )
+
+
+class NotebookSessions:
+    """
+    Jupyter's notebook sessions (``/api/sessions``): a path and a name
+    pointing at a kernel. Each is freed with its kernel's web session
+    (shut down, culled, ended for any reason: the session manager's
+    ``stop`` event), and one client holds at most ``limit`` of them, as many
+    as it may hold kernels. The ids are capabilities, like kernel ids.
+    """
+
+    def __init__(self, sessions, limit: int):
+        self.limit = limit
+        #: notebook-session id -> {"path", "name", "type", "kernel": WebSession, "client"}
+        self.models: dict[str, dict] = {}
+        #: client address -> its notebook-session ids
+        self.by_client: dict[str, set[str]] = {}
+        sessions.observers.append(self._observe)
+
+    def check_room(self, client: str) -> None:
+        """429 if ``client`` holds its limit of notebook sessions (checked before a kernel is made for one)."""
+        if len(self.by_client.get(client, ())) >= self.limit:
+            raise HTTPError(
+                429, f"you already have {self.limit} notebook sessions, the most one client may have; delete one first"
+            )
+
+    def add(self, client: str, kernel, fields: dict) -> str:
+        self.check_room(client)
+        sid = secrets.token_hex(16)
+        self.models[sid] = {
+            "path": fields.get("path", ""),
+            "name": fields.get("name", ""),
+            "type": fields.get("type", "notebook"),
+            "kernel": kernel,
+            "client": client,
+        }
+        self.by_client.setdefault(client, set()).add(sid)
+        kernel.notebook_sessions.add(sid)
+        return sid
+
+    def get(self, sid) -> dict | None:
+        """The model ``sid`` grants, or None (unknown, freed or malformed alike)."""
+        if not isinstance(sid, str) or GRANT_RE.fullmatch(sid) is None:
+            return None
+        return self.models.get(sid)
+
+    def point(self, sid: str, kernel) -> None:
+        """Notebook session ``sid`` now uses ``kernel``."""
+        model = self.models[sid]
+        model["kernel"].notebook_sessions.discard(sid)
+        model["kernel"] = kernel
+        kernel.notebook_sessions.add(sid)
+
+    def remove(self, sid: str) -> dict | None:
+        model = self.models.pop(sid, None)
+        if model is None:
+            return None
+        model["kernel"].notebook_sessions.discard(sid)
+        ids = self.by_client.get(model["client"])
+        if ids is not None:
+            ids.discard(sid)
+            if not ids:
+                del self.by_client[model["client"]]
+        return model
+
+    def _observe(self, event: str, session, detail: str) -> None:
+        if event == "stop":
+            for sid in list(session.notebook_sessions):
+                self.remove(sid)
+
+    def model(self, sid: str) -> dict:
+        """The Jupyter Server session model."""
+        model = self.models[sid]
         return {
             "id": sid,
             "path": model["path"],
             "name": model["name"],
             "type": model["type"],
-            "kernel": kmodel,
+            "kernel": model["kernel"].model(),
             "notebook": {"path": model["path"], "name": model["name"]},
         }
 
@@ -121,7 +200,7 @@ class ApiRoot(resource.Resource):
         if not rest or rest == [""]:
             return KernelOne(api, kid)
         if rest[0] == "channels" and len(rest) == 1:
-            if api.sessions.get(kid) is None and request.getHeader(b"upgrade") is None:
+            if api.policy.session_for(kid) is None and request.getHeader(b"upgrade") is None:
                 return NotFound(api.policy)
             return self.ws
         if rest[0] in ("interrupt", "restart") and len(rest) == 1:
@@ -187,14 +266,8 @@ class Kernels(JsonResource):
                 raise HTTPError(400, "the body must be a JSON object")
             session = api.new_kernel(request, body.get("name"))
             return Response(201, session.model(), {"Location": f"/api/kernels/{session.id}"})
+        api.refuse_listing("kernels")
         return [s.model() for s in api.sessions.routes]
-
-
-def _session_or_404(api: Api, kid: str):
-    session = api.sessions.get(kid)
-    if session is None:
-        raise HTTPError(404, f"no kernel {kid}")
-    return session
 
 
 class KernelOne(JsonResource):
@@ -206,11 +279,8 @@ class KernelOne(JsonResource):
         self.kid = kid
 
     def handle(self, request):
-        session = _session_or_404(self.api, self.kid)
+        session = self.api.policy.require_session(self.kid)
         if request.method == b"DELETE":
-            for sid, model in list(self.api.notebook_sessions.items()):
-                if model["kernel_id"] == session.id:
-                    del self.api.notebook_sessions[sid]
             d = self.api.sessions.shutdown(session, "shut down")
             return d.addCallback(lambda _: Response(204, None))
         return session.model()
@@ -226,7 +296,7 @@ class KernelAction(JsonResource):
         self.action = action
 
     def handle(self, request):
-        session = _session_or_404(self.api, self.kid)
+        session = self.api.policy.require_session(self.kid)
         if self.action == "interrupt":
             self.api.sessions.interrupt(session)
             return Response(204, None)
@@ -248,25 +318,24 @@ class Sessions(JsonResource):
 
     def handle(self, request):
         api = self.api
+        notebooks = api.notebooks
         method = request.method
         if self.sid is None:
             if method == b"GET":
-                return [api.session_model(sid) for sid in list(api.notebook_sessions)]
+                api.refuse_listing("sessions")
+                return [notebooks.model(sid) for sid in list(notebooks.models)]
             if method == b"POST":
                 return self._create(request)
             raise HTTPError(405, "use /api/sessions/{id}")
-        if self.sid not in api.notebook_sessions:
-            raise HTTPError(404, f"no session {self.sid}")
+        if notebooks.get(self.sid) is None:
+            raise HTTPError(404, f"no session {self.sid[:64]}")
         if method == b"GET":
-            return api.session_model(self.sid)
+            return notebooks.model(self.sid)
         if method == b"PATCH":
             return self._patch(request)
         if method == b"DELETE":
-            model = api.notebook_sessions.pop(self.sid)
-            session = api.sessions.get(model["kernel_id"])
-            if session is None:
-                return Response(204, None)
-            return api.sessions.shutdown(session, "shut down").addCallback(lambda _: Response(204, None))
+            model = notebooks.remove(self.sid)
+            return api.sessions.shutdown(model["kernel"], "shut down").addCallback(lambda _: Response(204, None))
         raise HTTPError(405, "not allowed")
 
     def _fields(self, body: dict) -> dict:
@@ -291,18 +360,14 @@ class Sessions(JsonResource):
         kernel = body.get("kernel") or {}
         if not isinstance(kernel, dict):
             raise HTTPError(400, "kernel must be an object")
+        client = client_address(request)
+        api.notebooks.check_room(client)
         if kernel.get("id"):
-            session = _session_or_404(api, str(kernel["id"]))
+            session = api.policy.require_session(kernel["id"])
         else:
             session = api.new_kernel(request, kernel.get("name"))
-        sid = uuid.uuid4().hex
-        api.notebook_sessions[sid] = {
-            "path": fields.get("path", ""),
-            "name": fields.get("name", ""),
-            "type": fields.get("type", "notebook"),
-            "kernel_id": session.id,
-        }
-        return Response(201, api.session_model(sid), {"Location": f"/api/sessions/{sid}"})
+        sid = api.notebooks.add(client, session, fields)
+        return Response(201, api.notebooks.model(sid), {"Location": f"/api/sessions/{sid}"})
 
     def _patch(self, request):
         api = self.api
@@ -310,18 +375,16 @@ class Sessions(JsonResource):
         if not isinstance(body, dict):
             raise HTTPError(400, "the body must be a JSON object")
         fields = self._fields(body)
-        model = api.notebook_sessions[self.sid]
+        model = api.notebooks.models[self.sid]
         kernel = body.get("kernel")
         if kernel is not None:
             if not isinstance(kernel, dict):
                 raise HTTPError(400, "kernel must be an object")
             if kernel.get("id"):
-                new = _session_or_404(api, str(kernel["id"]))
+                api.notebooks.point(self.sid, api.policy.require_session(kernel["id"]))
             else:
-                old = api.sessions.get(model["kernel_id"])
-                new = api.new_kernel(request, kernel.get("name"))
-                if old is not None:
-                    api.sessions.shutdown(old, "replaced by a new kernel")
-            model["kernel_id"] = new.id
+                old = model["kernel"]
+                api.notebooks.point(self.sid, api.new_kernel(request, kernel.get("name")))
+                api.sessions.shutdown(old, "replaced by a new kernel")
         model.update(fields)
-        return api.session_model(self.sid)
+        return api.notebooks.model(self.sid)

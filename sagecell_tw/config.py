@@ -75,6 +75,8 @@ class Config:
     requires_tos: bool = False
     # -- storage
     permalink_db: str = ""  # "" : {run_dir}/permalinks.sqlite3
+    permalink_db_max_size: int = 1 << 30  # bytes the permalink database may fill
+    permalinks_per_minute: int = 30  # new permalinks per client address (a burst of as many)
     # -- files
     max_upload_size: int = 100 << 20
     # -- logging
@@ -91,6 +93,8 @@ class Config:
             "open_files",
             "max_sockets_per_session",
             "max_connections_per_client",
+            "permalink_db_max_size",
+            "permalinks_per_minute",
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
@@ -102,6 +106,8 @@ class Config:
         _positive("max-message-size", self.max_message_size)
         _positive("max-sockets-per-session", self.max_sockets_per_session)
         _positive("max-connections-per-client", self.max_connections_per_client)
+        _positive("permalink-db-max-size", self.permalink_db_max_size)
+        _positive("permalinks-per-minute", self.permalinks_per_minute)
         for name in (
             "exec_timeout",
             "idle_timeout",

@@ -237,10 +237,7 @@ class FilesResource(JsonResource):
         self.prefix = prefix
 
     def _session(self):
-        session = self.files.sessions.get(self.kernel_id)
-        if session is None:
-            raise HTTPError(404, f"no kernel {self.kernel_id}")
-        return session
+        return self.files.policy.require_session(self.kernel_id)
 
     def handle(self, request):
         try:

@@ -14,7 +14,10 @@ against us unchanged:
   unpacks exactly that.
 
 Every error is a JSON C{{"error": "..."}} with a status a client can act on;
-a bad request stores nothing. CORS is left to whoever mounts this resource.
+a bad request stores nothing. A client address may make at most so many
+permalinks a minute (L{RateLimit}; beyond that 429 with C{Retry-After}), and
+a full store answers 507. CORS and the token are left to whoever mounts this
+resource (C{sagecell_compat.WithCors}).
 """
 
 from __future__ import annotations
@@ -34,13 +37,15 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from sagecell_tw import messages
-from sagecell_tw.permalinks import PermalinkStoreError, is_valid_id
+from sagecell_tw.permalinks import PermalinkStoreError, PermalinkStoreFull, is_valid_id
+from sagecell_tw.webbase import client_address
 
 __all__ = [
     "DEFAULT_LANGUAGE",
     "DEFAULT_MAX_CODE_BYTES",
     "PermalinkBackend",
     "PermalinkResource",
+    "RateLimit",
     "decode_zip",
     "encode_zip",
 ]
@@ -135,6 +140,45 @@ def decode_zip(z: str, max_bytes: int = DEFAULT_MAX_CODE_BYTES) -> str:
         raise ValueError("zipped code is not UTF-8 text") from None
 
 
+class RateLimit:
+    """
+    A token bucket per client address: C{per_minute} a minute, in bursts of at
+    most as many. Time comes from C{clock} (L{task.Clock} in tests). A bucket
+    that has filled up again is as good as none, and is forgotten when the
+    table grows past C{max_clients}: it holds only the recently busy.
+    """
+
+    def __init__(self, clock: Any, per_minute: int, max_clients: int = 10_000) -> None:
+        if per_minute <= 0:
+            raise ValueError("per_minute must be more than zero")
+        self.clock = clock
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.max_clients = max_clients
+        #: client address -> (requests it may still make, when that was counted)
+        self.buckets: dict[str, tuple[float, float]] = {}
+        self._prune_at = max_clients
+
+    def take(self, client: str) -> float:
+        """0 if C{client} may go ahead now (counted), else the seconds until it may."""
+        now = self.clock.seconds()
+        left, then = self.buckets.get(client, (self.capacity, now))
+        left = min(self.capacity, left + max(0.0, now - then) * self.rate)
+        if left < 1:
+            self.buckets[client] = (left, now)
+            return (1 - left) / self.rate
+        self.buckets[client] = (left - 1, now)
+        if len(self.buckets) > self._prune_at:
+            self._forget_full(now)
+        return 0.0
+
+    def _forget_full(self, now: float) -> None:
+        for client, (left, then) in list(self.buckets.items()):
+            if left + (now - then) * self.rate >= self.capacity:
+                del self.buckets[client]
+        self._prune_at = max(self.max_clients, 2 * len(self.buckets))
+
+
 class _BadRequest(Exception):
     """A request a client can fix; carries the status and the message."""
 
@@ -192,6 +236,7 @@ class PermalinkResource(Resource):
         max_code_bytes: int = DEFAULT_MAX_CODE_BYTES,
         max_interacts_bytes: int | None = None,
         default_language: str = DEFAULT_LANGUAGE,
+        rate: RateLimit | None = None,
     ) -> None:
         """
         @param store: where permalinks live.
@@ -199,6 +244,8 @@ class PermalinkResource(Resource):
         @param max_interacts_bytes: largest interact state; defaults to
             C{max_code_bytes}.
         @param default_language: stored when a request names no language.
+        @param rate: how many permalinks a client address may make; None for
+            no limit.
         """
         super().__init__()
         if _LANGUAGE_RE.fullmatch(default_language) is None:
@@ -211,6 +258,7 @@ class PermalinkResource(Resource):
             max_code_bytes if max_interacts_bytes is None else max_interacts_bytes
         )
         self.default_language = default_language
+        self.rate = rate
         self.max_body_bytes = (
             _BODY_EXPANSION * (self.max_code_bytes + self.max_interacts_bytes)
             + _BODY_SLACK
@@ -265,6 +313,15 @@ class PermalinkResource(Resource):
             code, language, interacts, n = self._validate(fields)
         except _BadRequest as e:
             return _error(request, e.status, e.message)
+        wait = self.rate.take(client_address(request)) if self.rate is not None else 0.0
+        if wait:
+            request.setHeader(b"Retry-After", str(max(1, round(wait))).encode())
+            limit = round(self.rate.capacity)
+            return _error(
+                request,
+                429,
+                f"too many new permalinks from your address (at most {limit} a minute); try again in {wait:.0f} s",
+            )
         reply = _Reply(request)
         d = self.store.store(code, language, interacts)
         d.addCallbacks(
@@ -373,7 +430,13 @@ class PermalinkResource(Resource):
     @staticmethod
     def _store_failed(failure: Failure, reply: _Reply, what: str) -> None:
         """The database, not the client, failed: log it and say so briefly."""
-        if failure.check(PermalinkStoreError):
+        if failure.check(PermalinkStoreFull):
+            log.warn("Permalink refused: {why}", why=failure.getErrorMessage())
+            reply.send(
+                507,
+                {"error": "the permalink store is full: no new permalinks can be made for now"},
+            )
+        elif failure.check(PermalinkStoreError):
             log.failure(
                 "Permalink {what} failed: database unavailable", failure, what=what
             )

@@ -13,6 +13,10 @@ for a permalink every time the permalink box opens, and deduplication keeps
 those repeats from growing the database. Because ids are random (not derived
 from the content), knowing the content gives no more than the id of that same
 content.
+
+The database has a size cap (C{max_bytes}): a new permalink that would take
+it past the cap fails with L{PermalinkStoreFull}; repeats of stored content
+still answer, and nothing already stored is touched.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ __all__ = [
     "PermalinkStore",
     "PermalinkStoreClosed",
     "PermalinkStoreError",
+    "PermalinkStoreFull",
     "SchemaVersionError",
     "is_valid_id",
     "migrate",
@@ -58,6 +63,10 @@ _INSERT_ATTEMPTS = 5
 
 class PermalinkStoreError(Exception):
     """The permalink database cannot be used (bad file, I/O error, ...)."""
+
+
+class PermalinkStoreFull(Exception):
+    """A new permalink would take the database past its size cap."""
 
 
 class SchemaVersionError(PermalinkStoreError):
@@ -189,15 +198,19 @@ class PermalinkStore:
         clock: IReactorTime | None = None,
         *,
         migrations: Sequence[Callable[[Any], None]] = MIGRATIONS,
+        max_bytes: int | None = None,
     ) -> None:
         """
         @param path: the SQLite file (created if missing).
+        @param max_bytes: most bytes the database may fill (pages in use);
+            None for no cap.
         @param reactor: provides the threads the pool uses (L{IReactorThreads},
             L{IReactorCore}); only the tap should pass the global reactor.
         @param clock: where timestamps come from; defaults to C{reactor}.
         @param migrations: schema steps; tests pass their own.
         """
         self.path = path
+        self.max_bytes = max_bytes
         self._clock: IReactorTime = clock if clock is not None else reactor
         self._pool = adbapi.ConnectionPool(
             "sqlite3",
@@ -380,12 +393,28 @@ class PermalinkStore:
                     (now, ident),
                 )
             else:
+                self._check_room(cur, code, language, interacts)
                 ident = self._insert(cur, code, language, interacts, digest, now)
             cur.execute("COMMIT")
         except BaseException:
             _rollback(cur)
             raise
         return ident
+
+    def _check_room(self, cur: sqlite3.Cursor, code: str, language: str, interacts: str) -> None:
+        """Raise L{PermalinkStoreFull} unless the new row fits under C{max_bytes}."""
+        if self.max_bytes is None:
+            return
+        values = {}
+        for pragma in ("page_size", "page_count", "freelist_count"):
+            cur.execute(f"PRAGMA {pragma}")
+            values[pragma] = cur.fetchone()[0]
+        used = (values["page_count"] - values["freelist_count"]) * values["page_size"]
+        need = sum(len(v.encode("utf-8", "surrogatepass")) for v in (code, language, interacts)) + 256
+        if used + need > self.max_bytes:
+            raise PermalinkStoreFull(
+                f"the permalink database holds {used} bytes, and its limit is {self.max_bytes}"
+            )
 
     @staticmethod
     def _insert(

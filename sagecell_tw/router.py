@@ -30,7 +30,8 @@ class WebSession:
     pending: list = field(default_factory=list)
     disconnected_since: float | None = None
     closed: bool = False
-    #: Jupyter /api/sessions models that point at this kernel
+    #: ids of the Jupyter notebook sessions (api.NotebookSessions) that use
+    #: this session's kernel: they end with it
     notebook_sessions: set = field(default_factory=set)
     #: a kernel has been asked for and not arrived yet
     claiming: bool = False

@@ -143,7 +143,13 @@ class CredentialedPolicy(Policy):
 
 
 class WithCors(resource.Resource):
-    """CORS (credentialed, preflight included) around a resource that has none, such as /permalink."""
+    """
+    CORS (credentialed, preflight included) and the token around a resource
+    that has neither, such as /permalink: on a ``--token`` daemon, making
+    and reading permalinks both need the token. Such a daemon is private,
+    and what its users store is theirs; whoever is sent a link needs the
+    token to run the code anyway (the widget sends it on both requests).
+    """
 
     isLeaf = True
 
@@ -158,6 +164,8 @@ class WithCors(resource.Resource):
             return self.policy.preflight(request, self.methods)
         if not self.policy.apply_cors(request):
             return self.policy.deny(request, 403, "this origin is not allowed")
+        if not self.policy.token_ok(request):
+            return self.policy.deny(request, 403, "a valid token is required")
         return self.wrapped.render(request)
 
 
@@ -168,7 +176,7 @@ class SageCellCompat:
         self.api = api
         self.sessions = api.sessions
         self.config = api.config
-        self.policy = CredentialedPolicy(api.config)
+        self.policy = CredentialedPolicy(api.config, api.sessions)
         self.ws = ws_resource
         self.clock = clock
         #: CellSessionID -> ids of the kernels that page opened with POST /kernel
@@ -267,7 +275,7 @@ class KernelRoot(resource.Resource):
         if not rest or rest == [""]:
             return KernelOne(compat, kid)
         if rest == ["channels"]:
-            if compat.sessions.get(kid) is None and request.getHeader(b"upgrade") is None:
+            if compat.policy.session_for(kid) is None and request.getHeader(b"upgrade") is None:
                 return NotFound(compat.policy)
             return compat.ws
         files = compat.api.files
@@ -316,9 +324,7 @@ class KernelOne(JsonResource):
             method = request_params(request, compat.config.max_message_size).get("method")
             if not isinstance(method, str) or method.upper() != "DELETE":
                 raise HTTPError(405, "POST here takes method=DELETE; start kernels with POST /kernel")
-        session = compat.sessions.get(self.kid)
-        if session is None:
-            raise HTTPError(404, f"no kernel {self.kid}")
+        session = compat.policy.require_session(self.kid)
         return compat.sessions.shutdown(session, "shut down").addCallback(lambda _: Response(204, None))
 
 

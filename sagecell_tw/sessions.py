@@ -14,7 +14,7 @@ timeouts: no browser connected, idle, lifetime, and per-execution wall clock.
 
 from __future__ import annotations
 
-import uuid
+import secrets
 from collections.abc import Callable
 
 from twisted.internet import defer
@@ -128,7 +128,8 @@ class SessionManager:
                 "shut one down first"
             )
         now = self.clock.seconds()
-        session = WebSession(uuid.uuid4().hex, client, name, now, now, disconnected_since=now)
+        # The id is the session's capability for anonymous callers (webbase.Policy): 128 random bits.
+        session = WebSession(secrets.token_hex(16), client, name, now, now, disconnected_since=now)
         self.routes.add(session)
         log.info("session {session} started for {client}", event="session_start", session=session.id, client=client)
         self._event("start", session)

@@ -50,6 +50,8 @@ HELP = {
     "interrupt_on_output_cap": "interrupt the code when it hits the output cap (true/false)",
     "requires_tos": "SageMathCell's /kernel and /service refuse (403) requests without accepted_tos=true (true/false)",
     "permalink_db": "SQLite file for permalinks (default: in the run dir)",
+    "permalink_db_max_size": "most bytes the permalink database may fill; new permalinks past it are refused (507)",
+    "permalinks_per_minute": "new permalinks one client address may make per minute (and at once); more are refused (429)",
     "max_upload_size": "largest file upload, bytes",
     "log_json": "log JSON lines (true/false)",
     "log_code": "log users' code (true/false; off by default)",

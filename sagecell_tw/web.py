@@ -15,8 +15,9 @@ from twisted.web import resource, server, static
 
 from .api import Api
 from .files import KernelFiles
+from .logs import access_log_line
 from .sagecell_compat import SageCellCompat
-from .webbase import LimitedRequest, NotFound
+from .webbase import LimitedRequest, NotFound, error_body, write_json
 from .websocket import KernelWebSocketFactory
 
 STATIC = os.path.join(os.path.dirname(__file__), "static")
@@ -185,13 +186,31 @@ class KernelFilesOnly(resource.Resource):
         return NotFound(self.policy)
 
 
-class StaticFiles(static.File):
-    """The widget's files, for any origin to load."""
+class _NoSuchFile(resource.Resource):
+    """A JSON 404: what a directory, or a file that is not there, answers under ``/static/``."""
+
+    isLeaf = True
 
     def render(self, request):
+        write_json(request, 404, error_body(404, f"{request.path.decode(errors='replace')[:200]} is not here"))
+        return b""
+
+
+class StaticFiles(static.File):
+    """The widget's files, for any origin to load; directories are not listed (404)."""
+
+    childNotFound = _NoSuchFile()
+
+    def render(self, request):
+        self.restat(False)
+        if self.isdir():
+            return self.childNotFound.render(request)
         request.setHeader(b"access-control-allow-origin", b"*")
         request.setHeader(b"cache-control", b"public, max-age=300")
         return super().render(request)
+
+    def directoryListing(self):
+        return self.childNotFound
 
     def createSimilarFile(self, path):
         f = StaticFiles(path, self.defaultType, self.ignoredExts, self.registry)
@@ -201,19 +220,19 @@ class StaticFiles(static.File):
 
 
 def build_site(svc, config, reactor) -> server.Site:
-    from .permalink_web import PermalinkResource
+    from .permalink_web import PermalinkResource, RateLimit
     from .permalinks import PermalinkStore
 
-    ws_factory = KernelWebSocketFactory(svc.sessions, config, reactor=reactor)
-    ws_resource = KernelSocketResource(ws_factory)
     api = Api(svc.sessions, svc.kernels, svc, config, reactor)
     svc.api = api
+    ws_factory = KernelWebSocketFactory(svc.sessions, config, reactor=reactor, policy=api.policy)
+    ws_resource = KernelSocketResource(ws_factory)
     api.files = KernelFiles(svc.sessions, config, reactor, api.policy)
     #: (kernel_id, segments, request) -> resource, for /kernel/{id}/files/...
     svc.files_resource_for = api.files.resource_for
     db = config.permalink_db or default_permalink_db()
     os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)
-    store = PermalinkStore(db, reactor)
+    store = PermalinkStore(db, reactor, max_bytes=config.permalink_db_max_size)
     svc.permalinks = store
     static_dir = StaticFiles(STATIC)
     static_dir.indexNames = []
@@ -221,7 +240,11 @@ def build_site(svc, config, reactor) -> server.Site:
         b"api": api.resource(ws_resource),
         b"static": static_dir,
         b"embedded_sagecell.js": StaticFiles(os.path.join(STATIC, "embed.js"), defaultType="application/javascript"),
-        b"permalink": PermalinkResource(store, max_code_bytes=min(config.max_message_size, 1 << 20)),
+        b"permalink": PermalinkResource(
+            store,
+            max_code_bytes=min(config.max_message_size, 1 << 20),
+            rate=RateLimit(reactor, config.permalinks_per_minute),
+        ),
         b"kernel": KernelFilesOnly(api.policy, api.files.resource_for),
     }
     compat = SageCellCompat(api, ws_resource, reactor)
@@ -229,7 +252,7 @@ def build_site(svc, config, reactor) -> server.Site:
     extra[b"service"] = compat.service_resource()
     extra[b"permalink"] = compat.with_cors(extra[b"permalink"])
     svc.extend_site(extra, api, ws_resource)
-    site = server.Site(Root(api, extra), timeout=config.http_idle_timeout)
+    site = server.Site(Root(api, extra), timeout=config.http_idle_timeout, logFormatter=access_log_line)
     site.displayTracebacks = False
     request_factory = type("Request", (LimitedRequest,), {"body_limit": max(config.max_message_size, config.max_upload_size)})
     site.requestFactory = request_factory

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_api -*-
 """
 What every HTTP resource of ours shares: JSON replies, JSON errors, CORS,
-the optional token, and a body-size limit.
+the optional token, who may use which kernel, and a body-size limit.
 
 ``JsonResource.handle(request)`` returns a value (sent as JSON), a Deferred
 of one, or raises ``HTTPError``; anything else unexpected is logged and
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -19,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
 from . import messages
+from .logs import redact_uri
 
 log = Logger()
 
@@ -73,11 +75,42 @@ def client_address(request) -> str:
     return getattr(addr, "host", None) or str(addr)
 
 
-class Policy:
-    """CORS allow-list and token: one place decides who may call us."""
+#: what every grant (a kernel id, a notebook-session id) looks like: 128
+#: random bits (``secrets.token_hex(16)``) as 32 lowercase hex digits
+GRANT_RE = re.compile(r"[0-9a-f]{32}")
 
-    def __init__(self, config):
+
+def token_matches(token: str, authorization: str | None, query_token: str | None) -> bool:
+    """
+    Whether a request carries ``token``, as ``Authorization: token T`` or
+    ``?token=T`` (the header wins), for HTTP and WebSocket alike.
+    """
+    auth = (authorization or "").strip()
+    given = auth[6:].strip() if auth.lower().startswith("token ") else ""
+    if not given:
+        given = query_token or ""
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
+class Policy:
+    """
+    Who may call us: CORS allow-list, token, and which kernels a caller may
+    use. One place decides it for every route.
+
+    Trust model. With ``--token``, whoever holds the token is trusted with
+    the whole service, as a Jupyter Server's user is: every kernel, full
+    listings. Without one (anonymous), a kernel's id is its capability, as in
+    SageMathCell and Kernel Gateway: 128 random bits, given only to the
+    caller that created the kernel (who may pass it on), and never listed:
+    ``GET /api/kernels`` and ``GET /api/sessions`` answer 403, like Kernel
+    Gateway's ``list_kernels = False``. A notebook session's id is a
+    capability in the same way.
+    """
+
+    def __init__(self, config, sessions=None):
         self.config = config
+        #: the session manager whose kernels ``session_for`` hands out
+        self.sessions = sessions
 
     def apply_cors(self, request) -> bool:
         """Set CORS headers; False if the request's origin is not allowed."""
@@ -104,11 +137,40 @@ class Policy:
         token = self.config.token
         if not token:
             return True
-        auth = (request.getHeader("authorization") or "").strip()
-        given = auth[6:].strip() if auth.lower().startswith("token ") else ""
-        if not given:
-            given = (request.args.get(b"token") or [b""])[0].decode(errors="replace")
-        return hmac.compare_digest(given.encode(), token.encode())
+        query = (request.args.get(b"token") or [b""])[0].decode(errors="replace")
+        return token_matches(token, request.getHeader("authorization"), query)
+
+    def may_list(self) -> bool:
+        """
+        Whether listings that name kernels (``GET /api/kernels``,
+        ``GET /api/sessions``) are served: only on a ``--token`` daemon, to
+        token holders (checked before any handler runs). Anonymously, a list
+        would hand every visitor every other visitor's capability.
+        """
+        return bool(self.config.token)
+
+    def session_for(self, kernel_id):
+        """
+        The live session that ``kernel_id`` grants, or None: the one check
+        behind every per-kernel route (both WebSocket paths, files,
+        interrupt, restart, GET/DELETE, notebook sessions, SageMathCell's
+        ``/kernel/{id}``). The token, when there is one, was checked before.
+        Unknown, ended and malformed ids are all None: a caller tells them
+        apart no more than it can guess a live one.
+        """
+        if not isinstance(kernel_id, str) or GRANT_RE.fullmatch(kernel_id) is None:
+            return None
+        session = self.sessions.get(kernel_id)
+        if session is None or session.closed:
+            return None
+        return session
+
+    def require_session(self, kernel_id):
+        """``session_for``, or the 404 every per-kernel route answers for "not yours"."""
+        session = self.session_for(kernel_id)
+        if session is None:
+            raise HTTPError(404, f"no kernel {str(kernel_id)[:64]}")
+        return session
 
     def deny(self, request, status: int, message: str) -> bytes:
         write_json(request, status, error_body(status, message))
@@ -143,7 +205,7 @@ class JsonResource(resource.Resource):
         except HTTPError as e:
             return self.policy.deny(request, e.status, e.message)
         except Exception:
-            log.failure("error handling {method} {uri}", method=method, uri=request.uri)
+            log.failure("error handling {method} {uri}", method=method, uri=redact_uri(request.uri))
             return self.policy.deny(request, 500, "internal error")
         if isinstance(result, defer.Deferred):
             result.addCallbacks(self._finish, self._fail, callbackArgs=(request,), errbackArgs=(request,))
@@ -175,7 +237,7 @@ class JsonResource(resource.Resource):
             e = failure.value
             write_json(request, e.status, error_body(e.status, e.message))
         else:
-            log.failure("error handling {uri}", failure, uri=request.uri)
+            log.failure("error handling {uri}", failure, uri=redact_uri(request.uri))
             write_json(request, 500, error_body(500, "internal error"))
         request.finish()
 

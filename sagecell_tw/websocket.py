@@ -14,7 +14,6 @@ we refuse gets a Jupyter error reply, and the connection stays open.
 
 from __future__ import annotations
 
-import hmac
 from urllib.parse import parse_qs, urlsplit
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -25,6 +24,7 @@ from zope.interface import implementer
 
 from . import messages
 from .messages import BadMessage, Message
+from .webbase import Policy, token_matches
 
 log = Logger()
 
@@ -57,16 +57,13 @@ class KernelWebSocket(WebSocketServerProtocol):
         if origin and not config.origin_allowed(origin):
             raise ConnectionDeny(403, f"origin {origin} is not allowed")
         if config.token:
-            given = (request.params.get("token") or [""])[0]
-            auth = request.headers.get("authorization", "")
-            if auth.lower().startswith("token "):
-                given = auth[6:].strip()
-            if not hmac.compare_digest(given.encode(), config.token.encode()):
+            query = (request.params.get("token") or [""])[0]
+            if not token_matches(config.token, request.headers.get("authorization"), query):
                 raise ConnectionDeny(403, "a valid token is required")
         kernel_id = kernel_id_from_path(request.path)
-        session = factory.sessions.get(kernel_id) if kernel_id else None
+        session = factory.policy.session_for(kernel_id)
         if session is None:
-            raise ConnectionDeny(404, f"no kernel {kernel_id}")
+            raise ConnectionDeny(404, f"no kernel {str(kernel_id)[:64]}")
         if len(session.connections) >= config.max_sockets_per_session:
             raise ConnectionDeny(429, f"session {kernel_id} already has {config.max_sockets_per_session} WebSockets open")
         self.session = session
@@ -168,10 +165,12 @@ class _Backpressure:
 class KernelWebSocketFactory(WebSocketServerFactory):
     protocol = KernelWebSocket
 
-    def __init__(self, sessions, config, reactor=None):
+    def __init__(self, sessions, config, reactor=None, policy: Policy | None = None):
         super().__init__(reactor=reactor)
         self.sessions = sessions
         self.config = config
+        #: decides which kernel a connection may open (the API's own policy)
+        self.policy = policy or Policy(config, sessions)
         hard = config.max_message_size + max(config.max_message_size, 1 << 20)
         self.setProtocolOptions(
             maxMessagePayloadSize=hard,
