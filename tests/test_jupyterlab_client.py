@@ -168,8 +168,22 @@ def test_shutdown_removes_the_kernel(runs, daemon, framing):
     shutdown = runs(framing)["shutdown"]
     kid = shutdown["kernel_id"]
     assert shutdown["kernel_status"] == "dead"
-    assert kid not in shutdown["kernels"]
-    status, kernels, _ = daemon.request("GET", "/api/kernels")
-    assert status == 200 and kid not in [k["id"] for k in kernels]
+    # The kernel and its notebook session are gone, for the library and for anyone.
+    assert shutdown["kernel_answer"] == 404 and shutdown["session_answer"] == 404
     status, _, _ = daemon.request("GET", f"/api/kernels/{kid}")
     assert status == 404
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_refused_listings_leave_the_kernel_working(runs, framing):
+    """
+    Anonymous callers get 403 for GET /api/kernels and /api/sessions (no
+    visitor may list another's kernels). The library's managers poll those:
+    a failed poll is retried later and leaves the kernels alone, so the
+    managers are ready and the kernel keeps running code.
+    """
+    poll = runs(framing)["poll"]
+    assert poll["kernels_listing"] == 403 and poll["sessions_listing"] == 403
+    assert poll["kernel_manager_ready"] and poll["session_manager_ready"]
+    assert not poll["kernel_disposed"] and poll["kernel_status"] != "dead"
+    assert poll["status"] == "ok" and poll["stdout"] == "still here\n"

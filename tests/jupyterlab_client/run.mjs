@@ -127,6 +127,27 @@ step('connect', async () => {
   };
 });
 
+step('poll', async () => {
+  // Anonymously the server refuses to list kernels and sessions (403): the
+  // managers' polls fail, are retried later, and leave their kernels alone
+  // (an empty list would make the KernelManager shut its connections down).
+  await withTimeout(state.kernelManager.ready, 'kernel manager ready');
+  await withTimeout(state.kernelManager.refreshRunning(), 'kernel manager refresh');
+  await withTimeout(state.sessionManager.refreshRunning(), 'session manager refresh');
+  const listing = async path => (await withTimeout(fetch(`${baseUrl}${path}`), `GET ${path}`)).status;
+  const { reply, iopub } = await execute(state.kernel, "print('still here')");
+  return {
+    kernel_manager_ready: state.kernelManager.isReady,
+    session_manager_ready: state.sessionManager.isReady,
+    kernels_listing: await listing('/api/kernels'),
+    sessions_listing: await listing('/api/sessions'),
+    kernel_disposed: state.kernel.isDisposed,
+    kernel_status: state.kernel.status,
+    status: reply.status,
+    stdout: streamText(iopub)
+  };
+});
+
 step('execute', async () => {
   const { reply, iopub } = await execute(state.kernel, "for i in range(3): print('line', i)\n6*7");
   const result = iopub.find(m => m.header.msg_type === 'execute_result');
@@ -235,10 +256,15 @@ step('restart', async () => {
 
 step('shutdown', async () => {
   const kernelId = state.kernel.id;
+  const sessionId = state.session.id;
   await withTimeout(state.session.shutdown(), 'session shutdown');
-  const resp = await withTimeout(fetch(`${baseUrl}/api/kernels`), 'GET /api/kernels');
-  const kernels = await resp.json();
-  return { kernel_id: kernelId, kernel_status: state.kernel.status, kernels: kernels.map(k => k.id) };
+  const status = async path => (await withTimeout(fetch(`${baseUrl}${path}`), `GET ${path}`)).status;
+  return {
+    kernel_id: kernelId,
+    kernel_status: state.kernel.status,
+    kernel_answer: await status(`/api/kernels/${kernelId}`),
+    session_answer: await status(`/api/sessions/${sessionId}`)
+  };
 });
 
 let failed = false;
