@@ -47,6 +47,8 @@ class Daemon:
         self.env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
         self.proc: subprocess.Popen | None = None
         self.port = 0
+        #: ids of the kernels ``new_kernel`` made (an anonymous daemon lists none)
+        self.created: list[str] = []
 
     @property
     def run_dir(self) -> str:
@@ -156,6 +158,7 @@ class Daemon:
     def new_kernel(self) -> str:
         status, body, _ = self.request("POST", "/api/kernels", {"name": "python3"})
         assert status == 201, (status, body)
+        self.created.append(body["id"])
         return body["id"]
 
 

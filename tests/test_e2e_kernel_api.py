@@ -8,8 +8,8 @@ from support import Client, msg, stdout_of
 
 def only_kernel(daemon) -> str:
     """A new kernel, the others of this module shut down first (they count towards the per-client limit)."""
-    for k in daemon.request("GET", "/api/kernels")[1]:
-        daemon.request("DELETE", f"/api/kernels/{k['id']}")
+    for kid in daemon.created:
+        daemon.request("DELETE", f"/api/kernels/{kid}")
     return daemon.new_kernel()
 
 
