@@ -36,6 +36,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from sagecell_tw.permalink_web import (
     PermalinkResource,
+    RateLimit,
     decode_zip,
     encode_zip,
 )
@@ -45,6 +46,7 @@ from sagecell_tw.permalinks import (
     PermalinkStore,
     PermalinkStoreClosed,
     PermalinkStoreError,
+    PermalinkStoreFull,
     SchemaVersionError,
     migrate,
 )
@@ -664,3 +666,84 @@ class DisconnectTests(TestCase):
         self.assertEqual(request.responseCode, 200)
         self.assertEqual(json.loads(b"".join(request.written)), ["c", "python", "[]"])
         self.assertTrue(request.finished)
+
+
+class RateLimitTests(TestCase):
+    """The token bucket per client address, on a L{Clock}."""
+
+    def test_burst_then_one_every_interval(self):
+        clock = Clock()
+        rate = RateLimit(clock, per_minute=6)
+        self.assertEqual([rate.take("a") for _ in range(6)], [0.0] * 6)
+        self.assertAlmostEqual(rate.take("a"), 10.0)  # one more every 60/6 s
+        self.assertEqual(rate.take("b"), 0.0)  # others are not held back
+        clock.advance(9.9)
+        self.assertAlmostEqual(rate.take("a"), 0.1)
+        clock.advance(0.1)
+        self.assertEqual(rate.take("a"), 0.0)
+        self.assertGreater(rate.take("a"), 0.0)
+        clock.advance(3600)  # refills to the burst, never beyond
+        self.assertEqual([rate.take("a") for _ in range(6)], [0.0] * 6)
+        self.assertGreater(rate.take("a"), 0.0)
+
+    def test_refilled_buckets_are_forgotten(self):
+        clock = Clock()
+        rate = RateLimit(clock, per_minute=2, max_clients=10)
+        for i in range(10):
+            rate.take(f"old{i}")
+        clock.advance(60)
+        for i in range(5):
+            rate.take(f"new{i}")
+        self.assertEqual(sorted(rate.buckets), [f"new{i}" for i in range(5)])
+        for i in range(40):  # all busy at once: kept, and pruned no more often than they double
+            rate.take(f"busy{i}")
+        self.assertEqual(len(rate.buckets), 45)
+
+
+class PermalinkLimitsTests(StoreTestsMixin, WebTestsMixin, TestCase):
+    """429 past the rate, 507 once the store is full; neither stores anything."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        StoreTestsMixin.setUp(self)
+        self.store = self.make_store(max_bytes=256 * 1024)
+        self.rate = RateLimit(self.clock, per_minute=3)
+        yield self.serve(PermalinkResource(self.store, max_code_bytes=64 * 1024, rate=self.rate))
+
+    @defer.inlineCallbacks
+    def test_too_many_is_429_until_time_passes(self):
+        for i in range(3):
+            status, _, _ = yield self.post_form({"code": f"print({i})"})
+            self.assertEqual(status, 200)
+        result = yield self.post_form({"code": "print(3)"})
+        self.assertJSONError(result, 429, "3 a minute")
+        self.assertEqual(result[1].getRawHeaders(b"retry-after"), [b"20"])
+        self.clock.advance(20)
+        status, _, _ = yield self.post_form({"code": "print(3)"})
+        self.assertEqual(status, 200)
+
+    @defer.inlineCallbacks
+    def test_a_full_store_is_507_and_keeps_what_it_has(self):
+        stored = []
+        for i in range(40):
+            self.clock.advance(60)
+            status, _, body = yield self.post_form({"code": f"# {i}\n" + os.urandom(24 * 1024).hex()[: 40 * 1024]})
+            if status != 200:
+                break
+            stored.append(body["query"])
+        self.assertJSONError((status, _, body), 507, "full")
+        self.assertTrue(3 <= len(stored) < 10, len(stored))
+        self.assertLessEqual(os.path.getsize(self.path), 256 * 1024 + 64 * 1024)
+        # What is stored still answers, and so does a repeat of it.
+        status, _, row = yield self.request(b"GET", b"/permalink?q=" + stored[0].encode())
+        self.assertEqual(status, 200)
+        again = yield self.post_form({"code": row[0]})
+        self.assertEqual((again[0], again[2]["query"]), (200, stored[0]))
+
+    @defer.inlineCallbacks
+    def test_store_refuses_past_its_size(self):
+        store = self.make_store(os.path.join(self.dir, "small.sqlite"), max_bytes=64 * 1024)
+        yield store.store("x" * 30_000, "python", "[]")
+        yield self.assertFailure(store.store("y" * 40_000, "python", "[]"), PermalinkStoreFull)
+        ident = yield store.store("z" * 1000, "python", "[]")  # a small one still fits
+        self.assertTrue(ident)
