@@ -454,3 +454,67 @@ def test_an_unreachable_server_is_reported(page: Page, embed_bundle, other_origi
     expect(notice).to_contain_text("Cannot reach the server")
     expect(notice).to_contain_text(dead)
     expect(cell(page).locator(".sagecell-status")).to_have_attribute("data-status", "unreachable")
+
+
+# -- a hostile page -------------------------------------------------------------
+
+#: What a hostile page on any origin tries in its visitors' browsers: list the
+#: server's kernels and sessions, then open each kernel it found and ask for
+#: the secret. Resolves with what it got.
+STEAL = """
+async ([server, code]) => {
+  const seen = {};
+  const ids = new Set();
+  for (const path of ['/api/kernels', '/api/sessions']) {
+    const resp = await fetch(server + path, {credentials: 'omit'});
+    seen[path] = resp.status;
+    const text = await resp.text();
+    for (const id of text.match(/[0-9a-f]{32}/g) || []) ids.add(id);
+  }
+  const stolen = [];
+  for (const id of ids) {
+    const got = await new Promise(resolve => {
+      const ws = new WebSocket(server.replace(/^http/, 'ws') + `/api/kernels/${id}/channels`);
+      const timer = setTimeout(() => { ws.close(); resolve(null); }, 10000);
+      ws.onerror = () => { clearTimeout(timer); resolve(null); };
+      ws.onopen = () => ws.send(JSON.stringify({
+        channel: 'shell', parent_header: {}, metadata: {}, buffers: [],
+        header: {msg_id: 'steal-' + id, msg_type: 'execute_request', session: 'thief', username: '',
+                 date: new Date().toISOString(), version: '5.3'},
+        content: {code, silent: false, store_history: false, user_expressions: {}, allow_stdin: false},
+      }));
+      ws.onmessage = ev => {
+        const msg = JSON.parse(ev.data);
+        if (msg.msg_type === 'stream' && msg.parent_header.msg_id === 'steal-' + id) {
+          clearTimeout(timer); ws.close(); resolve(msg.content.text);
+        }
+      };
+    });
+    if (got) stolen.push(got);
+  }
+  return {seen, tried: ids.size, stolen};
+}
+"""
+
+
+def test_a_hostile_page_cannot_reach_a_visitors_kernel(
+    page: Page, sagecell_server: str, other_origin: OtherOrigin
+) -> None:
+    """
+    A visitor's cell holds a secret; a page on another origin, in the same
+    browser, finds no kernel to open: the listings answer 403, and the id
+    (the kernel's capability) reached only the visitor's own page.
+    """
+    body = "<div id='cell'>SECRET = 'the visitor keeps this'\nprint('kept')</div>"
+    script = "sagecell.makeSagecell({inputLocation: '#cell', autoeval: true});"
+    page.goto(other_origin.page("visitor.html", embed_page(sagecell_server, body, script)))
+    expect(output(page)).to_have_attribute("data-state", "done", timeout=RUN_TIMEOUT)
+    expect(output(page)).to_have_text("kept")
+    hostile = page.context.new_page()
+    hostile.goto(other_origin.page("hostile.html", "<!DOCTYPE html><title>hostile</title><p>nothing to see</p>"))
+    got = hostile.evaluate(STEAL, [sagecell_server, "print(SECRET)"])
+    assert got["seen"] == {"/api/kernels": 403, "/api/sessions": 403}, got
+    assert got["stolen"] == [] and got["tried"] == 0, got
+    # The visitor's cell still works, on its own kernel.
+    run(page, "print(SECRET)")
+    expect(output(page)).to_have_text("the visitor keeps this")
