@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_api -*-
+# -*- test-case-name: tests.test_ownership,tests.test_e2e_kernel_api -*-
 """
 The Jupyter Server kernel REST API, enough for unmodified Jupyter clients.
 
@@ -21,7 +21,7 @@ from twisted.web import resource
 
 from . import __version__
 from .sessions import LimitExceeded
-from .webbase import GRANT_RE, HTTPError, JsonResource, NotFound, Policy, Response, client_address, read_json
+from .webbase import HTTPError, JsonResource, NotFound, Policy, Response, client_address, read_json
 
 KERNEL_NAME = "python3"
 ALIASES = {"python3", "python", ""}
@@ -59,9 +59,9 @@ class Api:
         self.spawners = spawners
         self.config = config
         self.clock = clock
-        self.policy = Policy(config, sessions)
-        self.started = clock.seconds()
         self.notebooks = NotebookSessions(sessions, config.max_kernels_per_client)
+        self.policy = Policy(config, sessions, self.notebooks.models)
+        self.started = clock.seconds()
         self.files = files
 
     def iso(self, t: float) -> str:
@@ -92,7 +92,8 @@ class NotebookSessions:
     pointing at a kernel. Each is freed with its kernel's web session
     (shut down, culled, ended for any reason: the session manager's
     ``stop`` event), and one client holds at most ``limit`` of them, as many
-    as it may hold kernels. The ids are capabilities, like kernel ids.
+    as it may hold kernels. The ids are capabilities, like kernel ids
+    (``Policy.notebook_for`` checks them).
     """
 
     def __init__(self, sessions, limit: int):
@@ -123,12 +124,6 @@ class NotebookSessions:
         self.by_client.setdefault(client, set()).add(sid)
         kernel.notebook_sessions.add(sid)
         return sid
-
-    def get(self, sid) -> dict | None:
-        """The model ``sid`` grants, or None (unknown, freed or malformed alike)."""
-        if not isinstance(sid, str) or GRANT_RE.fullmatch(sid) is None:
-            return None
-        return self.models.get(sid)
 
     def point(self, sid: str, kernel) -> None:
         """Notebook session ``sid`` now uses ``kernel``."""
@@ -327,7 +322,7 @@ class Sessions(JsonResource):
             if method == b"POST":
                 return self._create(request)
             raise HTTPError(405, "use /api/sessions/{id}")
-        if notebooks.get(self.sid) is None:
+        if api.policy.notebook_for(self.sid) is None:
             raise HTTPError(404, f"no session {self.sid[:64]}")
         if method == b"GET":
             return notebooks.model(self.sid)

@@ -107,10 +107,12 @@ class Policy:
     capability in the same way.
     """
 
-    def __init__(self, config, sessions=None):
+    def __init__(self, config, sessions=None, notebooks: dict | None = None):
         self.config = config
         #: the session manager whose kernels ``session_for`` hands out
         self.sessions = sessions
+        #: notebook-session id -> model (``api.NotebookSessions.models``), for ``notebook_for``
+        self.notebooks = notebooks if notebooks is not None else {}
 
     def apply_cors(self, request) -> bool:
         """Set CORS headers; False if the request's origin is not allowed."""
@@ -158,12 +160,14 @@ class Policy:
         Unknown, ended and malformed ids are all None: a caller tells them
         apart no more than it can guess a live one.
         """
-        if not isinstance(kernel_id, str) or GRANT_RE.fullmatch(kernel_id) is None:
-            return None
-        session = self.sessions.get(kernel_id)
+        session = _granted(kernel_id, self.sessions.get)
         if session is None or session.closed:
             return None
         return session
+
+    def notebook_for(self, session_id):
+        """The notebook session ``session_id`` grants, or None: ``session_for``'s check for ``/api/sessions/{id}``."""
+        return _granted(session_id, self.notebooks.get)
 
     def require_session(self, kernel_id):
         """``session_for``, or the 404 every per-kernel route answers for "not yours"."""
@@ -175,6 +179,13 @@ class Policy:
     def deny(self, request, status: int, message: str) -> bytes:
         write_json(request, status, error_body(status, message))
         return b""
+
+
+def _granted(grant, lookup):
+    """``lookup(grant)`` if ``grant`` has the shape of one of our grants, else None (junk never reaches a table)."""
+    if not isinstance(grant, str) or GRANT_RE.fullmatch(grant) is None:
+        return None
+    return lookup(grant)
 
 
 class JsonResource(resource.Resource):
