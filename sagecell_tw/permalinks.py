@@ -412,9 +412,7 @@ class PermalinkStore:
         used = (values["page_count"] - values["freelist_count"]) * values["page_size"]
         need = sum(len(v.encode("utf-8", "surrogatepass")) for v in (code, language, interacts)) + 256
         if used + need > self.max_bytes:
-            raise PermalinkStoreFull(
-                f"the permalink database holds {used} bytes, and its limit is {self.max_bytes}"
-            )
+            raise PermalinkStoreFull(f"the permalink database holds {used} bytes, and its limit is {self.max_bytes}")
 
     @staticmethod
     def _insert(

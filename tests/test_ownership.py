@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import time
 import urllib.parse
 import uuid
 
@@ -357,8 +358,6 @@ def test_the_token_never_reaches_the_log(request, which):
 
 def wait_for_log(d: Daemon, marker: str, lines: int, timeout: float = 10.0) -> str:
     """The daemon's log once ``lines`` access lines carrying ``marker`` are in (twistd writes them as requests end)."""
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         log = d.log()
