@@ -61,7 +61,7 @@ class ForkConfig:
     base_dir: str
     pool_size: int = 4
     max_kernels: int = 64
-    #: most bytes a kernel's working dir may hold (0: no check)
+    #: most bytes a kernel's dir (work, log, state) may hold (0: no check)
     disk_quota: int = 0
     preload: tuple[str, ...] = ()
     limits: sandbox.Limits = field(default_factory=sandbox.Limits)
@@ -481,7 +481,7 @@ class ForkServer:
         self.children[kid] = child
         self.by_pid[pid] = child
         if self.quota is not None:
-            self.quota.watch(kid, work)
+            self.quota.watch(kid, kdir)  # all of it: the kernel writes its log in ipc/ too
 
     def _child_ready(self, fd: int) -> None:
         child = next((c for c in self.children.values() if c.ready_fd == fd), None)
@@ -550,8 +550,11 @@ class ForkServer:
 
     def _check_quotas(self) -> None:
         """
-        A full count of every working dir each QUOTA_EVERY s: backs up the
+        A full count of every kernel dir each QUOTA_EVERY s: backs up the
         inotify accounting (DiskQuota), which cannot see writes through mmap.
+        The whole kernel dir, not only its work dir: the kernel's log (its
+        stdout and stderr) is in ipc/, and in a kernel without a private
+        /tmp its state dir (IPython's, matplotlib's) is in the kernel dir.
         """
         quota = self.config.disk_quota
         now = time.monotonic()
@@ -559,7 +562,7 @@ class ForkServer:
             return
         self._next_quota = now + QUOTA_EVERY
         for child in list(self.children.values()):
-            if child.state in ("ready", "taken") and dir_usage(os.path.join(child.dir, "work"), quota) > quota:
+            if child.state in ("ready", "taken") and dir_usage(child.dir, quota) > quota:
                 self._over_quota(child.id)
 
     def _drain_quota(self) -> None:
