@@ -131,6 +131,7 @@ def _enter_sandbox(spec: dict, ready_fd: int) -> list[str]:
             "HOME": work,
             "IPYTHONDIR": os.path.join(state, "ipython"),
             "MPLCONFIGDIR": os.path.join(state, "matplotlib"),
+            "XDG_CACHE_HOME": os.path.join(state, "cache"),  # fontconfig's, pip's: not the visitor's files
             "MPLBACKEND": "module://matplotlib_inline.backend_inline",
             "TMPDIR": work,
             "PATH": "/usr/local/bin:/usr/bin:/bin",
