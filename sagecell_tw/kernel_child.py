@@ -297,7 +297,7 @@ def _private_filesystem(spec: dict) -> list[str]:
         sandbox.mount("none", "/", None, sandbox.MS_REC | sandbox.MS_PRIVATE)
         inherited = sandbox.mount_points()
         keep = os.open(kdir, os.O_PATH | os.O_DIRECTORY)
-        _private_dev()
+        _private_dev(spec)
         hidden: list[str] = []
         for path in _hidden_dirs(spec):
             path = os.path.realpath(path)
@@ -353,7 +353,7 @@ def _private_filesystem(spec: dict) -> list[str]:
     return missing + _proc() + _sys(spec)
 
 
-def _private_dev() -> None:
+def _private_dev(spec: dict) -> None:
     """
     A /dev of ``DEVICES`` bound from the host, the usual links, a pty
     multiplexer of our own (a new devpts instance) and an empty ``shm``
@@ -364,9 +364,7 @@ def _private_dev() -> None:
     try:
         sandbox.mount("tmpfs", "/dev", "tmpfs", sandbox.MS_NOSUID | sandbox.MS_NOEXEC, "size=64k,mode=755")
         for name, fd in held:
-            path = f"/dev/{name}"
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # where the device is bound
-            sandbox.mount(f"/proc/self/fd/{fd}", path, None, sandbox.MS_BIND)
+            _bind_file(fd, f"/dev/{name}")
     finally:
         for _name, fd in held:
             os.close(fd)
@@ -374,27 +372,47 @@ def _private_dev() -> None:
         os.symlink(target, f"/dev/{name}")
     for name in ("pts", "shm"):
         os.mkdir(f"/dev/{name}", 0o755)
-    # Its own ptys, numbered from 0, none of the host's.
-    sandbox.mount(
-        "devpts", "/dev/pts", "devpts", sandbox.MS_NOSUID | sandbox.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"
-    )
+    try:
+        # Its own ptys, numbered from 0, none of the host's.
+        sandbox.mount("devpts", "/dev/pts", "devpts", sandbox.MS_NOSUID | sandbox.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
+    except OSError as e:
+        spec.setdefault("notes", []).append(f"ptys (a devpts of its own: {e.strerror}): os.openpty() fails in kernels")
+
+
+def _bind_file(fd: int, path: str) -> None:
+    """Bind the file open as ``fd`` (O_PATH) on a new empty file at ``path``."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    sandbox.mount(f"/proc/self/fd/{fd}", path, None, sandbox.MS_BIND)
 
 
 def _sys(spec: dict) -> list[str]:
     """
     A fresh sysfs, of our own network namespace: /sys/class/net shows our
-    ``lo``, not the host's network devices. Left as it is (the host's, read-
-    only) when the kernel shares the host's network anyway.
+    ``lo``, not the host's network devices. Where Linux will not mount one
+    (a /sys partly covered by the container we run in), the host's network
+    devices are covered by empty dirs instead. Left as it is (the host's,
+    read-only) when the kernel shares the host's network anyway.
     """
     if spec.get("network"):
         return []
     try:
-        sandbox.mount(
-            "sysfs", "/sys", "sysfs", sandbox.MS_RDONLY | sandbox.MS_NOSUID | sandbox.MS_NODEV | sandbox.MS_NOEXEC
-        )
+        sandbox.mount("sysfs", "/sys", "sysfs", sandbox.MS_RDONLY | sandbox.MS_NOSUID | sandbox.MS_NODEV | sandbox.MS_NOEXEC)
+        return []
     except OSError as e:
-        return [f"a /sys of its own network namespace ({e.strerror})"]
+        why = e.strerror
+    try:
+        _hide_host_net()
+    except OSError as e:
+        return [f"a /sys of its own network namespace ({why}; hiding the host's network devices: {e.strerror})"]
+    spec.setdefault("notes", []).append(f"a /sys of its own network namespace ({why}): the host's network devices are hidden instead")
     return []
+
+
+def _hide_host_net() -> None:
+    """An empty read-only tmpfs over /sys/class/net and each dir under /sys/devices that holds network devices."""
+    dirs = {os.path.dirname(os.path.realpath(os.path.join("/sys/class/net", name))) for name in os.listdir("/sys/class/net")}
+    for path in ("/sys/class/net", *sorted(dirs)):
+        sandbox.mount("tmpfs", path, "tmpfs", sandbox.MS_RDONLY | sandbox.MS_NOSUID | sandbox.MS_NODEV | sandbox.MS_NOEXEC, "size=4k,mode=755")
 
 
 def _read_only(inherited: list[str], ours: list[str]) -> None:

@@ -12,6 +12,8 @@ a kernel that writes much.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import re
 import time
@@ -19,6 +21,8 @@ import time
 import pytest
 from support import msg, stdout_of
 from test_security import VARIANTS, Session, assert_contained, attacked, died
+
+from sagecell_tw import forkserver, kernel_child, sandbox
 
 pytestmark = pytest.mark.slow
 
@@ -265,3 +269,56 @@ print(bool(getattr(sys.modules.get("debugpy"), "is_client_connected", None) and 
         else:
             pytest.fail("no kernel_info_reply")
     env.assert_serving("a debug_request")
+
+
+# -- without namespaces: Landlock alone ---------------------------------------------------
+
+
+def test_without_namespaces_landlock_alone_keeps_writes_in_the_kernel_dir(tmp_path):
+    """
+    Where a kernel gets no namespaces (``--no-userns``, or a Linux without
+    them), Landlock alone keeps it out of its ipc dir and kernel dir, and off
+    the host's shared /tmp (its state goes to its kernel dir, counted by the
+    quota, instead).
+    """
+    if sandbox.landlock_abi() < 1:
+        pytest.skip("no Landlock in this Linux")
+    kdir = tmp_path / "kernel"
+    for sub in ("ipc", "work"):
+        (kdir / sub).mkdir(parents=True)
+    (kdir / "ipc" / "kernel.log").write_bytes(b"")
+    spec = {
+        "dir": str(kdir),
+        "workdir": str(kdir / "work"),
+        "private": str(kdir / "ipc"),
+        "ipc_prefix": str(kdir / "ipc" / "k"),
+        "limits": sandbox.Limits().as_json(),
+        "userns": False,
+    }
+    host_tmp = f"/tmp/sagecell-landlock-{os.getpid()}"
+
+    def child() -> bytes:
+        missing = kernel_child._enter_sandbox(spec, -1)
+        got = {}
+        for path in ("work-file", "../ipc/regular", "../regular", "../ipc/kernel.log", host_tmp, os.path.join(spec["state"], "f")):
+            try:
+                with open(path, "a") as f:
+                    f.write("x")
+                got[path] = "written"
+            except OSError as e:
+                got[path] = errno.errorcode[e.errno]
+        return json.dumps({"missing": missing, "got": got, "state": spec["state"], "env": dict(os.environ)}).encode()
+
+    try:
+        report = json.loads(forkserver.output_of_child(child, timeout=20) or b"{}")
+    finally:
+        if os.path.exists(host_tmp):
+            os.unlink(host_tmp)
+    assert report, "the sandboxed child reported nothing"
+    got = report["got"]
+    state = str(kdir / "state")
+    assert report["state"] == state and report["env"]["IPYTHONDIR"].startswith(state + "/"), report
+    assert got["work-file"] == "written" and got[os.path.join(state, "f")] == "written", got
+    for path in ("../ipc/regular", "../regular", "../ipc/kernel.log", host_tmp):
+        assert got[path] == "EACCES", (path, got)
+    assert sorted(os.listdir(kdir / "ipc")) == ["k-1", "k-2", "k-3", "k-4", "kernel.log"], "the ipc sockets are bound"
