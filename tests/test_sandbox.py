@@ -124,6 +124,33 @@ print("still alive", flush=True)
     env.assert_serving("writing into its log")
 
 
+def test_a_deleted_file_held_open_counts_against_the_quota(env):
+    """
+    Open a file, delete it, write on: no directory scan sees it, yet it fills
+    the disk. 72 MiB so written end the kernel at its 20 MiB quota.
+    """
+    with Session(env) as k:
+        code = f"""
+import os, time
+fd = os.open("hidden", os.O_WRONLY | os.O_CREAT, 0o600)
+os.unlink("hidden")
+chunk = b"\\1" * (1 << 20)
+written = 0
+for _ in range({FLOOD} >> 20):
+    written += os.write(fd, chunk)
+print("wrote", written, os.listdir("."), flush=True)
+time.sleep(2.5)
+print("still alive", flush=True)
+"""
+        reply, outputs = k.run(code, timeout=20)
+        out = stdout_of(outputs)
+        assert "wrote" in out, f"the attack broke: {reply} {out!r}"
+        assert died(outputs) or reply.get("status") == "dead", f"a kernel holding {FLOOD >> 20} MiB in a deleted file lived on: {out!r}"
+        assert quota_notice(outputs), outputs
+        assert "still alive" not in out
+    env.assert_serving("a deleted file held open")
+
+
 def test_ipython_and_matplotlib_keep_their_files_out_of_the_work_dir(env):
     """A plot, %store and the IPython profile work; what they write is not in the visitor's files."""
     with Session(env) as k:
