@@ -58,6 +58,7 @@ def bind_ipc_sockets(ipc_prefix: str) -> None:
         try:
             s.bind(f"{ipc_prefix}-{port}")
             s.listen(100)
+            s.setblocking(False)  # as zmq makes its own: accept never blocks its I/O thread
         except BaseException:
             s.close()
             raise
@@ -458,8 +459,11 @@ def _shared_config():
 
 def kernel_app(private: str, ipc_prefix: str, key: str):
     """
-    The initialized kernel app, bound to ipc sockets at ``ipc_prefix``,
-    with its shell (the master's, adopted, or its own), ready to start.
+    The initialized kernel app, bound to ipc sockets at ``ipc_prefix``
+    (those ``bind_ipc_sockets`` made, if it was called), with its shell (the
+    master's, adopted, or its own), ready to start. ``private``: a dir the
+    kernel may write that is not the visitor's (its connection file, and
+    IPython's dir unless IPYTHONDIR says otherwise).
 
     Besides ``_app_class``: no 0.5 ms sleep before each execute_reply
     (``Kernel._execute_sleep``, a mitigation for flushes that did not wait;
