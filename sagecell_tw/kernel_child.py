@@ -153,7 +153,8 @@ def landlock_rules(spec: dict) -> list[tuple[str, int]]:
     What a kernel may open: its work dir, its state dir and (when it has them)
     its private temp dirs in full; the rest of its own dir (log, records,
     the ipc sockets bound before: ``ipython_kernel.bind_ipc_sockets``) and
-    the system's dirs, Python's and those on ``sys.path`` to read; devices; its own /proc. Nothing else, even
+    the system's dirs, Python's and those on ``sys.path`` to read; the
+    devices of ``HOST_DEVICES`` and ptys; its own /proc. Nothing else, even
     where its account may: the daemon's files when both run as one account,
     the other accounts' world-readable ones. So every byte it can write is
     in its kernel dir (counted by the disk quota) or in a size-capped tmpfs.
@@ -164,7 +165,10 @@ def landlock_rules(spec: dict) -> list[tuple[str, int]]:
     writable = (spec["workdir"], spec["state"], *(SCRATCH if spec.get("private_tmp") else ()))
     return [
         *((d, sandbox.READ) for d in (*SYSTEM_DIRS, *sorted(python))),
-        ("/dev", sandbox.DEVICES),
+        # The devices a /dev of its own has (``_private_dev``), and no other
+        # (where it sees the host's /dev: no namespaces), nor files there.
+        ("/dev", sandbox.FS_READ_DIR),
+        *((f"/dev/{name}", sandbox.DEVICES) for name in (*HOST_DEVICES, "pts", "ptmx")),
         ("/proc", sandbox.READ | sandbox.FS_WRITE_FILE),
         (spec["dir"], sandbox.LOOK),
         *((d, sandbox.EVERYTHING) for d in writable),
@@ -259,7 +263,7 @@ SCRATCH = ("/tmp", "/dev/shm")
 SCRATCH_SIZE = "16m"
 #: the host's devices a kernel sees in its own /dev (as bubblewrap's ``--dev``):
 #: no disk, console or other hardware
-DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+HOST_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 #: and the links every /dev has
 DEVICE_LINKS = (
     ("fd", "/proc/self/fd"),
@@ -355,12 +359,12 @@ def _private_filesystem(spec: dict) -> list[str]:
 
 def _private_dev(spec: dict) -> None:
     """
-    A /dev of ``DEVICES`` bound from the host, the usual links, a pty
+    A /dev of ``HOST_DEVICES`` bound from the host, the usual links, a pty
     multiplexer of our own (a new devpts instance) and an empty ``shm``
     for the scratch tmpfs: the host's disks, consoles and the like are not
     there to be read, probed or listed.
     """
-    held = [(name, os.open(f"/dev/{name}", os.O_PATH)) for name in DEVICES if os.path.exists(f"/dev/{name}")]
+    held = [(name, os.open(f"/dev/{name}", os.O_PATH)) for name in HOST_DEVICES if os.path.exists(f"/dev/{name}")]
     try:
         sandbox.mount("tmpfs", "/dev", "tmpfs", sandbox.MS_NOSUID | sandbox.MS_NOEXEC, "size=64k,mode=755")
         for name, fd in held:

@@ -136,6 +136,7 @@ def test_a_deleted_file_held_open_counts_against_the_quota(env):
 import os, time
 fd = os.open("hidden", os.O_WRONLY | os.O_CREAT, 0o600)
 os.unlink("hidden")
+print("deleted", os.listdir("."), flush=True)
 chunk = b"\\1" * (1 << 20)
 written = 0
 for _ in range({FLOOD} >> 20):
@@ -146,7 +147,8 @@ print("still alive", flush=True)
 """
         reply, outputs = k.run(code, timeout=30)
         out = stdout_of(outputs)
-        assert "wrote" in out, f"the attack broke: {reply} {out!r}"
+        # Ended while writing (the quota check came first) or after.
+        assert "deleted []" in out, f"the attack broke: {reply} {out!r}"
         assert died(outputs) or reply.get("status") == "dead", f"a kernel holding {FLOOD >> 20} MiB in a deleted file lived on: {out!r}"
         assert quota_notice(outputs), outputs
         assert "still alive" not in out
@@ -308,7 +310,7 @@ def test_without_namespaces_landlock_alone_keeps_writes_in_the_kernel_dir(tmp_pa
     Where a kernel gets no namespaces (``--no-userns``, or a Linux without
     them), Landlock alone keeps it out of its ipc dir and kernel dir, and off
     the host's shared /tmp (its state goes to its kernel dir, counted by the
-    quota, instead).
+    quota, instead) and off the host's disks, even as root.
     """
     if sandbox.landlock_abi() < 1:
         pytest.skip("no Landlock in this Linux")
@@ -329,13 +331,23 @@ def test_without_namespaces_landlock_alone_keeps_writes_in_the_kernel_dir(tmp_pa
     def child() -> bytes:
         missing = kernel_child._enter_sandbox(spec, -1)
         got = {}
-        for path in ("work-file", "../ipc/regular", "../regular", "../ipc/kernel.log", host_tmp, os.path.join(spec["state"], "f")):
+        for path in ("work-file", "../ipc/regular", "../regular", "../ipc/kernel.log", host_tmp, os.path.join(spec["state"], "f"), "/dev/null"):
             try:
                 with open(path, "a") as f:
                     f.write("x")
                 got[path] = "written"
             except OSError as e:
                 got[path] = errno.errorcode[e.errno]
+        for name in host_disks():
+            try:
+                os.close(os.open(f"/dev/{name}", os.O_RDONLY))
+                got[name] = "opened"
+            except OSError as e:
+                got[name] = errno.errorcode[e.errno]
+        try:
+            got["pty"] = os.ttyname(os.openpty()[1])
+        except OSError as e:
+            got["pty"] = errno.errorcode[e.errno]
         return json.dumps({"missing": missing, "got": got, "state": spec["state"], "env": dict(os.environ)}).encode()
 
     try:
@@ -348,6 +360,7 @@ def test_without_namespaces_landlock_alone_keeps_writes_in_the_kernel_dir(tmp_pa
     state = str(kdir / "state")
     assert report["state"] == state and report["env"]["IPYTHONDIR"].startswith(state + "/"), report
     assert got["work-file"] == "written" and got[os.path.join(state, "f")] == "written", got
-    for path in ("../ipc/regular", "../regular", "../ipc/kernel.log", host_tmp):
+    assert got["/dev/null"] == "written" and got["pty"].startswith("/dev/pts/"), got
+    for path in ("../ipc/regular", "../regular", "../ipc/kernel.log", host_tmp, *host_disks()):
         assert got[path] == "EACCES", (path, got)
     assert sorted(os.listdir(kdir / "ipc")) == ["k-1", "k-2", "k-3", "k-4", "kernel.log"], "the ipc sockets are bound"
