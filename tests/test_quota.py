@@ -103,4 +103,3 @@ def test_deleted_files_held_open_are_counted(tmp_path):
         finally:
             os.close(again)
     assert deleted_usage(os.getpid(), dev) == before
-

@@ -120,7 +120,9 @@ print("still alive", flush=True)
         reply, outputs = k.run(code, timeout=30)
         out = stdout_of(outputs)
         assert "log fds [" in out and "log fds []" not in out, f"the attack found no log fd: {reply} {out!r}"
-        assert died(outputs) or reply.get("status") == "dead", f"a kernel that wrote {FLOOD >> 20} MiB into its log lived on: {reply} {out!r}"
+        assert died(outputs) or reply.get("status") == "dead", (
+            f"a kernel that wrote {FLOOD >> 20} MiB into its log lived on: {reply} {out!r}"
+        )
         assert quota_notice(outputs), outputs
         assert "still alive" not in out
     env.assert_serving("writing into its log")
@@ -149,7 +151,9 @@ print("still alive", flush=True)
         out = stdout_of(outputs)
         # Ended while writing (the quota check came first) or after.
         assert "deleted []" in out, f"the attack broke: {reply} {out!r}"
-        assert died(outputs) or reply.get("status") == "dead", f"a kernel holding {FLOOD >> 20} MiB in a deleted file lived on: {out!r}"
+        assert died(outputs) or reply.get("status") == "dead", (
+            f"a kernel holding {FLOOD >> 20} MiB in a deleted file lived on: {out!r}"
+        )
         assert quota_notice(outputs), outputs
         assert "still alive" not in out
     env.assert_serving("a deleted file held open")
@@ -257,7 +261,12 @@ def test_debug_request_is_refused_and_starts_no_debugger(env):
         sent = k.client.send(
             msg(
                 "debug_request",
-                {"type": "request", "seq": 1, "command": "initialize", "arguments": {"adapterID": "sagecell", "clientID": "x"}},
+                {
+                    "type": "request",
+                    "seq": 1,
+                    "command": "initialize",
+                    "arguments": {"adapterID": "sagecell", "clientID": "x"},
+                },
                 channel="control",
             )
         )
@@ -266,7 +275,9 @@ def test_debug_request_is_refused_and_starts_no_debugger(env):
         assert got["msg_type"] == "debug_reply" and got["content"].get("status") == "error", got
         assert got["content"].get("success") is False, got
         # And no debugger came up: no debugpy thread, module at work, or process.
-        sent = k.client.send(msg("debug_request", {"type": "request", "seq": 2, "command": "attach", "arguments": {}}, channel="control"))
+        sent = k.client.send(
+            msg("debug_request", {"type": "request", "seq": 2, "command": "attach", "arguments": {}}, channel="control")
+        )
         control_reply(k, sent)
         reply, out = k.run(
             """
@@ -331,7 +342,15 @@ def test_without_namespaces_landlock_alone_keeps_writes_in_the_kernel_dir(tmp_pa
     def child() -> bytes:
         missing = kernel_child._enter_sandbox(spec, -1)
         got = {}
-        for path in ("work-file", "../ipc/regular", "../regular", "../ipc/kernel.log", host_tmp, os.path.join(spec["state"], "f"), "/dev/null"):
+        for path in (
+            "work-file",
+            "../ipc/regular",
+            "../regular",
+            "../ipc/kernel.log",
+            host_tmp,
+            os.path.join(spec["state"], "f"),
+            "/dev/null",
+        ):
             try:
                 with open(path, "a") as f:
                     f.write("x")
