@@ -61,7 +61,7 @@ class ForkConfig:
     base_dir: str
     pool_size: int = 4
     max_kernels: int = 64
-    #: most bytes a kernel's working dir may hold (0: no check)
+    #: most bytes a kernel's dir (work, log, state) may hold (0: no check)
     disk_quota: int = 0
     preload: tuple[str, ...] = ()
     limits: sandbox.Limits = field(default_factory=sandbox.Limits)
@@ -253,6 +253,56 @@ def dir_usage(path: str, stop_above: int) -> int:
                     # So many files are a quota breach of their own.
                     return stop_above + 1
     return total
+
+
+#: at most this many processes of one kernel are looked at per check
+QUOTA_MAX_PROCESSES = 1000
+
+
+def deleted_usage(pid: int, dev: int) -> int:
+    """
+    Bytes allocated on device ``dev`` to files that process ``pid`` and those
+    under it hold open but have deleted: no directory scan sees them, yet they
+    fill the disk (open, unlink, write on: one file size limit per open file).
+    """
+    total = 0
+    seen: set[int] = set()
+    for p in _process_tree(pid):
+        try:
+            fds = os.listdir(f"/proc/{p}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            link = f"/proc/{p}/fd/{fd}"
+            try:
+                if not os.readlink(link).endswith(" (deleted)"):
+                    continue
+                st = os.stat(link)
+            except OSError:
+                continue
+            if st.st_dev == dev and stat.S_ISREG(st.st_mode) and st.st_ino not in seen:
+                seen.add(st.st_ino)
+                total += st.st_blocks * 512
+    return total
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and every process under it (host pids), at most QUOTA_MAX_PROCESSES."""
+    out, todo = [], [pid]
+    while todo and len(out) < QUOTA_MAX_PROCESSES:
+        p = todo.pop()
+        out.append(p)
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+            except (OSError, ValueError):
+                pass
+    return out
 
 
 def remove_tree(path: str) -> None:
@@ -481,7 +531,7 @@ class ForkServer:
         self.children[kid] = child
         self.by_pid[pid] = child
         if self.quota is not None:
-            self.quota.watch(kid, work)
+            self.quota.watch(kid, kdir)  # all of it: the kernel writes its log in ipc/ too
 
     def _child_ready(self, fd: int) -> None:
         child = next((c for c in self.children.values() if c.ready_fd == fd), None)
@@ -550,8 +600,13 @@ class ForkServer:
 
     def _check_quotas(self) -> None:
         """
-        A full count of every working dir each QUOTA_EVERY s: backs up the
+        A full count of every kernel dir each QUOTA_EVERY s: backs up the
         inotify accounting (DiskQuota), which cannot see writes through mmap.
+        The whole kernel dir, not only its work dir: the kernel's log (its
+        stdout and stderr) is in ipc/, and in a kernel without a private
+        /tmp its state dir (IPython's, matplotlib's) is in the kernel dir.
+        And the files its processes deleted but still hold open
+        (``deleted_usage``), which no directory scan or inotify event sees.
         """
         quota = self.config.disk_quota
         now = time.monotonic()
@@ -559,8 +614,20 @@ class ForkServer:
             return
         self._next_quota = now + QUOTA_EVERY
         for child in list(self.children.values()):
-            if child.state in ("ready", "taken") and dir_usage(os.path.join(child.dir, "work"), quota) > quota:
+            if child.state in ("ready", "taken") and self._disk_usage(child, quota) > quota:
                 self._over_quota(child.id)
+
+    @staticmethod
+    def _disk_usage(child: Child, quota: int) -> int:
+        """What ``child`` holds on disk: its dir, and the files it deleted but keeps open."""
+        used = dir_usage(child.dir, quota)
+        if used > quota:
+            return used
+        try:
+            dev = os.stat(child.dir).st_dev
+        except OSError:
+            return used
+        return used + deleted_usage(child.pid, dev)
 
     def _drain_quota(self) -> None:
         """Take the pending inotify events; end the kernels they put over quota."""

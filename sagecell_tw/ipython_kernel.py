@@ -35,6 +35,36 @@ def connection_info(ipc_prefix: str, key: str) -> dict:
     return info
 
 
+#: the kernel's listening ipc sockets by port, bound before its sandbox was
+#: closed (``bind_ipc_sockets``); zmq takes them over (``ZMQ_USE_FD``)
+PREBOUND: dict[int, int] = {}
+
+
+def bind_ipc_sockets(ipc_prefix: str) -> None:
+    """
+    Bind and listen on the kernel's ipc socket files now, for zmq to use later.
+
+    Made before the sandbox is closed, so that the kernel needs no right to
+    create anything in its ipc dir (sockets, or the regular files the same
+    right would let it make), and that dir can be read-only to it.
+    No heartbeat socket: see ``init_heartbeat``.
+    """
+    import socket
+
+    for name, port in PORTS.items():
+        if name == "hb" or port in PREBOUND:
+            continue
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.bind(f"{ipc_prefix}-{port}")
+            s.listen(100)
+            s.setblocking(False)  # as zmq makes its own: accept never blocks its I/O thread
+        except BaseException:
+            s.close()
+            raise
+        PREBOUND[port] = s.detach()
+
+
 def _inline_matplotlib() -> None:
     """
     Plots inline, in the shell there is now. The master imported pyplot
@@ -255,6 +285,17 @@ def _app_class():
                 if self.connection is None:
                     super().write_connection_file(**kwargs)
 
+            def _try_bind_socket(self, s, port):
+                """ipykernel's, but on the socket ``bind_ipc_sockets`` made, if it made one."""
+                fd = PREBOUND.get(port)
+                if self.transport != "ipc" or fd is None:
+                    return super()._try_bind_socket(s, port)
+                import zmq
+
+                s.setsockopt(zmq.USE_FD, fd)
+                s.bind(f"ipc://{self.ip}-{port}")
+                return port
+
             def log_connection_info(self) -> None:
                 """None: "to connect another client" is for people at a terminal, not the kernel's log."""
 
@@ -364,6 +405,40 @@ def _kernel_class():
             def _supports_kernel_subshells(self) -> bool:
                 return bool(self.shell_channel_thread)  # not "is not None": see _NoShellChannelThread
 
+            @property
+            def kernel_info(self) -> dict:
+                """ipykernel's, without the "debugger" feature: see ``debug_request``."""
+                info = super().kernel_info
+                info["supported_features"] = [f for f in info["supported_features"] if f != "debugger"]
+                return info
+
+            async def debug_request(self, stream, ident, parent) -> None:
+                """
+                Refused, with an error reply: no debugger in a visitor's kernel.
+
+                ipykernel's handler starts debugpy in the kernel (threads, an
+                adapter process, a listening socket) for any client that asks,
+                whatever the kernelspec says (``metadata.debugger: False``).
+                """
+                content = parent.get("content") or {}
+                command = content.get("command") if isinstance(content, dict) else None
+                reply = {
+                    "status": "error",
+                    "ename": "DebuggerDisabled",
+                    "evalue": "this kernel has no debugger",
+                    "traceback": [],
+                    "type": "response",
+                    "request_seq": content.get("seq", 0) if isinstance(content, dict) else 0,
+                    "success": False,
+                    "command": command if isinstance(command, str) else "",
+                    "message": "this kernel has no debugger",
+                }
+                self.session.send(stream, "debug_reply", reply, parent, ident)
+
+            async def do_debug_request(self, msg):
+                """Never reached (``debug_request`` answers itself); refused all the same."""
+                raise RuntimeError("this kernel has no debugger")
+
         _KERNEL_CLASS, _SHELL_CLASS = Kernel, Shell
     return _KERNEL_CLASS
 
@@ -384,8 +459,11 @@ def _shared_config():
 
 def kernel_app(private: str, ipc_prefix: str, key: str):
     """
-    The initialized kernel app, bound to ipc sockets at ``ipc_prefix``,
-    with its shell (the master's, adopted, or its own), ready to start.
+    The initialized kernel app, bound to ipc sockets at ``ipc_prefix``
+    (those ``bind_ipc_sockets`` made, if it was called), with its shell (the
+    master's, adopted, or its own), ready to start. ``private``: a dir the
+    kernel may write that is not the visitor's (its connection file, and
+    IPython's dir unless IPYTHONDIR says otherwise).
 
     Besides ``_app_class``: no 0.5 ms sleep before each execute_reply
     (``Kernel._execute_sleep``, a mitigation for flushes that did not wait;

@@ -84,6 +84,10 @@ def _enter_sandbox(spec: dict, ready_fd: int) -> list[str]:
     """
     missing: list[str] = []
     uid, gid = os.getuid(), os.getgid()
+    # Sockets 0770 (the daemon's group connects); and bound while the
+    # kernel may still make them: see ipython_kernel.bind_ipc_sockets.
+    os.umask(0o007)
+    ipython_kernel.bind_ipc_sockets(spec["ipc_prefix"])
     if spec.get("userns"):
         flags = sandbox.CLONE_NEWNS | sandbox.CLONE_NEWPID | sandbox.CLONE_NEWIPC | sandbox.CLONE_NEWUTS
         if not spec.get("network"):
@@ -102,6 +106,9 @@ def _enter_sandbox(spec: dict, ready_fd: int) -> list[str]:
                     pass
     else:
         missing.append("user/mount/PID/network namespaces (not available here)")
+    # What IPython and matplotlib write (profile, %store, caches) and the
+    # connection file: not in the visitor's work dir, nor in ipc/ (sockets only).
+    spec["state"] = _state_dir(spec)
     sandbox.prctl(sandbox.PR_SET_NO_NEW_PRIVS, 1)
     try:
         sandbox.drop_capabilities()
@@ -115,16 +122,16 @@ def _enter_sandbox(spec: dict, ready_fd: int) -> list[str]:
         except OSError as e:
             missing.append(f"Landlock ({e.strerror})")
     sandbox.apply_rlimits(sandbox.Limits(**spec["limits"]))
-    os.umask(0o007)
     work = spec["workdir"]
     os.chdir(work)
-    private = spec["private"]
+    state = spec["state"]
     os.environ.clear()
     os.environ.update(
         {
             "HOME": work,
-            "IPYTHONDIR": os.path.join(private, "ipython"),
-            "MPLCONFIGDIR": os.path.join(private, "matplotlib"),
+            "IPYTHONDIR": os.path.join(state, "ipython"),
+            "MPLCONFIGDIR": os.path.join(state, "matplotlib"),
+            "XDG_CACHE_HOME": os.path.join(state, "cache"),  # fontconfig's, pip's: not the visitor's files
             "MPLBACKEND": "module://matplotlib_inline.backend_inline",
             "TMPDIR": work,
             "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -143,20 +150,41 @@ SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "
 
 def landlock_rules(spec: dict) -> list[tuple[str, int]]:
     """
-    What a kernel may open: its own dir and private temp dirs in full; the
-    system's dirs, Python's and those on ``sys.path`` to read; devices; its
-    own /proc. Nothing else, even where its account may: the daemon's files
-    when both run as one account, the other accounts' world-readable ones.
+    What a kernel may open: its work dir, its state dir and (when it has them)
+    its private temp dirs in full; the rest of its own dir (log, records,
+    the ipc sockets bound before: ``ipython_kernel.bind_ipc_sockets``) and
+    the system's dirs, Python's and those on ``sys.path`` to read; the
+    devices of ``HOST_DEVICES`` and ptys; its own /proc. Nothing else, even
+    where its account may: the daemon's files when both run as one account,
+    the other accounts' world-readable ones. So every byte it can write is
+    in its kernel dir (counted by the disk quota) or in a size-capped tmpfs.
     """
     every = (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix, *sys.path)
     # Never "/" (a PYTHONPATH of "/" must not open up everything).
     python = {p for p in every if p and os.path.isabs(p) and os.path.normpath(p) != "/"}
+    writable = (spec["workdir"], spec["state"], *(SCRATCH if spec.get("private_tmp") else ()))
     return [
         *((d, sandbox.READ) for d in (*SYSTEM_DIRS, *sorted(python))),
-        ("/dev", sandbox.DEVICES),
+        # The devices a /dev of its own has (``_private_dev``), and no other
+        # (where it sees the host's /dev: no namespaces), nor files there.
+        ("/dev", sandbox.FS_READ_DIR),
+        *((f"/dev/{name}", sandbox.DEVICES) for name in (*HOST_DEVICES, "pts", "ptmx")),
         ("/proc", sandbox.READ | sandbox.FS_WRITE_FILE),
-        *((d, sandbox.EVERYTHING) for d in (spec["dir"], *SCRATCH)),
+        (spec["dir"], sandbox.LOOK),
+        *((d, sandbox.EVERYTHING) for d in writable),
     ]
+
+
+def _state_dir(spec: dict) -> str:
+    """
+    The kernel's own writable dir outside its work dir: in its private /tmp
+    (a tmpfs of its own) when it has one, else ``state`` in its kernel dir
+    (on disk, counted by the disk quota; the host's /tmp would be shared
+    and uncounted).
+    """
+    path = "/tmp/.kernel" if spec.get("private_tmp") else os.path.join(spec["dir"], "state")
+    os.makedirs(path, 0o700, exist_ok=True)
+    return path
 
 
 def _become_pid1(ready_fd: int) -> None:
@@ -233,9 +261,17 @@ HIDDEN = ("/tmp", "/var/tmp", "/dev/shm", "/home", "/root", "/run/user")
 #: and read-only
 SCRATCH = ("/tmp", "/dev/shm")
 SCRATCH_SIZE = "16m"
-#: mounts left writable: devices (writes reach the device, not a file
-#: system) would be harmless read-only too, but a pty needs /dev/pts
-WRITABLE = ("/dev/pts",)
+#: the host's devices a kernel sees in its own /dev (as bubblewrap's ``--dev``):
+#: no disk, console or other hardware
+HOST_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+#: and the links every /dev has
+DEVICE_LINKS = (
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+    ("ptmx", "pts/ptmx"),
+)
 
 
 def _hidden_dirs(spec: dict) -> tuple[str, ...]:
@@ -249,8 +285,9 @@ def _hidden_dirs(spec: dict) -> tuple[str, ...]:
 
 def _private_filesystem(spec: dict) -> list[str]:
     """
-    Fresh tmpfs over shared dirs, homes and other kernels' dirs; our own dir
-    bound back; every other mount read-only; a fresh /proc.
+    A /dev of its own; fresh tmpfs over shared dirs, homes and other
+    kernels' dirs; our own dir bound back; every other mount read-only; a
+    fresh /proc and /sys.
 
     Read-only everywhere but in its own dir (and its empty /tmp), a kernel
     can leave nothing behind for a later session or another kernel, fill
@@ -264,6 +301,7 @@ def _private_filesystem(spec: dict) -> list[str]:
         sandbox.mount("none", "/", None, sandbox.MS_REC | sandbox.MS_PRIVATE)
         inherited = sandbox.mount_points()
         keep = os.open(kdir, os.O_PATH | os.O_DIRECTORY)
+        _private_dev(spec)
         hidden: list[str] = []
         for path in _hidden_dirs(spec):
             path = os.path.realpath(path)
@@ -277,6 +315,7 @@ def _private_filesystem(spec: dict) -> list[str]:
         for path in hidden:
             size = SCRATCH_SIZE if path in scratch else "1m"
             sandbox.mount("tmpfs", path, "tmpfs", sandbox.MS_NOSUID | sandbox.MS_NODEV, f"size={size},mode=1777")
+        spec["private_tmp"] = scratch <= set(hidden)
         for kind, path, what in python:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             if kind == "symlink":
@@ -289,6 +328,13 @@ def _private_filesystem(spec: dict) -> list[str]:
         os.makedirs(kdir, exist_ok=True)
         sandbox.mount(f"/proc/self/fd/{keep}", kdir, None, sandbox.MS_BIND | sandbox.MS_REC)
         os.close(keep)
+        # Our dir is read-only to us but for its work dir: the log, the
+        # records and the ipc sockets (bound already) are the fork server's.
+        # This holds even where Landlock's rights on a scratch dir reach
+        # our dir (a run dir in /tmp: a Landlock rule covers all beneath).
+        work = spec["workdir"]
+        sandbox.mount(work, work, None, sandbox.MS_BIND)
+        sandbox.remount_read_only(kdir)
         # The path down to our dir exists only in our tmpfs; make it
         # traversable, not listable, like the real one.
         base = next((h for h in hidden if kdir.startswith(h + "/")), None)
@@ -296,25 +342,87 @@ def _private_filesystem(spec: dict) -> list[str]:
         while base is not None and parent != base and parent.startswith(base + "/"):
             os.chmod(parent, 0o111)
             parent = os.path.dirname(parent)
-        # What we built in the hiding tmpfs is done: all but the scratch
-        # dirs become read-only.
-        for path in hidden:
+        # What we built in the hiding tmpfs and in /dev is done: all but the
+        # scratch dirs become read-only.
+        for path in ("/dev", *hidden):
             if path not in scratch:
                 sandbox.mount("none", path, None, sandbox.MS_REMOUNT | sandbox.MS_RDONLY | sandbox.MS_NOSUID | sandbox.MS_NODEV)
     except OSError as e:
         missing.append(f"a private view of the file system ({e.strerror})")
         return missing + _proc()
     try:
-        _read_only(inherited, [*hidden, kdir])
+        _read_only(inherited, ["/dev", *hidden, kdir])
     except OSError as e:
         missing.append(f"a read-only view of the system's files ({e.strerror})")
-    return missing + _proc()
+    return missing + _proc() + _sys(spec)
+
+
+def _private_dev(spec: dict) -> None:
+    """
+    A /dev of ``HOST_DEVICES`` bound from the host, the usual links, a pty
+    multiplexer of our own (a new devpts instance) and an empty ``shm``
+    for the scratch tmpfs: the host's disks, consoles and the like are not
+    there to be read, probed or listed.
+    """
+    held = [(name, os.open(f"/dev/{name}", os.O_PATH)) for name in HOST_DEVICES if os.path.exists(f"/dev/{name}")]
+    try:
+        sandbox.mount("tmpfs", "/dev", "tmpfs", sandbox.MS_NOSUID | sandbox.MS_NOEXEC, "size=64k,mode=755")
+        for name, fd in held:
+            _bind_file(fd, f"/dev/{name}")
+    finally:
+        for _name, fd in held:
+            os.close(fd)
+    for name, target in DEVICE_LINKS:
+        os.symlink(target, f"/dev/{name}")
+    for name in ("pts", "shm"):
+        os.mkdir(f"/dev/{name}", 0o755)
+    try:
+        # Its own ptys, numbered from 0, none of the host's.
+        sandbox.mount("devpts", "/dev/pts", "devpts", sandbox.MS_NOSUID | sandbox.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
+    except OSError as e:
+        spec.setdefault("notes", []).append(f"ptys (a devpts of its own: {e.strerror}): os.openpty() fails in kernels")
+
+
+def _bind_file(fd: int, path: str) -> None:
+    """Bind the file open as ``fd`` (O_PATH) on a new empty file at ``path``."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    sandbox.mount(f"/proc/self/fd/{fd}", path, None, sandbox.MS_BIND)
+
+
+def _sys(spec: dict) -> list[str]:
+    """
+    A fresh sysfs, of our own network namespace: /sys/class/net shows our
+    ``lo``, not the host's network devices. Where Linux will not mount one
+    (a /sys partly covered by the container we run in), the host's network
+    devices are covered by empty dirs instead. Left as it is (the host's,
+    read-only) when the kernel shares the host's network anyway.
+    """
+    if spec.get("network"):
+        return []
+    try:
+        sandbox.mount("sysfs", "/sys", "sysfs", sandbox.MS_RDONLY | sandbox.MS_NOSUID | sandbox.MS_NODEV | sandbox.MS_NOEXEC)
+        return []
+    except OSError as e:
+        why = e.strerror
+    try:
+        _hide_host_net()
+    except OSError as e:
+        return [f"a /sys of its own network namespace ({why}; hiding the host's network devices: {e.strerror})"]
+    spec.setdefault("notes", []).append(f"a /sys of its own network namespace ({why}): the host's network devices are hidden instead")
+    return []
+
+
+def _hide_host_net() -> None:
+    """An empty read-only tmpfs over /sys/class/net and each dir under /sys/devices that holds network devices."""
+    dirs = {os.path.dirname(os.path.realpath(os.path.join("/sys/class/net", name))) for name in os.listdir("/sys/class/net")}
+    for path in ("/sys/class/net", *sorted(dirs)):
+        sandbox.mount("tmpfs", path, "tmpfs", sandbox.MS_RDONLY | sandbox.MS_NOSUID | sandbox.MS_NODEV | sandbox.MS_NOEXEC, "size=4k,mode=755")
 
 
 def _read_only(inherited: list[str], ours: list[str]) -> None:
     """Remount read-only every mount we inherited, except those our own mounts now cover."""
     for point in inherited:
-        if any(point == p or point.startswith(p.rstrip("/") + "/") for p in ("/proc", *WRITABLE, *ours)):
+        if any(point == p or point.startswith(p.rstrip("/") + "/") for p in ("/proc", *ours)):
             continue
         try:
             sandbox.remount_read_only(point)
@@ -344,7 +452,7 @@ def _reseed() -> None:
 
 
 def _start_kernel(spec: dict, ready_fd: int, missing: list[str]) -> None:
-    app = ipython_kernel.kernel_app(spec["private"], spec["ipc_prefix"], spec["key"])
+    app = ipython_kernel.kernel_app(spec["state"], spec["ipc_prefix"], spec["key"])
     # Sockets are bound: tell the fork server we can take messages, and
     # which protections we could not have.
     os.write(ready_fd, b"R" + json.dumps(missing).encode())

@@ -4,10 +4,12 @@ Per-kernel disk quota, kept up to date by inotify.
 
 RLIMIT_FSIZE bounds one file; a kernel writing many files just under it
 would fill the disk between two periodic scans. Here every write, create,
-move and delete in a kernel's working tree updates a running total at once,
-so the fork server can end a kernel within one file of its quota. (Writes
-through mmap raise no inotify event: the fork server's periodic full scan
-backs this up.) Plain blocking code for the fork server: no Twisted, no zmq.
+move and delete in a kernel's dir (its work dir, its log, its state) updates
+a running total at once, so the fork server can end a kernel within one file
+of its quota. (Writes through mmap raise no inotify event, and a file deleted
+while open leaves the tree: the fork server's periodic full count backs this
+up.) Bytes are allocated blocks, as in that count. Plain blocking code for
+the fork server: no Twisted, no zmq.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 
 
 class _Tree:
-    """What one kernel's working tree holds: bytes per path, and its watched dirs."""
+    """What one kernel's dir holds: bytes allocated per path, and its watched dirs."""
 
     def __init__(self, kid: str, root: str):
         self.kid = kid
@@ -75,7 +77,7 @@ class _Tree:
 
 
 class DiskQuota:
-    """Watches kernels' working trees; ``read()`` names the kernels over quota."""
+    """Watches kernels' dirs; ``read()`` names the kernels over quota."""
 
     def __init__(self, quota: int, max_dirs: int = 256):
         self.quota = quota

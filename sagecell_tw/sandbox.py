@@ -303,6 +303,8 @@ _SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0
 _SCOPE_SIGNAL = 1 << 1
 
 READ = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
+#: to read, not to run: a kernel's own dir, whose log and records are not programs
+LOOK = FS_READ_FILE | FS_READ_DIR
 DEVICES = FS_READ_FILE | FS_READ_DIR | FS_WRITE_FILE | FS_IOCTL_DEV
 EVERYTHING = ~0
 
@@ -329,8 +331,9 @@ def landlock(rules: list[tuple[str, int]]) -> int:
     """
     Allow this process (and all it starts) to open files only as ``rules``
     say: (path, rights) for everything beneath path, rights from ``READ``,
-    ``DEVICES``, ``EVERYTHING``. From Landlock ABI 6 on it may also signal
-    no process outside, nor reach another's abstract unix sockets.
+    ``LOOK``, ``DEVICES``, ``EVERYTHING`` (beneath several
+    rules, a path has the rights of them all). From Landlock ABI 6 on it may
+    also signal no process outside, nor reach another's abstract unix sockets.
 
     Unlike a uid, this holds where the kernel runs as the daemon's own
     account: the daemon's files outside these paths cannot be read. Needs

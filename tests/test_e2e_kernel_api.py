@@ -144,7 +144,8 @@ def test_the_shell_is_the_kernels_own(daemon):
             "here = os.getcwd()",
             "print(os.path.basename(here))",
             "print([str(d) for d in _dh] == [here], ip.starting_dir == here, os.environ['HOME'] == here)",
-            "print(ip.profile_dir.location.startswith(os.path.dirname(here) + '/'))",
+            # its own profile (in its private state dir), not the master's, nor in the visitor's files
+            "print(ip.profile_dir.location.startswith(os.environ['IPYTHONDIR'] + '/') and not ip.profile_dir.location.startswith(here))",
             "print(type(pickle.loads(pickle.dumps(Point()))).__name__)",
             "print(ip.kernel is not None and ip.parent is ip.kernel, os.environ.get('PAGER'))",
         ]

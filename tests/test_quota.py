@@ -1,7 +1,8 @@
-"""The inotify disk accounting: real files in a temp dir, no kernels."""
+"""The disk accounting: inotify (DiskQuota), and the fork server's full counts; real files in a temp dir, no kernels."""
 
 import os
 
+from sagecell_tw.forkserver import deleted_usage, dir_usage
 from sagecell_tw.quota import DiskQuota
 
 MiB = 1 << 20
@@ -82,3 +83,23 @@ def test_one_upload_in_progress_is_not_counted_twice(tmp_path):
         assert q.read() == ["k"]
     finally:
         q.close()
+
+
+def test_deleted_files_held_open_are_counted(tmp_path):
+    """A file deleted but still open fills the disk: counted, once, for the process (and those under it) holding it."""
+    dev = os.stat(tmp_path).st_dev
+    before = deleted_usage(os.getpid(), dev)
+    path = tmp_path / "gone"
+    with open(path, "wb") as f:
+        os.unlink(path)
+        f.write(os.urandom(3 * MiB))
+        f.flush()
+        again = os.open(f"/proc/self/fd/{f.fileno()}", os.O_RDONLY)  # a second fd on it: counted once
+        try:
+            held = deleted_usage(os.getpid(), dev)
+            assert 3 * MiB <= held - before < 4 * MiB
+            assert dir_usage(str(tmp_path), 100 * MiB) == 0
+            assert deleted_usage(os.getpid(), dev + 1) == 0  # another disk's deleted files are not this one's
+        finally:
+            os.close(again)
+    assert deleted_usage(os.getpid(), dev) == before

@@ -15,6 +15,7 @@ bounded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -362,8 +363,13 @@ def assert_contained(results: dict) -> None:
     assert not breaches(results), "not contained:\n" + "\n".join(f"  {k}: {v}" for k, v in breaches(results).items())
 
 
-@pytest.fixture(scope="module", params=[pytest.param("root", marks=pytest.mark.root), "unprivileged"])
-def env(request):
+#: the two deployments every attack runs against
+VARIANTS = [pytest.param("root", marks=pytest.mark.root), "unprivileged"]
+
+
+@contextlib.contextmanager
+def attacked(variant: str, **overrides):
+    """A daemon of ``variant`` ("root" or "unprivileged") to attack, stopped at the end; ``overrides`` its options."""
     options = dict(
         pool_size=3,
         exec_timeout=EXEC_TIMEOUT,
@@ -374,7 +380,8 @@ def env(request):
         max_kernels_per_client=32,
         preload="",
     )
-    if request.param == "root":
+    options.update(overrides)
+    if variant == "root":
         if not AM_ROOT:
             pytest.skip("the root variant needs root: the daemon drops kernels to the worker account")
         try:
@@ -408,7 +415,7 @@ def env(request):
     daemon.start()
     e = None
     try:
-        e = Env(request.param, daemon, kernel_uid)
+        e = Env(variant, daemon, kernel_uid)
         yield e
         # The module-level check: after every attack, the daemon still serves.
         e.assert_serving("all the attacks")
@@ -421,6 +428,12 @@ def env(request):
                     pass
         daemon.stop()
         shutil.rmtree(daemon.tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def env(request):
+    with attacked(request.param) as e:
+        yield e
 
 
 def secret_file(env: Env, path: str) -> str:
