@@ -296,9 +296,17 @@ class _SpawnerProcess(protocol.ProcessProtocol):
 
     outReceived = errReceived
 
+    def processExited(self, reason) -> None:
+        """
+        The spawner process itself ended. Its pipes may stay open a while
+        (its fork server shares them and is still ending its pool), but its
+        pooled kernels are no use from this moment: say so now, before a
+        new session is handed one of them.
+        """
+        self.owner._ended(self, reason.value)
+
     def processEnded(self, reason) -> None:
         self.ended.callback(reason.value)
-        self.owner._ended(self, reason.value)
 
 
 class EmbeddedSpawner:

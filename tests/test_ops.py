@@ -16,13 +16,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
 import pytest
 import websocket
 from fakes import FakeChannel, FakeZmq, kernel_info
-from support import ROOT, Client, Daemon, descendants, stdout_of
+from support import ROOT, Client, Daemon, descendants, msg, stdout_of
 from twisted.internet import task
 from twisted.internet.error import ProcessTerminated
 from twisted.python.failure import Failure
@@ -524,6 +525,62 @@ def test_dead_spawner_is_restarted_and_sessions_keep_their_kernels():
         d.stop()
 
 
+def _first_answers(d: Daemon) -> str:
+    """A new session, as a Jupyter client starts one: kernel_info, then an execution; what it saw."""
+    client = Client(d, d.new_kernel())
+    try:
+        req = client.send(msg("kernel_info_request", {}))
+        deadline = time.monotonic() + 10
+        while True:
+            m = client.recv(max(0.1, deadline - time.monotonic()))
+            if m["msg_type"] == "kernel_info_reply" and m["parent_header"].get("msg_id") == req["header"]["msg_id"]:
+                break
+            if m["msg_type"] == "status" and m["content"]["execution_state"] == "dead":
+                return "told dead"
+        reply, out = client.execute("print(6 * 7)", timeout=10)
+        return f"{reply['status']} {stdout_of(out).strip()}"
+    finally:
+        client.close()
+
+
+@pytest.mark.slow
+def test_sessions_started_as_the_spawner_dies_all_get_live_kernels():
+    """Kill -9 of the embedded spawner, then ten new sessions within two seconds: every one is answered."""
+    d = Daemon(pool_size=4, max_kernels_per_client=16).start()
+    kernel_pids: set[int] = set()
+    try:
+        d.wait_pool(4)
+        client = Client(d, d.new_kernel())
+        client.execute("x = 41")
+        (spawner,) = spawner_pids(d.log())
+        fork_servers = [
+            int(p) for p in subprocess.run(["pgrep", "-P", str(spawner)], capture_output=True, text=True).stdout.split()
+        ]
+        os.kill(spawner, signal.SIGKILL)
+        results: list[str] = []
+
+        def one(i: int) -> None:
+            time.sleep(i * 0.2)
+            try:
+                results.append(_first_answers(d))
+            except Exception as e:  # the assertion below shows it
+                results.append(f"{type(e).__name__}: {e}")
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == ["ok 42"] * 10, (results, d.log()[-5000:])
+        reply, out = client.execute("print(x + 1)")
+        assert stdout_of(out) == "42\n"
+        kernel_pids = {int(p) for p in re.findall(r"ready \(pid (\d+)\)", d.log())}
+    finally:
+        d.stop()
+    # Nothing left behind: the kernels of both spawners, and the old fork server.
+    wait_for(lambda: not any(alive(p) for p in kernel_pids | set(fork_servers)), 15, "every kernel to end")
+
+
 @pytest.mark.slow
 def test_unknown_health_path_is_404(daemon):
     assert get(daemon.url + "/healthz/nope")[0] == 404
@@ -553,7 +610,29 @@ class FakeReactor(task.Clock):
 
 
 def end_process(proto):
+    """The process is reaped, then its pipes close: Twisted's order."""
+    proto.processExited(Failure(ProcessTerminated(signal=9)))
     proto.processEnded(Failure(ProcessTerminated(signal=9)))
+
+
+def test_embedded_spawner_exit_is_reported_while_its_pipes_are_still_open(monkeypatch):
+    # The fork server shares the spawner's stderr and ends its pool for a
+    # while after the spawner is killed: its pooled kernels must be known
+    # gone from the moment the spawner process is, not when the pipes close.
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    reactor = FakeReactor()
+    sp = spawners.EmbeddedSpawner(reactor, ["spawner"], {}, "/")
+    exits = []
+    sp.on_exit.append(lambda pid, why: exits.append(pid))
+    sp.start()
+    proto = reactor.spawned[-1][0]
+    proto.processExited(Failure(ProcessTerminated(signal=9)))
+    assert exits == [1000]
+    reactor.advance(0.5)
+    assert len(reactor.spawned) == 2
+    proto.processEnded(Failure(ProcessTerminated(signal=9)))  # the pipes close later: nothing more happens
+    assert exits == [1000] and len(reactor.spawned) == 2
+    assert sp.stop().called is False  # the new process is the one to stop
 
 
 def test_embedded_spawner_restarts_with_backoff_and_reports_exits(monkeypatch):
