@@ -649,10 +649,96 @@ def test_embedded_spawner_restarts_with_backoff_and_reports_exits(monkeypatch):
         assert len(reactor.spawned) == n
         reactor.advance(0.01)
         assert len(reactor.spawned) == n + 1
-    sp.joined()  # it said hello: the next death waits 0.5 s again
+    sp.working()  # a kernel of it was ready: the next death waits 0.5 s again
     end_process(reactor.spawned[-1][0])
     reactor.advance(0.5)
     assert len(reactor.spawned) == 6
+
+
+def test_spawner_dying_at_start_backs_off_and_health_says_why(monkeypatch):
+    # Its fork server dies on an import after the spawner said hello: the
+    # hello must not reset the backoff, and /healthz says what it last wrote.
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    reactor = FakeReactor()
+    sp = spawners.EmbeddedSpawner(reactor, ["spawner"], {}, "/", restart_max=8.0)
+    svc = FakeSvc(1, 0)
+    svc.embedded = sp
+    sp.start()
+    waits = []
+    for _ in range(6):
+        proto = reactor.spawned[-1][0]
+        proto.errReceived(b"Traceback (most recent call last):\n  ...\nModuleNotFoundError: No module named 'typing'\n")
+        end_process(proto)
+        waits.append(sp.backoff)
+        reactor.advance(sp.backoff)
+    assert waits == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    why = health.Health(svc).state()["why"]
+    assert "died 6 times in a row before starting a kernel" in why
+    assert "No module named 'typing'" in why
+    sp.working()
+    assert "spawner died" not in health.Health(svc).state()["why"]
+
+
+def test_worker_python_check_names_what_fails(monkeypatch):
+    if os.geteuid() != 0:
+        pytest.skip("runs the check as the worker account: needs root")
+    ensure_accounts()
+    from sagecell_tw import config as configmod
+
+    config = configmod.build({}, {})
+    assert spawners.worker_cannot_run(config) is None  # this very Python and checkout: the tests run on them
+    monkeypatch.setattr(spawners, "WORKER_IMPORTS", "import sagecell_tw, no_such_module_xyz")
+    assert "No module named 'no_such_module_xyz'" in spawners.worker_cannot_run(config)
+    assert "does not exist" in spawners.worker_cannot_run(configmod.build({}, {"worker_user": "no-such-user-xyz"}))
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@needs_root
+def test_daemon_on_a_python_the_worker_cannot_read_stops_with_one_sentence(tmp_path):
+    """As from a pyenv under /root: a Python whose prefix is in a 0700 directory."""
+    ensure_accounts()
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "py" / "bin").mkdir(parents=True)
+    (private / "py" / "lib").mkdir()
+    base = os.path.realpath(sys._base_executable)
+    shutil.copy2(base, private / "py" / "bin" / os.path.basename(base))
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    os.symlink(os.path.dirname(os.__file__), private / "py" / "lib" / version)
+    venv = private / "venv"
+    subprocess.run(
+        [str(private / "py" / "bin" / os.path.basename(base)), "-m", "venv", "--without-pip", str(venv)], check=True
+    )
+    # This venv's packages (Twisted ...), readable by root only through it.
+    site = [p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix)]
+    (venv / "lib" / version / "site-packages" / "outer.pth").write_text("\n".join(site) + "\n")
+    d = Daemon(pool_size=1)
+    started = time.monotonic()
+    out = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            "sagecell",
+            *d.args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=d.tmp,
+        env=d.env,
+        timeout=60,
+    )
+    try:
+        assert out.returncode != 0 and time.monotonic() - started < 30
+        lines = (out.stdout + out.stderr).strip().splitlines()
+        assert len(lines) == 1, lines
+        assert "sagecell-worker" in lines[0] and "Permission denied" in lines[0] and "/opt/sagecell_tw/venv" in lines[0]
+        assert "spawner" not in out.stdout  # none was started, none restarted
+    finally:
+        shutil.rmtree(d.tmp, ignore_errors=True)
 
 
 def test_embedded_spawner_is_not_restarted_once_root_is_dropped(monkeypatch):
@@ -739,7 +825,7 @@ class FakeSvc:
         self.sessions = type("S", (), {"routes": [1, 2], "observers": []})()
         s = self.sessions
         s.msgs_to_kernels, s.bytes_to_kernels, s.msgs_from_kernels, s.bytes_from_kernels = 5, 500, 7, 7000
-        self.embedded = type("E", (), {"restarts": 2})()
+        self.embedded = type("E", (), {"restarts": 2, "failed_starts": 0, "failure": ""})()
 
 
 @pytest.mark.parametrize(
