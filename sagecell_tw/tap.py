@@ -43,7 +43,7 @@ HELP = {
     "open_files": "most open files per kernel",
     "disk_quota": "most bytes in a kernel's working directory",
     "network": "let kernels use the network (true/false; for trusted deployments)",
-    "exec_timeout": "wall-clock limit of one execution, seconds (interrupt, then kill)",
+    "exec_timeout": "wall-clock limit of one execution, seconds (interrupt, then kill); default 30, as SageMathCell's",
     "idle_timeout": "end a session idle this long, seconds",
     "disconnect_timeout": "end a session with no browser connected this long, seconds",
     "max_lifetime": "end any session this old, seconds",

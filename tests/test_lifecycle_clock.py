@@ -165,6 +165,17 @@ class SessionTimingTests(Base):
         # The daemon restarted it on its own: Jupyter clients hear an auto-restart.
         self.assertEqual(conn.states()[-3:], ["restarting", "starting", "idle"])
 
+    def test_by_default_an_execution_is_interrupted_after_30_s_as_on_sagemathcell(self):
+        self.sessions = SessionManager(self.kernels, configmod.build({}, {}), self.clock)
+        session, conn = self.connect()
+        self.sessions.start()
+        req = messages.Message.build("shell", "execute_request", {"code": "while True: pass"}, session="browser")
+        self.sessions.send(session, req, conn)
+        self.clock.pump([1] * 29)
+        self.assertNotIn("longer than the limit", conn.texts())
+        self.clock.pump([1])
+        self.assertIn("longer than the limit of 30 s", conn.texts())
+
     def test_requested_restart_is_not_announced_as_an_auto_restart(self):
         # @jupyterlab/services takes status "restarting" for "the kernel died
         # and the server restarted it" (JupyterLab: "appears to have died").
