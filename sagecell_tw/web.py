@@ -6,6 +6,9 @@ demo page. Built by the tap; resources reach the managers through the service.
 
 from __future__ import annotations
 
+# Twisted parses a request's Content-Type with the email package, which
+# imports this (~3 ms) on the first such request: import it at start instead.
+import email.policy  # noqa: F401
 import os
 
 from autobahn.twisted.resource import WebSocketResource

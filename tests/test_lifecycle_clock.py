@@ -73,6 +73,14 @@ class KernelManagerTests(Base):
         self.assertEqual(kernel.state, "pooled")
         self.assertEqual(list(self.kernels.pool), [kernel])
 
+    def test_a_kernel_knows_its_iopub_is_live_once_it_delivered(self):
+        self.kernels.kernel_ready(info(1), self.spawner)
+        kernel = self.kernels.kernels["k1"]
+        self.clock.pump([NUDGE_INTERVAL] * 3)
+        self.assertFalse(kernel.iopub_live)
+        iopub_welcome(kernel)
+        self.assertTrue(kernel.iopub_live)
+
     def test_kernel_whose_warm_up_never_ends_is_pooled_anyway(self):
         self.kernels.kernel_ready(info(1), self.spawner)
         kernel = self.kernels.kernels["k1"]
