@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_kernels -*-
+# -*- test-case-name: tests.test_lifecycle_clock -*-
 """
 Kernel lifecycle on the daemon's side: the pool, taking, killing, deaths.
 

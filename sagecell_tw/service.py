@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_service -*-
+# -*- test-case-name: tests.test_ops -*-
 """
 The daemon as one Twisted service: wires the control channel, the embedded
 spawner, the kernel and session managers and the web site together, and

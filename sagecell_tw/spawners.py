@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_spawners -*-
+# -*- test-case-name: tests.test_ops -*-
 """
 The daemon's side of the spawner control channel, and the embedded spawner.
 
@@ -484,7 +484,6 @@ def spawner_env() -> dict:
     return env
 
 
-
 #: what the worker account must import for the embedded spawner and its fork server to run
 WORKER_IMPORTS = "import sagecell_tw.spawner, sagecell_tw.forkserver, ipykernel.kernelapp"
 
@@ -524,4 +523,5 @@ def worker_cannot_run(config, python: str = sys.executable) -> str | None:
     if out.returncode == 0:
         return None
     lines = out.stderr.decode(errors="replace").strip().splitlines()
-    return f"the worker account {account.name!r} cannot import sagecell_tw with {python} ({lines[-1] if lines else f'exit status {out.returncode}'})"
+    said = lines[-1] if lines else f"exit status {out.returncode}"
+    return f"the worker account {account.name!r} cannot import sagecell_tw with {python} ({said})"

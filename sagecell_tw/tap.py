@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.test_config -*-
 """
 ``twistd sagecell``: options in, services out. Only wiring happens here.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_api -*-
+# -*- test-case-name: tests.test_tls -*-
 """
 The site: one resource tree for the API, the WebSockets, the widget and the
 demo page. Built by the tap; resources reach the managers through the service.
