@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from service_identity.cryptography import verify_certificate_hostname
 from support import Client, Daemon, stdout_of
+from twisted.internet import defer
+from twisted.trial import unittest
 
 MAX_CONNECTIONS = 6
 
@@ -203,3 +205,57 @@ def test_connection_limit_counts_tls_connections(tls_daemon):
             pass
         assert time.monotonic() < deadline, "the closed connections still count"
         time.sleep(0.1)
+
+
+class NoDelayTests(unittest.TestCase):
+    """
+    Every HTTP connection, plain or TLS, through the per-client counting
+    wrapper, has TCP_NODELAY: a response is never held back by Nagle's
+    algorithm waiting for a client's delayed ACK (~40 ms).
+    """
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="sagecell-nodelay-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    @defer.inlineCallbacks
+    def check(self, endpoint: str, tls: bool):
+        from twisted.internet import endpoints, reactor
+        from twisted.web import resource, server
+
+        from sagecell_tw.web import ConnectionsPerClient, _socket_of
+
+        seen = defer.Deferred()
+
+        class Probe(resource.Resource):
+            isLeaf = True
+
+            def render(self, request):
+                sock = _socket_of(request.channel.transport).getHandle()
+                seen.callback(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                return b"ok"
+
+        port = yield endpoints.serverFromString(reactor, endpoint).listen(ConnectionsPerClient(server.Site(Probe()), 8))
+        self.addCleanup(port.stopListening)
+        number = port.getHost().port
+
+        def get():
+            raw = socket.create_connection(("127.0.0.1", number), timeout=10)
+            if tls:
+                raw = ssl._create_unverified_context().wrap_socket(raw)
+            with raw:
+                raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                return raw.recv(100)
+
+        from twisted.internet.threads import deferToThread
+
+        answer = yield deferToThread(get)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200"))
+        self.assertTrue((yield seen))
+
+    def test_plain(self):
+        return self.check("tcp:0:interface=127.0.0.1", tls=False)
+
+    def test_tls(self):
+        key, cert = self_signed(self.tmp)
+        return self.check(f"ssl:0:privateKey={key}:certKey={cert}:interface=127.0.0.1", tls=True)
