@@ -815,6 +815,31 @@ def test_embedded_spawner_process_end_loses_it_at_once():
     channel.close()
 
 
+def test_a_killed_spawners_pooled_kernels_are_not_handed_out(monkeypatch):
+    """From the moment its process is reaped, while its fork server still holds the pipes."""
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    reactor = FakeReactor()
+    zmq = FakeZmq()
+    manager = kernels.KernelManager(zmq, reactor, max_kernels=8, shutdown_grace=1.0, wait_timeout=5.0)
+    channel = spawners.ControlChannel(zmq, "ipc:///x", manager, reactor)
+    channel.listen()
+    sp = spawners.EmbeddedSpawner(reactor, ["spawner"], {}, "/")
+    sp.on_exit.append(lambda pid, why: channel.lost_process(pid, why))  # as the service wires it
+    sp.start()
+    hear = zmq.routers[0].on_message
+    hear([b"s", json.dumps({"event": "hello", "name": "s", "pid": sp.pid}).encode()])
+    hear([b"s", json.dumps({"event": "ready", "kernel": kernel_info("k1")}).encode()])
+    manager.kernels["k1"]._warm()
+    reactor.spawned[-1][0].processExited(Failure(ProcessTerminated(signal=9)))
+    taken = manager.take()
+    assert not taken.called  # it waits for the next spawner's kernel
+    hear([b"t", json.dumps({"event": "hello", "name": "t", "pid": 2}).encode()])
+    hear([b"t", json.dumps({"event": "ready", "kernel": kernel_info("k2")}).encode()])
+    manager.kernels["k2"]._warm()
+    assert taken.result.id == "k2"
+    channel.close()
+
+
 class FakeSvc:
     def __init__(self, spawners_connected: int, pooled: int):
         self.control = type("C", (), {"spawners": {i: None for i in range(spawners_connected)}})()
