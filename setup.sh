@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Set up sagecell_tw on this machine: Debian packages (as root), the worker
 # account (as root), the widget bundle, and a virtualenv with the package.
+# Everything the tests need too, so that `./setup.sh && .venv/bin/python -m
+# pytest -q` works on a fresh machine (SAGECELL_TEST_PACKAGES=0: only what
+# the service needs).
 #
 # As root the venv lives in /opt/sagecell_tw/venv (the unprivileged worker
 # account must be able to read the Python that kernels run on) and .venv
@@ -8,19 +11,29 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# python3-venv: the virtualenv. For the tests: chromium (the widget in a
+# headless browser), curl (TLS as curl speaks it), iproute2 (network
+# namespaces for the worker-host tests), procps (pgrep).
+packages=(python3 python3-venv)
+test_packages=(chromium curl iproute2 procps)
+if [ "${SAGECELL_TEST_PACKAGES:-1}" != 0 ]; then
+    packages+=("${test_packages[@]}")
+fi
+missing=()
+for pkg in "${packages[@]}"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+
 if [ "$(id -u)" = 0 ]; then
     venv=${SAGECELL_VENV:-/opt/sagecell_tw/venv}
-    missing=()
-    for pkg in python3 python3-venv; do
-        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
-    done
     # A nodejs from elsewhere may bring its own npm (and conflict with Debian's).
     command -v node >/dev/null 2>&1 || missing+=(nodejs)
     if [ ${#missing[@]} -gt 0 ]; then
+        export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
         apt-get install -y -qq "${missing[@]}"
     fi
-    command -v npm >/dev/null 2>&1 || apt-get install -y -qq npm
+    command -v npm >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm
     if ! id sagecell-worker >/dev/null 2>&1 || ! id sagecell >/dev/null 2>&1; then
         if command -v systemd-sysusers >/dev/null 2>&1; then
             # An absolute path: a relative one is taken as a name in sysusers.d, and ignored.
@@ -34,6 +47,9 @@ if [ "$(id -u)" = 0 ]; then
     fi
 else
     venv=${SAGECELL_VENV:-$PWD/.venv}
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "setup.sh: not root, so not installing the Debian packages ${missing[*]}; the tests that need them will fail" >&2
+    fi
 fi
 
 # The widget: npm packages from the lock file, bundled into sagecell_tw/static.

@@ -63,7 +63,7 @@ class Config:
     open_files: int = 256
     disk_quota: int = 200 << 20
     network: bool = False
-    exec_timeout: float = 60.0
+    exec_timeout: float = 30.0
     idle_timeout: float = 900.0
     disconnect_timeout: float = 60.0
     max_lifetime: float = 4 * 3600.0

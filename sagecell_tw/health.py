@@ -8,6 +8,8 @@
   least one kernel is forked and ready, else 503 (readiness: a load balancer
   stops sending new visitors). Both carry the same JSON body:
   ``{"live", "ready", "spawners", "pool", "kernels", "sessions", "why"}``.
+  ``why`` also carries what the embedded spawner said as it died, while it
+  keeps dying before its first kernel (a fault only a later start shows).
 
 No token: probes must not need a secret, and the body holds only counts.
 """
@@ -34,9 +36,16 @@ class Health:
             why.append("no spawner is connected")
         if not pool:
             why.append("no kernel is ready in the pool")
+        ready = not why
+        embedded = getattr(svc, "embedded", None)
+        if embedded is not None and embedded.failed_starts:
+            why.append(
+                f"the spawner died {embedded.failed_starts} times in a row before starting a kernel "
+                f"(last: {embedded.failure})"
+            )
         return {
             "live": True,
-            "ready": not why,
+            "ready": ready,
             "spawners": spawners,
             "pool": pool,
             "kernels": svc.kernels.live_count(),

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_kernels -*-
+# -*- test-case-name: tests.test_lifecycle_clock -*-
 """
 Kernel lifecycle on the daemon's side: the pool, taking, killing, deaths.
 
@@ -69,6 +69,8 @@ class Kernel:
         self._nudges = 0
         #: msg_id of the silent warm-up execution, once iopub is live
         self._warm_up_id: str | None = None
+        #: our iopub subscription has delivered: nothing it publishes from now on is lost
+        self.iopub_live = False
         self.born = clock.seconds()
         self.death_reason = ""
         #: set by the session that owns the kernel
@@ -142,6 +144,7 @@ class Kernel:
         """A message while warming: iopub is live (warm up), or the warm-up is done (pool)."""
         if channel != "iopub":
             return
+        self.iopub_live = True
         if self._warm_up_id is None:
             self._warm_up()
             return

@@ -377,11 +377,13 @@ class ServiceRun:
     expects of a WebSocket (``deliver``, ``close_for``, ``client_sessions``):
     sends one execute_request, gathers the output, and ends the session.
 
-    A kernel taken the moment it became ready may not have our iopub
-    subscription in place yet, and zmq drops what it publishes before that
-    (its ``iopub_welcome`` arrives after the output). So, as Jupyter Server
-    does, we first nudge it with ``kernel_info_request`` until something of
-    its own comes back on iopub, and only then send the code.
+    A kernel whose iopub has not yet delivered to us may not have our
+    subscription in place, and zmq drops what it publishes before that (its
+    ``iopub_welcome`` arrives after the output). So, as Jupyter Server does,
+    we first nudge such a kernel with ``kernel_info_request`` until something
+    of its own comes back on iopub, and only then send the code. A kernel
+    from the pool has proven its iopub in its warm-up (``Kernel.iopub_live``):
+    it gets the code at once, which saves the nudge's round trip.
     """
 
     def __init__(self, sessions, session, clock, max_output: int):
@@ -419,7 +421,11 @@ class ServiceRun:
         self.timeout = timeout
         self._timer = self.clock.callLater(timeout, self._expired)
         self.sessions.connect(self.session, self)
-        self._send_nudge()
+        kernel = self.session.kernel
+        if kernel is not None and getattr(kernel, "iopub_live", False):
+            self._heard_iopub()  # proven by the pool's warm-up: no round trip to wait for
+        else:
+            self._send_nudge()
         return self.done
 
     def _send_nudge(self) -> None:

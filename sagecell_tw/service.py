@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_service -*-
+# -*- test-case-name: tests.test_ops -*-
 """
 The daemon as one Twisted service: wires the control channel, the embedded
 spawner, the kernel and session managers and the web site together, and
@@ -134,10 +134,14 @@ class SageCellService(service.MultiService):
         self.embedded = spawners.EmbeddedSpawner(
             self.reactor, argv, spawners.spawner_env(), self.run_dir, self.config.spawner_restart_max
         )
-        self.control.observers.append(lambda event, sp: event == "joined" and self.embedded.joined())
+        self.kernels.observers.append(self._embedded_kernel_ready)
         self.embedded.on_exit.append(lambda pid, why: self.control.lost_process(pid, f"its process ended ({why})"))
         self.embedded.on_cannot_restart.append(self._cannot_restart_spawner)
         self.embedded.start()
+
+    def _embedded_kernel_ready(self, event: str, kernel) -> None:
+        if event == "ready" and getattr(kernel.spawner, "hello", {}).get("pid") == self.embedded.pid:
+            self.embedded.working()
 
     def _cannot_restart_spawner(self, why: str) -> None:
         """Stop cleanly: the service manager (systemd's Restart=always) starts us again as root."""

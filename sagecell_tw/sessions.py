@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_sessions -*-
+# -*- test-case-name: tests.test_lifecycle_clock -*-
 """
 Web sessions: each gets its own kernel, and its messages go to that kernel.
 
@@ -41,6 +41,8 @@ OUTPUT_ACCOUNTS = 16
 UNCAPPED = frozenset({"status", "execute_input", "error", "clear_output", "iopub_welcome", "shutdown_reply", "debug_event"})
 #: after an interrupt for the time limit, how long before the kernel is killed
 KILL_AFTER_INTERRUPT = 5.0
+#: how many kernels in a row a session swaps silently for ones that died before running its code
+MAX_EARLY_DEATHS = 3
 
 
 def _size(msg: Message) -> int:
@@ -103,6 +105,12 @@ class SessionManager:
         #: A hook may return a Deferred of a message to send before "idle"
         #: (news that takes a round trip): iopub is held until it fires.
         self.on_execute_done: list[Callable[[WebSession, dict], None]] = []
+        #: session id -> (its kernel, [(msg, conn)] sent to it and not yet answered), while
+        #: that kernel has not started any of the session's code: if it dies now,
+        #: the session loses nothing, and those go to a fresh kernel (``_kernel_died``)
+        self._unproven: dict[str, tuple] = {}
+        #: session id -> kernels it lost that way in a row
+        self._early_deaths: dict[str, int] = {}
 
     def start(self) -> None:
         self._sweeper.start(1.0, now=False)
@@ -144,6 +152,8 @@ class SessionManager:
         if session.closed:
             return defer.succeed(None)
         session.closed = True
+        self._unproven.pop(session.id, None)
+        self._early_deaths.pop(session.id, None)
         kernel = self.routes.detach(session)
         self.routes.remove(session)
         session.execution_state = "dead"
@@ -198,6 +208,7 @@ class SessionManager:
             self._settle(session, NoKernelAvailable("this session has ended"))
             return
         self.routes.attach(session, kernel)
+        self._unproven[session.id] = (kernel, [])
         if session.paused:
             kernel.pause_reading()
         kernel.on_message = lambda msg: self._from_kernel(session, kernel, msg)
@@ -219,6 +230,7 @@ class SessionManager:
         self._settle(session)
 
     def _no_kernel(self, failure, session: WebSession) -> None:
+        """No kernel came: every waiting request gets an error reply, every connection a notice and status dead."""
         self._settle(session, failure)
         if session.closed:
             return
@@ -229,9 +241,14 @@ class SessionManager:
         for msg, conn in pending:
             self._refuse(conn, msg, why)
         self._broadcast(session, messages.stream(f"[sagecell] {why}\n", DAEMON_SESSION))
+        session.execution_state = "dead"
+        self._broadcast(session, messages.status("dead", DAEMON_SESSION))
 
     def _kernel_died(self, session: WebSession, kernel, reason: str) -> None:
         if session.kernel is not kernel:
+            return
+        unproven = self._unproven.pop(session.id, None)
+        if unproven is not None and unproven[0] is kernel and self._replace_early(session, kernel, reason, unproven[1]):
             return
         self.routes.detach(session)
         session.executions.clear()
@@ -242,6 +259,48 @@ class SessionManager:
         self._event("kernel_died", session, reason)
         self._broadcast(session, messages.stream(f"\n[sagecell] The kernel died: {reason}.\n", DAEMON_SESSION))
         self._broadcast(session, messages.status("dead", DAEMON_SESSION))
+
+    def _replace_early(self, session: WebSession, kernel, reason: str, unanswered: list) -> bool:
+        """
+        The kernel died before it started any of the session's code (it was
+        handed out as its spawner died, or died in the pool unseen): the
+        session has lost nothing, so it takes a fresh kernel, as an
+        unroutable message does, and what the dead one never answered goes
+        there. False after ``MAX_EARLY_DEATHS`` in a row: then it is reported.
+        """
+        deaths = self._early_deaths.get(session.id, 0) + 1
+        if deaths > MAX_EARLY_DEATHS:
+            return False
+        self._early_deaths[session.id] = deaths
+        self.routes.detach(session)
+        session.executions.clear()
+        log.info(
+            "the kernel of session {session} died before running its code ({reason}): taking another",
+            event="session_kernel_replaced",
+            session=session.id,
+            kernel=kernel.id,
+            reason=reason,
+        )
+        session.pending[:0] = unanswered
+        self._ensure_kernel(session).addErrback(lambda _f: None)
+        return True
+
+    def _proven(self, session: WebSession, kernel, msg: Message, parent: dict) -> None:
+        """
+        A message from a kernel not yet known to run the session's code:
+        once it starts an execution (anything with an execute_request for
+        parent) the session has state there; before that, a reply only
+        crosses its request off the list to send again.
+        """
+        unproven = self._unproven.get(session.id)
+        if unproven is None or unproven[0] is not kernel:
+            return
+        if parent.get("msg_type") == "execute_request":
+            del self._unproven[session.id]
+            self._early_deaths.pop(session.id, None)
+        elif msg.channel != "iopub":
+            answered = parent.get("msg_id")
+            unproven[1][:] = [(m, c) for m, c in unproven[1] if m.msg_id != answered]
 
     def restart(self, session: WebSession, automatic: bool = False) -> defer.Deferred:
         """
@@ -339,6 +398,13 @@ class SessionManager:
         if not kernel.send(msg):
             session.executions.pop(msg.msg_id, None)
             self._refuse(conn, msg, "the kernel is not keeping up; message dropped")
+            return
+        unproven = self._unproven.get(session.id)
+        if unproven is not None and unproven[0] is kernel:
+            if len(unproven[1]) < MAX_PENDING:
+                unproven[1].append((msg, conn))
+            else:  # too much to send again: it counts as having state
+                del self._unproven[session.id]
 
     def _refuse(self, conn, msg: Message, why: str) -> None:
         if conn is None:
@@ -352,6 +418,8 @@ class SessionManager:
         self.msgs_from_kernels += 1
         self.bytes_from_kernels += _size(msg)
         parent = msg.parent_dict
+        if session.id in self._unproven:
+            self._proven(session, kernel, msg, parent)
         if msg.channel == "iopub":
             msg_type = msg.msg_type
             if msg_type not in UNCAPPED and self.config.max_output_bytes:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_spawners -*-
+# -*- test-case-name: tests.test_ops -*-
 """
 The daemon's side of the spawner control channel, and the embedded spawner.
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 from twisted.internet import defer, protocol
@@ -21,6 +22,8 @@ from twisted.logger import Logger
 log = Logger()
 
 PING_INTERVAL = 1.0
+#: after this many spawners in a row die before their first kernel, say so loudly (and in /healthz)
+FAILED_STARTS_TO_TELL = 3
 SILENCE = 5.0
 #: a request to a spawner (files on a worker host) fails after this long ...
 REQUEST_TIMEOUT = 10.0
@@ -285,20 +288,31 @@ class _SpawnerProcess(protocol.ProcessProtocol):
         self.owner = owner
         self.ended: defer.Deferred = defer.Deferred()
         self._buf = b""
+        #: the last line it wrote (a traceback's last line says what killed it)
+        self.last_line = ""
 
     def errReceived(self, data: bytes) -> None:
         self._buf += data
         *lines, self._buf = self._buf.split(b"\n")
         for line in lines[-50:]:
             if line.strip():
-                log.info("spawner: {line}", line=line.decode(errors="replace"))
+                self.last_line = line.decode(errors="replace").strip()[:500]
+                log.info("spawner: {line}", line=self.last_line)
         self._buf = self._buf[-4096:]
 
     outReceived = errReceived
 
+    def processExited(self, reason) -> None:
+        """
+        The spawner process itself ended. Its pipes may stay open a while
+        (its fork server shares them and is still ending its pool), but its
+        pooled kernels are no use from this moment: say so now, before a
+        new session is handed one of them.
+        """
+        self.owner._ended(self, reason.value)
+
     def processEnded(self, reason) -> None:
         self.ended.callback(reason.value)
-        self.owner._ended(self, reason.value)
 
 
 class EmbeddedSpawner:
@@ -326,6 +340,12 @@ class EmbeddedSpawner:
         self.restarts = 0
         self.backoff = 0.5
         self._restart_call = None
+        #: a kernel of the current process has been ready (``working``)
+        self._worked = False
+        #: spawners in a row that died before one of their kernels was ready
+        self.failed_starts = 0
+        #: what the last of them said as it died ("" once one works)
+        self.failure = ""
 
     def start(self) -> None:
         if self.proc is None and self.restarts == 0:
@@ -340,6 +360,7 @@ class EmbeddedSpawner:
                 hook(why)
             return
         self.proc = _SpawnerProcess(self)
+        self._worked = False
         self.transport = self.reactor.spawnProcess(
             self.proc, self.argv[0], self.argv, env=self.env, path=self.cwd, childFDs={0: "w", 1: "r", 2: "r"}
         )
@@ -354,6 +375,17 @@ class EmbeddedSpawner:
             hook(self.pid, str(reason))
         if self.stopping:
             return
+        if not self._worked:
+            self.failed_starts += 1
+            self.failure = f"{reason} {proc.last_line}".strip()
+            if self.failed_starts == FAILED_STARTS_TO_TELL:
+                log.critical(
+                    "the spawner died {n} times in a row before starting a kernel (last: {failure}); "
+                    "restarting it less and less often",
+                    event="spawner_failing",
+                    n=self.failed_starts,
+                    failure=self.failure,
+                )
         self.restarts += 1
         log.error(
             "the spawner died ({reason}); restarting it in {delay:.1f} s",
@@ -370,9 +402,17 @@ class EmbeddedSpawner:
         if not self.stopping:
             self.start()
 
-    def joined(self) -> None:
-        """The spawner said hello: it works, so the next failure starts the backoff afresh."""
+    def working(self) -> None:
+        """
+        A kernel of this spawner is ready: it works, so the next failure
+        starts the backoff afresh. Not its hello: a spawner whose fork
+        server dies at start says hello first, and the backoff would never
+        grow.
+        """
+        self._worked = True
         self.backoff = 0.5
+        self.failed_starts = 0
+        self.failure = ""
 
     def stop(self, timeout: float = 10.0) -> defer.Deferred:
         """TERM, wait, KILL; fires when the process has ended."""
@@ -443,3 +483,45 @@ def spawner_env() -> dict:
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
+
+#: what the worker account must import for the embedded spawner and its fork server to run
+WORKER_IMPORTS = "import sagecell_tw.spawner, sagecell_tw.forkserver, ipykernel.kernelapp"
+
+
+def worker_cannot_run(config, python: str = sys.executable) -> str | None:
+    """
+    Why the worker account cannot run the embedded spawner on ``python``, or None.
+
+    The spawner starts as root and drops to the worker account before it
+    imports most of what it needs, so a Python or packages only root can
+    read (a pyenv or conda Python under /root, a virtualenv in a 0700 home)
+    fail only then, at every restart. The same imports, run once at start
+    as that account with the spawner's environment, find it out first.
+    """
+    from .sandbox import lookup_account
+
+    try:
+        account = lookup_account(config.worker_user)
+    except LookupError as e:
+        return str(e)
+    try:
+        out = subprocess.run(
+            [python, "-c", WORKER_IMPORTS],
+            env=spawner_env(),
+            cwd="/",
+            user=account.uid,
+            group=account.gid,
+            extra_groups=[],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=120,
+        )
+    except OSError as e:
+        return f"the worker account {account.name!r} cannot run {python} ({e.strerror})"
+    except subprocess.TimeoutExpired:
+        return None  # slow, not broken: the spawner will tell
+    if out.returncode == 0:
+        return None
+    lines = out.stderr.decode(errors="replace").strip().splitlines()
+    said = lines[-1] if lines else f"exit status {out.returncode}"
+    return f"the worker account {account.name!r} cannot import sagecell_tw with {python} ({said})"

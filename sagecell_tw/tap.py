@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.test_config -*-
 """
 ``twistd sagecell``: options in, services out. Only wiring happens here.
 
@@ -6,6 +6,8 @@ This is the one module that touches the global reactor.
 """
 
 from __future__ import annotations
+
+import os
 
 from twisted.application import strports
 from twisted.python import usage
@@ -41,7 +43,7 @@ HELP = {
     "open_files": "most open files per kernel",
     "disk_quota": "most bytes in a kernel's working directory",
     "network": "let kernels use the network (true/false; for trusted deployments)",
-    "exec_timeout": "wall-clock limit of one execution, seconds (interrupt, then kill)",
+    "exec_timeout": "wall-clock limit of one execution, seconds (interrupt, then kill); default 30, as SageMathCell's",
     "idle_timeout": "end a session idle this long, seconds",
     "disconnect_timeout": "end a session with no browser connected this long, seconds",
     "max_lifetime": "end any session this old, seconds",
@@ -112,6 +114,22 @@ def _more_open_files(most: int = 1 << 16) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+def check_worker_python(config) -> None:
+    """
+    Stop at once, with one sentence, if the worker account cannot run this
+    Python and sagecell_tw (as it must: the spawner drops to it), instead of
+    restarting a spawner that dies at start again and again.
+    """
+    from . import spawners
+
+    why = spawners.worker_cannot_run(config)
+    if why:
+        raise SystemExit(
+            f"sagecell: {why}: install sagecell_tw where that account can read it "
+            "(as root, ./setup.sh puts a virtualenv in /opt/sagecell_tw/venv) and run twistd from there."
+        )
+
+
 class _NoReactor:
     """Parsing an endpoint string only stores the reactor; the real one is not ours to install here."""
 
@@ -123,6 +141,8 @@ def makeService(options: Options):
     from .web import ConnectionsPerClient, build_site
 
     config = options.config
+    if config.embedded_spawner and os.geteuid() == 0:
+        check_worker_python(config)
     _more_open_files()
     top = SageCellService(config, reactor)
     site = build_site(top, config, reactor)

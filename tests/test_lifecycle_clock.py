@@ -7,14 +7,14 @@ fake that records takes and kills.
 
 import json
 
-from fakes import FakeConnection, FakeSpawner, FakeZmq, iopub_welcome, kernel_info, publish, warm_up_request
+from fakes import FakeConnection, FakeSpawner, FakeZmq, iopub_welcome, kernel_info, publish, warm_up_request, wire
 from twisted.internet import task
 from twisted.trial import unittest
 
 from sagecell_tw import config as configmod
 from sagecell_tw import messages
 from sagecell_tw.kernels import NUDGE_INTERVAL, NUDGE_TRIES, KernelManager, NoKernelAvailable
-from sagecell_tw.sessions import KILL_AFTER_INTERRUPT, LimitExceeded, SessionManager
+from sagecell_tw.sessions import KILL_AFTER_INTERRUPT, MAX_EARLY_DEATHS, LimitExceeded, SessionManager
 
 
 def info(n):
@@ -72,6 +72,14 @@ class KernelManagerTests(Base):
         publish(kernel, messages.status("idle", "k", {"msg_id": req.msg_id}))
         self.assertEqual(kernel.state, "pooled")
         self.assertEqual(list(self.kernels.pool), [kernel])
+
+    def test_a_kernel_knows_its_iopub_is_live_once_it_delivered(self):
+        self.kernels.kernel_ready(info(1), self.spawner)
+        kernel = self.kernels.kernels["k1"]
+        self.clock.pump([NUDGE_INTERVAL] * 3)
+        self.assertFalse(kernel.iopub_live)
+        iopub_welcome(kernel)
+        self.assertTrue(kernel.iopub_live)
 
     def test_kernel_whose_warm_up_never_ends_is_pooled_anyway(self):
         self.kernels.kernel_ready(info(1), self.spawner)
@@ -165,6 +173,17 @@ class SessionTimingTests(Base):
         # The daemon restarted it on its own: Jupyter clients hear an auto-restart.
         self.assertEqual(conn.states()[-3:], ["restarting", "starting", "idle"])
 
+    def test_by_default_an_execution_is_interrupted_after_30_s_as_on_sagemathcell(self):
+        self.sessions = SessionManager(self.kernels, configmod.build({}, {}), self.clock)
+        session, conn = self.connect()
+        self.sessions.start()
+        req = messages.Message.build("shell", "execute_request", {"code": "while True: pass"}, session="browser")
+        self.sessions.send(session, req, conn)
+        self.clock.pump([1] * 29)
+        self.assertNotIn("longer than the limit", conn.texts())
+        self.clock.pump([1])
+        self.assertIn("longer than the limit of 30 s", conn.texts())
+
     def test_requested_restart_is_not_announced_as_an_auto_restart(self):
         # @jupyterlab/services takes status "restarting" for "the kernel died
         # and the server restarted it" (JupyterLab: "appears to have died").
@@ -204,9 +223,84 @@ class SessionTimingTests(Base):
         self.assertEqual(shell[-1][1], messages.Signer("secret").sign([header, parent, meta, content]))
         self.assertEqual(json.loads(content)["code"], "1")
 
+    def execute(self, session, conn, code="1"):
+        """The browser asks for an execution, and the kernel starts it (busy, with it for parent)."""
+        req = messages.Message.build("shell", "execute_request", {"code": code}, session="browser")
+        self.sessions.send(session, req, conn)
+        publish(session.kernel, messages.status("busy", "k", req.header_dict))
+        return req
+
+    def sent_to(self, kernel, msg_type):
+        """The msg_ids of ``msg_type`` requests the daemon sent ``kernel`` on shell."""
+        return [
+            m.msg_id
+            for m in (messages.from_wire("shell", parts) for parts in kernel.sockets["shell"].sent)
+            if m.msg_type == msg_type and m.header_dict.get("session") == "browser"
+        ]
+
     def test_dead_kernel_is_reported(self):
         session, conn = self.connect()
+        self.execute(session, conn, "x = 1")
         self.kernels.kernel_dead("k1", "the kernel was killed by SIGKILL")
         self.assertEqual(conn.states()[-1], "dead")
         self.assertIn("SIGKILL", conn.texts())
         self.assertIsNone(session.kernel)
+
+    def test_kernel_dead_before_running_anything_is_replaced_and_asked_again(self):
+        # A kernel handed out as its spawner died: it never answers.
+        session, conn = self.connect()
+        first = session.kernel
+        info_req = messages.Message.build("shell", "kernel_info_request", {}, session="browser")
+        self.sessions.send(session, info_req, conn)
+        exec_req = messages.Message.build("shell", "execute_request", {"code": "print(1)"}, session="browser")
+        self.sessions.send(session, exec_req, conn)
+        self.kernels.kernel_dead("k1", "the kernel ended while no spawner watched it")
+        # Nothing is reported: the session lost nothing, and waits for the next kernel.
+        self.assertEqual(conn.notices(), [])
+        self.assertNotIn("dead", conn.states())
+        self.assertEqual([m.msg_id for m, _ in session.pending], [info_req.msg_id, exec_req.msg_id])
+        second = self.ready(2)
+        self.assertIs(session.kernel, second)
+        self.assertIsNot(second, first)
+        self.assertEqual(self.sent_to(second, "kernel_info_request"), [info_req.msg_id])
+        self.assertEqual(self.sent_to(second, "execute_request"), [exec_req.msg_id])
+
+    def test_only_unanswered_requests_go_to_the_fresh_kernel(self):
+        session, conn = self.connect()
+        info_req = messages.Message.build("shell", "kernel_info_request", {}, session="browser")
+        self.sessions.send(session, info_req, conn)
+        reply = messages.Message.build("shell", "kernel_info_reply", {"status": "ok"}, info_req.header_dict)
+        session.kernel.sockets["shell"].on_message(wire(reply))
+        self.assertEqual(conn.got[-1].msg_type, "kernel_info_reply")
+        self.kernels.kernel_dead("k1", "gone")
+        self.assertNotIn("dead", conn.states())
+        second = self.ready(2)
+        self.assertIs(session.kernel, second)
+        self.assertEqual(self.sent_to(second, "kernel_info_request"), [])
+
+    def test_early_deaths_in_a_row_are_reported_after_a_few(self):
+        session, conn = self.connect()
+        for n in range(2, 2 + MAX_EARLY_DEATHS):
+            self.kernels.kernel_dead(session.kernel.id, "died at once")
+            self.assertNotIn("dead", conn.states())
+            self.ready(n)
+        self.kernels.kernel_dead(session.kernel.id, "died at once")
+        self.assertEqual(conn.states()[-1], "dead")
+        self.assertIn("died at once", conn.texts())
+
+    def test_kernel_dead_early_with_none_to_be_had_says_so(self):
+        session, conn = self.connect()
+        info_req = messages.Message.build("shell", "kernel_info_request", {}, session="browser")
+        self.sessions.send(session, info_req, conn)
+        self.kernels.kernel_dead("k1", "gone")
+        self.clock.advance(5.1)  # the kernel manager's wait_timeout
+        refusal = conn.got[-3]
+        self.assertEqual((refusal.msg_type, refusal.parent_dict["msg_id"]), ("kernel_info_reply", info_req.msg_id))
+        self.assertEqual(refusal.content_dict()["status"], "error")
+        self.assertIn("no kernel became ready", conn.notices()[-1].content_dict()["text"])
+        self.assertEqual(conn.states()[-1], "dead")
+        # The next request is unroutable again: it takes a kernel as soon as there is one.
+        self.sessions.send(session, messages.Message.build("shell", "kernel_info_request", {}, session="browser"), conn)
+        kernel = self.ready(2)
+        self.assertIs(session.kernel, kernel)
+        self.assertEqual(conn.states()[-1], "idle")

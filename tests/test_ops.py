@@ -16,13 +16,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
 import pytest
 import websocket
 from fakes import FakeChannel, FakeZmq, kernel_info
-from support import ROOT, Client, Daemon, descendants, stdout_of
+from support import ROOT, Client, Daemon, descendants, msg, stdout_of
 from twisted.internet import task
 from twisted.internet.error import ProcessTerminated
 from twisted.python.failure import Failure
@@ -522,6 +523,62 @@ def test_dead_spawner_is_restarted_and_sessions_keep_their_kernels():
         d.stop()
 
 
+def _first_answers(d: Daemon) -> str:
+    """A new session, as a Jupyter client starts one: kernel_info, then an execution; what it saw."""
+    client = Client(d, d.new_kernel())
+    try:
+        req = client.send(msg("kernel_info_request", {}))
+        deadline = time.monotonic() + 10
+        while True:
+            m = client.recv(max(0.1, deadline - time.monotonic()))
+            if m["msg_type"] == "kernel_info_reply" and m["parent_header"].get("msg_id") == req["header"]["msg_id"]:
+                break
+            if m["msg_type"] == "status" and m["content"]["execution_state"] == "dead":
+                return "told dead"
+        reply, out = client.execute("print(6 * 7)", timeout=10)
+        return f"{reply['status']} {stdout_of(out).strip()}"
+    finally:
+        client.close()
+
+
+@pytest.mark.slow
+def test_sessions_started_as_the_spawner_dies_all_get_live_kernels():
+    """Kill -9 of the embedded spawner, then ten new sessions within two seconds: every one is answered."""
+    d = Daemon(pool_size=4, max_kernels_per_client=16).start()
+    kernel_pids: set[int] = set()
+    try:
+        d.wait_pool(4)
+        client = Client(d, d.new_kernel())
+        client.execute("x = 41")
+        (spawner,) = spawner_pids(d.log())
+        fork_servers = [
+            int(p) for p in subprocess.run(["pgrep", "-P", str(spawner)], capture_output=True, text=True).stdout.split()
+        ]
+        os.kill(spawner, signal.SIGKILL)
+        results: list[str] = []
+
+        def one(i: int) -> None:
+            time.sleep(i * 0.2)
+            try:
+                results.append(_first_answers(d))
+            except Exception as e:  # the assertion below shows it
+                results.append(f"{type(e).__name__}: {e}")
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == ["ok 42"] * 10, (results, d.log()[-5000:])
+        reply, out = client.execute("print(x + 1)")
+        assert stdout_of(out) == "42\n"
+        kernel_pids = {int(p) for p in re.findall(r"ready \(pid (\d+)\)", d.log())}
+    finally:
+        d.stop()
+    # Nothing left behind: the kernels of both spawners, and the old fork server.
+    wait_for(lambda: not any(alive(p) for p in kernel_pids | set(fork_servers)), 15, "every kernel to end")
+
+
 @pytest.mark.slow
 def test_unknown_health_path_is_404(daemon):
     assert get(daemon.url + "/healthz/nope")[0] == 404
@@ -551,7 +608,29 @@ class FakeReactor(task.Clock):
 
 
 def end_process(proto):
+    """The process is reaped, then its pipes close: Twisted's order."""
+    proto.processExited(Failure(ProcessTerminated(signal=9)))
     proto.processEnded(Failure(ProcessTerminated(signal=9)))
+
+
+def test_embedded_spawner_exit_is_reported_while_its_pipes_are_still_open(monkeypatch):
+    # The fork server shares the spawner's stderr and ends its pool for a
+    # while after the spawner is killed: its pooled kernels must be known
+    # gone from the moment the spawner process is, not when the pipes close.
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    reactor = FakeReactor()
+    sp = spawners.EmbeddedSpawner(reactor, ["spawner"], {}, "/")
+    exits = []
+    sp.on_exit.append(lambda pid, why: exits.append(pid))
+    sp.start()
+    proto = reactor.spawned[-1][0]
+    proto.processExited(Failure(ProcessTerminated(signal=9)))
+    assert exits == [1000]
+    reactor.advance(0.5)
+    assert len(reactor.spawned) == 2
+    proto.processEnded(Failure(ProcessTerminated(signal=9)))  # the pipes close later: nothing more happens
+    assert exits == [1000] and len(reactor.spawned) == 2
+    assert sp.stop().called is False  # the new process is the one to stop
 
 
 def test_embedded_spawner_restarts_with_backoff_and_reports_exits(monkeypatch):
@@ -568,10 +647,96 @@ def test_embedded_spawner_restarts_with_backoff_and_reports_exits(monkeypatch):
         assert len(reactor.spawned) == n
         reactor.advance(0.01)
         assert len(reactor.spawned) == n + 1
-    sp.joined()  # it said hello: the next death waits 0.5 s again
+    sp.working()  # a kernel of it was ready: the next death waits 0.5 s again
     end_process(reactor.spawned[-1][0])
     reactor.advance(0.5)
     assert len(reactor.spawned) == 6
+
+
+def test_spawner_dying_at_start_backs_off_and_health_says_why(monkeypatch):
+    # Its fork server dies on an import after the spawner said hello: the
+    # hello must not reset the backoff, and /healthz says what it last wrote.
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    reactor = FakeReactor()
+    sp = spawners.EmbeddedSpawner(reactor, ["spawner"], {}, "/", restart_max=8.0)
+    svc = FakeSvc(1, 0)
+    svc.embedded = sp
+    sp.start()
+    waits = []
+    for _ in range(6):
+        proto = reactor.spawned[-1][0]
+        proto.errReceived(b"Traceback (most recent call last):\n  ...\nModuleNotFoundError: No module named 'typing'\n")
+        end_process(proto)
+        waits.append(sp.backoff)
+        reactor.advance(sp.backoff)
+    assert waits == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    why = health.Health(svc).state()["why"]
+    assert "died 6 times in a row before starting a kernel" in why
+    assert "No module named 'typing'" in why
+    sp.working()
+    assert "spawner died" not in health.Health(svc).state()["why"]
+
+
+def test_worker_python_check_names_what_fails(monkeypatch):
+    if os.geteuid() != 0:
+        pytest.skip("runs the check as the worker account: needs root")
+    ensure_accounts()
+    from sagecell_tw import config as configmod
+
+    config = configmod.build({}, {})
+    assert spawners.worker_cannot_run(config) is None  # this very Python and checkout: the tests run on them
+    monkeypatch.setattr(spawners, "WORKER_IMPORTS", "import sagecell_tw, no_such_module_xyz")
+    assert "No module named 'no_such_module_xyz'" in spawners.worker_cannot_run(config)
+    assert "does not exist" in spawners.worker_cannot_run(configmod.build({}, {"worker_user": "no-such-user-xyz"}))
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@needs_root
+def test_daemon_on_a_python_the_worker_cannot_read_stops_with_one_sentence(tmp_path):
+    """As from a pyenv under /root: a Python whose prefix is in a 0700 directory."""
+    ensure_accounts()
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "py" / "bin").mkdir(parents=True)
+    (private / "py" / "lib").mkdir()
+    base = os.path.realpath(sys._base_executable)
+    shutil.copy2(base, private / "py" / "bin" / os.path.basename(base))
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    os.symlink(os.path.dirname(os.__file__), private / "py" / "lib" / version)
+    venv = private / "venv"
+    subprocess.run(
+        [str(private / "py" / "bin" / os.path.basename(base)), "-m", "venv", "--without-pip", str(venv)], check=True
+    )
+    # This venv's packages (Twisted ...), readable by root only through it.
+    site = [p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix)]
+    (venv / "lib" / version / "site-packages" / "outer.pth").write_text("\n".join(site) + "\n")
+    d = Daemon(pool_size=1)
+    started = time.monotonic()
+    out = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            "sagecell",
+            *d.args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=d.tmp,
+        env=d.env,
+        timeout=60,
+    )
+    try:
+        assert out.returncode != 0 and time.monotonic() - started < 30
+        lines = (out.stdout + out.stderr).strip().splitlines()
+        assert len(lines) == 1, lines
+        assert "sagecell-worker" in lines[0] and "Permission denied" in lines[0] and "/opt/sagecell_tw/venv" in lines[0]
+        assert "spawner" not in out.stdout  # none was started, none restarted
+    finally:
+        shutil.rmtree(d.tmp, ignore_errors=True)
 
 
 def test_embedded_spawner_is_not_restarted_once_root_is_dropped(monkeypatch):
@@ -648,6 +813,31 @@ def test_embedded_spawner_process_end_loses_it_at_once():
     channel.close()
 
 
+def test_a_killed_spawners_pooled_kernels_are_not_handed_out(monkeypatch):
+    """From the moment its process is reaped, while its fork server still holds the pipes."""
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    reactor = FakeReactor()
+    zmq = FakeZmq()
+    manager = kernels.KernelManager(zmq, reactor, max_kernels=8, shutdown_grace=1.0, wait_timeout=5.0)
+    channel = spawners.ControlChannel(zmq, "ipc:///x", manager, reactor)
+    channel.listen()
+    sp = spawners.EmbeddedSpawner(reactor, ["spawner"], {}, "/")
+    sp.on_exit.append(lambda pid, why: channel.lost_process(pid, why))  # as the service wires it
+    sp.start()
+    hear = zmq.routers[0].on_message
+    hear([b"s", json.dumps({"event": "hello", "name": "s", "pid": sp.pid}).encode()])
+    hear([b"s", json.dumps({"event": "ready", "kernel": kernel_info("k1")}).encode()])
+    manager.kernels["k1"]._warm()
+    reactor.spawned[-1][0].processExited(Failure(ProcessTerminated(signal=9)))
+    taken = manager.take()
+    assert not taken.called  # it waits for the next spawner's kernel
+    hear([b"t", json.dumps({"event": "hello", "name": "t", "pid": 2}).encode()])
+    hear([b"t", json.dumps({"event": "ready", "kernel": kernel_info("k2")}).encode()])
+    manager.kernels["k2"]._warm()
+    assert taken.result.id == "k2"
+    channel.close()
+
+
 class FakeSvc:
     def __init__(self, spawners_connected: int, pooled: int):
         self.control = type("C", (), {"spawners": {i: None for i in range(spawners_connected)}})()
@@ -658,7 +848,7 @@ class FakeSvc:
         self.sessions = type("S", (), {"routes": [1, 2], "observers": []})()
         s = self.sessions
         s.msgs_to_kernels, s.bytes_to_kernels, s.msgs_from_kernels, s.bytes_from_kernels = 5, 500, 7, 7000
-        self.embedded = type("E", (), {"restarts": 2})()
+        self.embedded = type("E", (), {"restarts": 2, "failed_starts": 0, "failure": ""})()
 
 
 @pytest.mark.parametrize(

@@ -343,6 +343,22 @@ def test_service_waits_for_iopub_before_running_the_code():
     assert kinds[-1] == "execute_request" and kinds.count("kernel_info_request") >= 3
 
 
+def test_service_runs_the_code_at_once_on_a_kernel_whose_iopub_is_live():
+    # A kernel from the pool proved its iopub in its warm-up: no kernel_info round trip first.
+    w = World()
+    take = w.kernels.take
+
+    def live_kernel():
+        kernel = take().result
+        kernel.iopub_live = True
+        return defer.succeed(kernel)
+
+    w.kernels.take = live_kernel
+    status, body, _ = w.call("POST", "/service", {"code": "print(2)"})
+    assert status == 200 and body["stdout"] == "ran print(2)\n"
+    assert [m.msg_type for m in w.kernels.shut[0].sent] == ["execute_request"]
+
+
 @pytest.mark.parametrize(
     "args,status,words",
     [
