@@ -228,6 +228,7 @@ class FilesResource(JsonResource):
     """One request under ``.../files/``."""
 
     methods = ("GET", "PUT", "POST")
+    takes_body = "upload"
 
     def __init__(self, files: KernelFiles, kernel_id: str, segments: list[str], prefix: str):
         super().__init__(files.policy)

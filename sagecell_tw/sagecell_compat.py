@@ -153,6 +153,10 @@ class WithCors(resource.Resource):
         self.policy = policy
         self.methods = methods
 
+    @property
+    def takes_body(self):
+        return getattr(self.wrapped, "takes_body", None)
+
     def render(self, request):
         if request.method == b"OPTIONS":
             return self.policy.preflight(request, self.methods)
@@ -251,9 +255,14 @@ class SageCellCompat:
 class KernelRoot(resource.Resource):
     """``/kernel`` and everything under it."""
 
+    #: ``POST /kernel`` itself is KernelCreate's: what LimitedRequest asks before reading its body
+    takes_body = "json"
+    needs_token = True
+
     def __init__(self, compat: SageCellCompat):
         super().__init__()
         self.compat = compat
+        self.policy = compat.policy
 
     def render(self, request):
         return KernelCreate(self.compat).render(request)
