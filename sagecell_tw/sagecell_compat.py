@@ -27,6 +27,7 @@ Not here: its SockJS transport (``/sockjs``, frames prefixed
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import uuid
@@ -54,6 +55,8 @@ REPLY_GRACE = 1.0
 #: /service: how often to nudge a kernel whose iopub is not yet heard from.
 NUDGE_EVERY = 0.05
 MAX_PAGE_ID = 256
+#: /service: bytes of output all runs together may hold (or one run's --max-output-bytes, if more)
+SERVICE_OUTPUT_BUDGET = 32 << 20
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
 
@@ -185,6 +188,8 @@ class SageCellCompat:
         self._enders: dict = {}
         self.sessions.observers.append(self._observe)
         self.sessions.on_execute_done.append(self._execute_done)
+        #: output all /service runs hold at once, while they run
+        self.service_output = OutputBudget(max(SERVICE_OUTPUT_BUDGET, self.config.max_output_bytes))
 
     def kernel_resource(self) -> resource.Resource:
         return KernelRoot(self)
@@ -368,10 +373,47 @@ class Service(JsonResource):
         session = compat.api.new_kernel(request, None)
         if config.log_code:
             log.info("service code from {client}: {code!r}", client=client, code=code)
-        run = ServiceRun(compat.sessions, session, compat.clock, config.max_output_bytes)
+        run = ServiceRun(compat.sessions, session, compat.clock, config.max_output_bytes, compat.service_output)
         d = run.start(code, expressions, timeout)
         request.notifyFinish().addErrback(lambda _f: run.abandon())
         return d
+
+
+def reply_size(text: str) -> int:
+    """The bytes ``text`` takes in a JSON reply (escaped as ``write_json`` escapes it)."""
+    return len(json.dumps(text)) - 2
+
+
+def fit(text: str, room: float) -> str:
+    """The longest start of ``text`` (or near it) that takes at most ``room`` bytes in a reply."""
+    k = int(min(len(text), room))
+    for _ in range(32):
+        size = reply_size(text[:k])
+        if size <= room:
+            return text[:k]
+        k = k * int(room) // size
+    return text[: int(room) // 12]  # every character takes at most 12 bytes escaped
+
+
+class OutputBudget:
+    """
+    Bytes of output all /service runs hold at once, while they wait for
+    their code to finish. Each run holds up to --max-output-bytes; together,
+    at most ``limit``: a run that finds no room is answered with what it has.
+    """
+
+    def __init__(self, limit: float):
+        self.limit = limit
+        self.held = 0
+
+    def room(self) -> float:
+        return max(0, self.limit - self.held)
+
+    def take(self, n: int) -> None:
+        self.held += n
+
+    def give_back(self, n: int) -> None:
+        self.held = max(0, self.held - n)
 
 
 class ServiceRun:
@@ -387,11 +429,12 @@ class ServiceRun:
     its own comes back on iopub, and only then send the code.
     """
 
-    def __init__(self, sessions, session, clock, max_output: int):
+    def __init__(self, sessions, session, clock, max_output: int, budget: OutputBudget | None = None):
         self.sessions = sessions
         self.session = session
         self.clock = clock
         self.max_output = max_output or float("inf")
+        self.budget = budget or OutputBudget(float("inf"))
         self.client_session = uuid.uuid4().hex
         self.client_sessions: set[str] = {self.client_session}
         self.streams: dict[str, list[str]] = {"stdout": [], "stderr": []}
@@ -485,13 +528,30 @@ class ServiceRun:
     # -- ending ---------------------------------------------------------------
 
     def _stream(self, content: dict) -> None:
+        """
+        Keep a stream's text, counted as the bytes it will take in the reply
+        (JSON-escaped), up to --max-output-bytes and what the budget of all
+        runs leaves; at either, keep what fits and answer now, with the notice.
+        """
         name, text = content.get("name"), content.get("text")
         if name not in self.streams or not isinstance(text, str):
             return
-        self.output_size += len(text)
-        if self.output_size > self.max_output:
-            self._finish(f"the output went over the limit of {self.max_output} characters and was cut off")
+        size = reply_size(text)
+        room = min(self.max_output - self.output_size, self.budget.room())
+        if size > room:
+            kept = fit(text, room)
+            self._hold(name, kept, reply_size(kept))
+            if self.max_output - self.output_size <= self.budget.room():
+                why = f"the output went over the limit of {self.max_output} bytes and was cut off"
+            else:
+                why = "the output went over what the server holds for /service runs at once and was cut off"
+            self._finish(why)
             return
+        self._hold(name, text, size)
+
+    def _hold(self, name: str, text: str, size: int) -> None:
+        self.output_size += size
+        self.budget.take(size)
         self.streams[name].append(text)
 
     def _expired(self) -> None:
@@ -511,6 +571,7 @@ class ServiceRun:
     def _finish(self, error: str | None = None, status: int = 200) -> None:
         if self.done.called:
             return
+        self.budget.give_back(self.output_size)
         for call in (self._timer, self._grace, self._nudge):
             if call is not None and call.active():
                 call.cancel()
