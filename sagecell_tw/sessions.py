@@ -21,6 +21,7 @@ from collections.abc import Callable
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from . import messages
 from .kernels import KernelManager, NoKernelAvailable
@@ -233,7 +234,9 @@ class SessionManager:
             try:
                 self._count_restart(session, session.client)
             except LimitExceeded as e:
-                return defer.fail(NoKernelAvailable(str(e)))
+                failure = Failure(NoKernelAvailable(str(e)))
+                self._no_kernel(failure, session)  # what waits for the kernel hears why
+                return defer.fail(failure)
         waiter: defer.Deferred = defer.Deferred()
         session.claim_waiters.append(waiter)
         if not session.claiming:
