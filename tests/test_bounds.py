@@ -58,7 +58,13 @@ def daemon():
 @pytest.fixture(scope="module")
 def open_daemon():
     """No token; small limits, so that going over them is cheap."""
-    d = Daemon(pool_size=2, max_message_size=MAX_MESSAGE, max_output_bytes=OUTPUT_CAP, max_restarts_per_minute=3).start()
+    d = Daemon(
+        pool_size=2,
+        max_message_size=MAX_MESSAGE,
+        max_output_bytes=OUTPUT_CAP,
+        max_restarts_per_minute=3,
+        max_kernels_per_client=32,
+    ).start()
     try:
         yield d
     finally:
@@ -263,7 +269,9 @@ class RestartLimitTests(Base):
         for _ in range(3):
             self.kernels.kernel_dead(session.kernel.id, "os._exit")
             self.ready_kernel()
-            self.sessions.send(session, self.browser("execute_request", content={"code": "import os; os._exit(0)"}), conn)
+            self.sessions.send(
+                session, self.browser("execute_request", content={"code": "import os; os._exit(0)"}), conn
+            )
             self.assertIsNotNone(session.kernel)
         self.kernels.kernel_dead(session.kernel.id, "os._exit")
         self.ready_kernel()
@@ -316,7 +324,11 @@ class KernelForgeryTests(Base):
 
 def test_debug_request_is_refused_with_a_jupyter_error():
     frame = json.dumps(
-        {"channel": "control", "header": {"msg_id": "d1", "msg_type": "debug_request"}, "content": {"command": "initialize"}}
+        {
+            "channel": "control",
+            "header": {"msg_id": "d1", "msg_type": "debug_request"},
+            "content": {"command": "initialize"},
+        }
     )
     with pytest.raises(BadMessage) as e:
         messages.parse_json_frame(frame.encode())
@@ -522,14 +534,17 @@ def test_a_kernel_cannot_pass_for_the_daemon_end_to_end(open_daemon):
     reply, outputs = ws.run(FORGE)
     ws.close()
     assert reply["status"] == "ok", reply
-    assert not [m for m in outputs if m["header"]["session"] == DAEMON_SESSION or "FORGED:" in m["content"].get("text", "")]
+    assert not [
+        m for m in outputs if m["header"]["session"] == DAEMON_SESSION or "FORGED:" in m["content"].get("text", "")
+    ]
 
 
 MALFORMED = """
 import json
 k = get_ipython().kernel
 parent = json.dumps(k.get_parent()["header"], default=str).encode()
-for bad in [b'{"name": "stdout", "text": "RAW-NAN", "n": NaN}', b'{"name": "stdout", "text": "RAW-\\xff"}', b'["RAW-LIST"]']:
+raw = b"RAW" + b"-"  # not in the code, which the kernel echoes
+for bad in [b'{"name": "stdout", "text": "' + raw + b'", "n": NaN}', b'{"name": "stdout", "text": "' + raw + b'\\xff"}', b'["' + raw + b'"]']:
     h = k.session.msg_header("stream")
     k.session.send_raw(k.iopub_socket, [json.dumps(h, default=str).encode(), parent, b"{}", bad])
 print("sent")
