@@ -27,7 +27,6 @@ Not here: its SockJS transport (``/sockjs``, frames prefixed
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import uuid
@@ -40,7 +39,17 @@ from twisted.web import resource
 from . import messages
 from .messages import Message
 from .sessions import DAEMON_SESSION
-from .webbase import EXPOSED_HEADERS, HTTPError, JsonResource, NotFound, Policy, Response, client_address, read_json
+from .webbase import (
+    EXPOSED_HEADERS,
+    HTTPError,
+    JsonResource,
+    NotFound,
+    Policy,
+    Response,
+    client_address,
+    json_bytes,
+    read_json,
+)
 
 log = Logger()
 
@@ -55,8 +64,9 @@ REPLY_GRACE = 1.0
 #: /service: how often to nudge a kernel whose iopub is not yet heard from.
 NUDGE_EVERY = 0.05
 MAX_PAGE_ID = 256
-#: /service: bytes of output all runs together may hold (or one run's --max-output-bytes, if more)
-SERVICE_OUTPUT_BUDGET = 32 << 20
+#: /service: bytes of output all runs together may hold until their replies
+#: are written out (or one run's --max-output-bytes, if more)
+SERVICE_OUTPUT_BUDGET = 16 << 20
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
 
@@ -375,13 +385,14 @@ class Service(JsonResource):
             log.info("service code from {client}: {code!r}", client=client, code=code)
         run = ServiceRun(compat.sessions, session, compat.clock, config.max_output_bytes, compat.service_output)
         d = run.start(code, expressions, timeout)
-        request.notifyFinish().addErrback(lambda _f: run.abandon())
+        # The output stays held until the reply is written out, or the client gone.
+        request.notifyFinish().addErrback(lambda _f: run.abandon()).addBoth(lambda _: run.release())
         return d
 
 
 def reply_size(text: str) -> int:
-    """The bytes ``text`` takes in a JSON reply (escaped as ``write_json`` escapes it)."""
-    return len(json.dumps(text)) - 2
+    """The bytes ``text`` takes in a JSON reply (as ``json_bytes`` writes it)."""
+    return len(json_bytes(text)) - 2
 
 
 def fit(text: str, room: float) -> str:
@@ -397,9 +408,10 @@ def fit(text: str, room: float) -> str:
 
 class OutputBudget:
     """
-    Bytes of output all /service runs hold at once, while they wait for
-    their code to finish. Each run holds up to --max-output-bytes; together,
-    at most ``limit``: a run that finds no room is answered with what it has.
+    Bytes of output all /service runs hold at once, from the first print
+    until their replies are written out. Each run holds up to
+    --max-output-bytes; together, at most ``limit``: a run that finds no
+    room is answered with what it has.
     """
 
     def __init__(self, limit: float):
@@ -563,6 +575,12 @@ class ServiceRun:
         else:
             self._finish(f"the computation ran for longer than the limit of {self.timeout:g} s and was stopped")
 
+    def release(self) -> None:
+        """The reply is out (or never will be): its output no longer counts against the budget."""
+        self.budget.give_back(self.output_size)
+        self.output_size = 0
+        self.streams = {"stdout": [], "stderr": []}
+
     def abandon(self) -> None:
         """The client went away: stop computing for nobody."""
         if not self.done.called:
@@ -571,7 +589,6 @@ class ServiceRun:
     def _finish(self, error: str | None = None, status: int = 200) -> None:
         if self.done.called:
             return
-        self.budget.give_back(self.output_size)
         for call in (self._timer, self._grace, self._nudge):
             if call is not None and call.active():
                 call.cancel()

@@ -43,12 +43,21 @@ def write_json(request, status: int, body) -> None:
     request.setResponseCode(status)
     if status in (204, 304):
         return  # no body, and no Content-Length claiming one
-    data = json.dumps(body).encode()
+    data = json_bytes(body)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
     request.setHeader(b"content-length", str(len(data)).encode())
     if request.method != b"HEAD":
         request.write(data)
+
+
+def json_bytes(body) -> bytes:
+    """
+    ``body`` as UTF-8 JSON: non-ASCII text as itself, not six-byte escapes
+    (a third of the size, and quicker to make, for output in other scripts).
+    A lone surrogate, which UTF-8 cannot hold, becomes "?".
+    """
+    return json.dumps(body, ensure_ascii=False).encode("utf-8", "replace")
 
 
 def error_body(status: int, message: str, reason: str | None = None) -> dict:
