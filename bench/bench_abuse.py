@@ -176,8 +176,14 @@ def attack_ws_frames(d: Daemon) -> dict:
 def attack_service(d: Daemon) -> dict:
     def run() -> dict:
         status, body = http(d.port, "POST", "/service", {"code": "print('é' * 7_800_000)"}, timeout=120)
-        encoded = len(json.dumps(body)) if body else 0
-        return {"status": status, "reply_bytes": encoded, "error": (body or {}).get("error", "")[:80]}
+        body = body if isinstance(body, dict) else {}
+        stdout = body.get("stdout") or ""
+        return {
+            "status": status,
+            "stdout_chars": len(stdout),
+            "reply_bytes": len(json.dumps(body, ensure_ascii=False).encode()),
+            "error": (body.get("error") or "")[:60],
+        }
 
     runs = _parallel([run] * 8)
     return {"runs": runs, "largest_reply_bytes": max(r["reply_bytes"] for r in runs if isinstance(r, dict))}

@@ -33,8 +33,10 @@ import uuid
 from urllib.parse import parse_qs
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IPullProducer
 from twisted.logger import Logger
 from twisted.web import resource
+from zope.interface import implementer
 
 from . import messages
 from .messages import Message
@@ -389,6 +391,60 @@ class Service(JsonResource):
         request.notifyFinish().addErrback(lambda _f: run.abandon()).addBoth(lambda _: run.release())
         return d
 
+    def _finish(self, result, request) -> None:
+        if not isinstance(result, ServiceReply):
+            super()._finish(result, request)
+            return
+        if request._disconnected:
+            result.run.release()
+            return
+        data = json_bytes(result.body)
+        result.body = None
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-length", str(len(data)).encode())
+        request.registerProducer(_Chunks(request, data), False)
+
+
+class ServiceReply(Response):
+    """A /service answer, with the run whose output it holds until it is written out."""
+
+    def __init__(self, body: dict, run):
+        super().__init__(200, body)
+        self.run = run
+
+
+@implementer(IPullProducer)
+class _Chunks:
+    """
+    Writes a reply a piece at a time, as the client reads it: the transport
+    never holds more than a piece, and the output stays counted against the
+    /service budget (``ServiceRun.release``, on finish) until the last piece.
+    """
+
+    PIECE = 64 << 10
+
+    def __init__(self, request, data: bytes):
+        self.request = request
+        self.data = memoryview(data)
+        self.sent = 0
+
+    def resumeProducing(self) -> None:
+        if self.request._disconnected:
+            return
+        piece = self.data[self.sent : self.sent + self.PIECE]
+        self.sent += len(piece)
+        if piece:
+            self.request.write(piece.tobytes())
+        if self.sent >= len(self.data):
+            self.data = memoryview(b"")
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def stopProducing(self) -> None:
+        self.data = memoryview(b"")
+
 
 def reply_size(text: str) -> int:
     """The bytes ``text`` takes in a JSON reply (as ``json_bytes`` writes it)."""
@@ -606,7 +662,7 @@ class ServiceRun:
             if error is not None:
                 body["stderr"] += f"\n[sagecell] {error[:1].upper()}{error[1:]}.\n"
                 body["error"] = error
-            self.done.callback(Response(200, body))
+            self.done.callback(ServiceReply(body, self))
         elapsed = self.clock.seconds() - self.started
         log.debug("service run in {session} took {ms:.1f} ms", session=self.session.id, ms=1000 * elapsed)
         self.sessions.shutdown(self.session, "shut down")
