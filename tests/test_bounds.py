@@ -33,7 +33,7 @@ from sagecell_tw import config as configmod
 from sagecell_tw import files, messages, websocket
 from sagecell_tw.kernels import KernelManager
 from sagecell_tw.messages import BadMessage, Message
-from sagecell_tw.sagecell_compat import fit, reply_size
+from sagecell_tw.sagecell_compat import OutputBudget, ServiceRun, fit, reply_size
 from sagecell_tw.sessions import DAEMON_SESSION, LimitExceeded, RateLimit, SessionManager
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
@@ -592,3 +592,40 @@ def test_debug_request_is_refused_end_to_end(open_daemon):
     assert "not allowed" in m["content"]["evalue"]
     assert ws.run("import sys; 'debugpy' in sys.modules")[0]["status"] == "ok"
     ws.close()
+
+
+class _ServiceSessions:
+    def disconnect(self, session, conn):
+        pass
+
+    def shutdown(self, session, reason):
+        pass
+
+
+def test_service_runs_share_one_output_budget():
+    budget = OutputBudget(100)
+    clock = task.Clock()
+    session = type("S", (), {"id": "s", "kernel": None})()
+    first = ServiceRun(_ServiceSessions(), session, clock, 1000, budget)
+    second = ServiceRun(_ServiceSessions(), session, clock, 1000, budget)
+    first._stream({"name": "stdout", "text": "a" * 80})
+    second._stream({"name": "stdout", "text": "b" * 80})
+    replies = []
+    second.done.addCallback(replies.append)
+    [reply] = replies
+    assert reply.body["stdout"] == "b" * 20 and "holds for /service runs at once" in reply.body["error"]
+    assert "[sagecell]" in reply.body["stderr"]
+    assert budget.held == 100
+    second.release()  # its reply is written out
+    assert budget.held == 80
+    first._stream({"name": "stdout", "text": "c" * 1000})
+    first.done.addCallback(replies.append)
+    assert replies[-1].body["stdout"] == "a" * 80 + "c" * 20
+    first.release()
+    assert budget.held == 0
+    alone = ServiceRun(_ServiceSessions(), session, clock, 1000, OutputBudget(1 << 20))
+    alone._stream({"name": "stderr", "text": "é" * 1000})  # 2,000 bytes in the reply: over its own cap
+    alone.done.addCallback(replies.append)
+    assert (
+        replies[-1].body["stderr"].startswith("é" * 500 + "\n[sagecell] The output went over the limit of 1000 bytes")
+    )
