@@ -26,8 +26,11 @@ log = Logger()
 ALLOWED_HEADERS = "Authorization, Content-Type, X-XSRFToken, X-Requested-With, Range"
 #: what a multipart upload may add to the file's own --max-upload-size: boundaries and part headers
 UPLOAD_FRAMING = 64 << 10
-#: after refusing a body, how long we read on (dropping it) before closing
+#: after refusing a body, how long and how much of it we read on (dropping
+#: it) before closing: a client still sending a body a little over a limit
+#: gets to read the answer; one sending far more gets a reset connection soon
 LINGER = 2.0
+LINGER_BYTES = 16 << 20
 EXPOSED_HEADERS = "Content-Disposition, Content-Range, Content-Length, Accept-Ranges, Location"
 
 
@@ -228,10 +231,11 @@ class LimitedRequest(server.Request):
     has one. A body that resource would refuse (none wanted, a wrong or
     missing token, larger than its limit) is answered at once with a JSON
     error, nothing of it is stored, and the connection closes when the body
-    has gone by or ``LINGER`` seconds have, whichever is first. A client
+    has gone by, or ``LINGER`` seconds or ``LINGER_BYTES`` have, whichever
+    is first. A client
     that waits for ``100 Continue`` (curl does, for large bodies) or reads
     while it sends sees the answer at once; one that only sends sees it if
-    its body goes by within ``LINGER``, else a reset connection.
+    its body goes by within those bounds, else a reset connection.
     """
 
     #: body kind -> bytes; the site's factory sets these from the config
@@ -242,6 +246,7 @@ class LimitedRequest(server.Request):
     form_args_limit = 1 << 20
     _multipart: bytes | None = None
     _refused = False
+    _dropped = 0
     _linger = None
     _limit = 0
     _received = 0
@@ -372,6 +377,9 @@ class LimitedRequest(server.Request):
 
     def handleContentChunk(self, data):
         if self._refused:
+            self._dropped += len(data)
+            if self._dropped > LINGER_BYTES:
+                self._close()
             return
         self._received += len(data)
         if self._received > self._limit:
