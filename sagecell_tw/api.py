@@ -295,7 +295,10 @@ class KernelAction(JsonResource):
         if self.action == "interrupt":
             self.api.sessions.interrupt(session)
             return Response(204, None)
-        d = self.api.sessions.restart(session)
+        try:
+            d = self.api.sessions.restart(session, client=client_address(request))
+        except LimitExceeded as e:
+            raise HTTPError(e.status, str(e)) from None
 
         def failed(f):
             raise HTTPError(503, f"restart failed: {f.getErrorMessage()}")

@@ -56,6 +56,7 @@ class Config:
     max_kernels: int = 64
     max_kernels_per_client: int = 8
     max_kernels_per_page: int = 4  # SageMathCell's POST /kernel, per CellSessionID
+    max_restarts_per_minute: int = 6  # per session; per client address, three times this
     address_space: int = 1 << 30
     cpu_seconds: int = 600
     processes: int = 64
@@ -89,6 +90,7 @@ class Config:
             "max_kernels",
             "max_kernels_per_client",
             "max_kernels_per_page",
+            "max_restarts_per_minute",
             "max_message_size",
             "open_files",
             "max_sockets_per_session",
@@ -103,6 +105,7 @@ class Config:
         _positive("max-kernels", self.max_kernels)
         _positive("max-kernels-per-client", self.max_kernels_per_client)
         _positive("max-kernels-per-page", self.max_kernels_per_page)
+        _positive("max-restarts-per-minute", self.max_restarts_per_minute)
         _positive("max-message-size", self.max_message_size)
         _positive("max-sockets-per-session", self.max_sockets_per_session)
         _positive("max-connections-per-client", self.max_connections_per_client)

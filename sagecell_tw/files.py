@@ -66,6 +66,7 @@ from urllib.parse import quote
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 from twisted.web import resource, server, static
 
 from . import messages, remote_files
@@ -83,6 +84,12 @@ from .filestore import (
 from .webbase import HTTPError, JsonResource, Response
 
 log = Logger()
+
+#: the scan after an execution: threads for it, and how long one may walk,
+#: and wait in line, before the session's output goes on without its news
+SCAN_THREADS = 2
+SCAN_SECONDS = 0.5
+SCAN_QUEUE_SECONDS = 2.0
 
 #: shown inline unless ?download=1 (scriptless raster formats; not SVG)
 INLINE_TYPES = frozenset(
@@ -228,6 +235,7 @@ class FilesResource(JsonResource):
     """One request under ``.../files/``."""
 
     methods = ("GET", "PUT", "POST")
+    takes_body = "upload"
 
     def __init__(self, files: KernelFiles, kernel_id: str, segments: list[str], prefix: str):
         super().__init__(files.policy)
@@ -325,6 +333,19 @@ class FilesResource(JsonResource):
         return result
 
 
+def scan_workdir(workdir: str, owner: int) -> dict | None:
+    """A kernel dir's files (path -> lstat), or None if it cannot be opened. Runs in a thread."""
+    try:
+        root = open_workdir(workdir, owner)
+    except (FileError, OSError):
+        return None
+    try:
+        found, _ = scan(root, seconds=SCAN_SECONDS)
+    finally:
+        os.close(root)
+    return found
+
+
 class KernelFiles:
     """Kernel files over HTTP, and the ``sagecell.files`` news after each execution."""
 
@@ -343,6 +364,8 @@ class KernelFiles:
         self.locks: dict[str, defer.DeferredLock] = {}
         #: files of kernels on worker hosts, over their spawners' control links
         self.remote = remote_files.RemoteFiles(reactor)
+        #: threads for the scans after executions, started when first needed
+        self._pool: ThreadPool | None = None
         sessions.on_execute_done.append(self.execute_done)
         sessions.observers.append(self._observe)
 
@@ -431,18 +454,28 @@ class KernelFiles:
                 log.info("no file news from kernel {kernel}: {why}", kernel=kernel.id, why=failure.getErrorMessage())
 
             return d.addCallbacks(scanned, failed)
-        try:
-            root = open_workdir(kernel.workdir, self.kernel_uid)
-        except (FileError, OSError):
-            return
-        try:
-            found, _ = scan(root)
-        finally:
-            os.close(root)
-        news = self._report(session, kernel, parent, found)
-        if news is not None:
-            self.sessions.broadcast(session, news)
-        return None
+        # In a thread of a small pool, as a worker host scans on its own:
+        # ten thousand files take the reactor long enough to slow every
+        # other session's round trip. Bounded in entries and time.
+        d = deferToThreadPool(self.reactor, self._scan_pool(), scan_workdir, kernel.workdir, self.kernel_uid)
+        d.addTimeout(SCAN_SECONDS + SCAN_QUEUE_SECONDS, self.reactor)
+
+        def scanned(found):
+            if found is None or session.kernel is not kernel:
+                return None
+            return self._report(session, kernel, parent, found)
+
+        def failed(failure):
+            log.info("no file news from kernel {kernel}: {why}", kernel=kernel.id, why=failure.getErrorMessage())
+
+        return d.addCallbacks(scanned, failed)
+
+    def _scan_pool(self) -> ThreadPool:
+        if self._pool is None:
+            self._pool = ThreadPool(0, SCAN_THREADS, name="sagecell-file-scan")
+            self._pool.start()
+            self.reactor.addSystemEventTrigger("during", "shutdown", self._pool.stop)
+        return self._pool
 
     def _report(self, session, kernel, parent: dict, found: dict) -> messages.Message | None:
         """Compare a scan (path -> stat) with the last one: the news message, if anything changed."""

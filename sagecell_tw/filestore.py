@@ -19,6 +19,7 @@ import itertools
 import os
 import secrets
 import stat
+import time
 from collections.abc import Callable
 
 
@@ -246,11 +247,19 @@ def opened(workdir: str, owner: int, parts: list[str]):
         target.close()
 
 
-def scan(dir_fd: int, max_entries: int = MAX_ENTRIES, max_depth: int = MAX_DEPTH, hidden: bool = False):
+def scan(
+    dir_fd: int,
+    max_entries: int = MAX_ENTRIES,
+    max_depth: int = MAX_DEPTH,
+    hidden: bool = False,
+    seconds: float | None = None,
+):
     """
     Regular files below ``dir_fd``: (relative path -> ``lstat``, truncated).
-    Sorted walk, no links followed, bounded in entries and depth.
+    Sorted walk, no links followed, bounded in entries and depth, and in
+    time if ``seconds`` is given (a slow disk).
     """
+    deadline = None if seconds is None else time.monotonic() + seconds
     found: dict[str, os.stat_result] = {}
     # Entries of any kind read, so that a dir of a million fifos or dot
     # files costs no more than a bounded pass either.
@@ -270,7 +279,7 @@ def scan(dir_fd: int, max_entries: int = MAX_ENTRIES, max_depth: int = MAX_DEPTH
         budget -= len(entries)
         entries.sort(key=lambda e: e.name)
         for entry in entries:
-            if len(found) >= max_entries:
+            if len(found) >= max_entries or (deadline is not None and time.monotonic() > deadline):
                 truncated = True
                 return
             if not hidden and entry.name.startswith("."):

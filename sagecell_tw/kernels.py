@@ -73,6 +73,8 @@ class Kernel:
         self.iopub_live = False
         self.born = clock.seconds()
         self.death_reason = ""
+        #: messages dropped because a part was not a JSON object
+        self.malformed = 0
         #: set by the session that owns the kernel
         self.on_message: Callable[[Message], None] | None = None
         self.on_death: Callable[[str], None] | None = None
@@ -187,7 +189,15 @@ class Kernel:
             try:
                 msg = messages.from_wire(channel, frames)
             except messages.BadMessage as e:
-                log.warn("kernel {kernel} sent a malformed message: {reason}", kernel=self.id, reason=e.reason)
+                self.malformed += 1
+                if self.malformed in (1, 10, 100) or self.malformed % 1000 == 0:
+                    log.warn(
+                        "kernel {kernel} sent a malformed message, dropped ({n} so far): {reason}",
+                        event="kernel_malformed",
+                        kernel=self.id,
+                        n=self.malformed,
+                        reason=e.reason,
+                    )
                 return
             self.on_message(msg)
 

@@ -3,8 +3,8 @@
 Jupyter messages: the zmq wire format (signed) and the two WebSocket framings.
 
 Plain model: no Twisted, no zmq. Kernel -> browser messages are spliced as
-bytes, never re-encoded: only the small header (and parent header, to route
-replies) is parsed. Browser -> kernel messages are parsed, checked, and signed
+bytes, never re-encoded: each part is checked to be a JSON object
+(``from_wire``), and the header and parent header are kept to route them. Browser -> kernel messages are parsed, checked, and signed
 with the kernel's key, which never reaches the browser.
 """
 
@@ -36,7 +36,9 @@ ALLOWED = {
         "comm_msg",
         "comm_close",
     },
-    "control": {"interrupt_request", "kernel_info_request", "shutdown_request", "debug_request", "usage_request"},
+    # Not debug_request: the kernelspec says there is no debugger, and
+    # debugpy in a kernel would listen and run threads we do not account for.
+    "control": {"interrupt_request", "kernel_info_request", "shutdown_request", "usage_request"},
     "stdin": {"input_reply"},
 }
 CHANNELS = ("shell", "control", "stdin", "iopub")
@@ -226,8 +228,29 @@ class Message:
         return b"".join([head, channel, *parts])
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_object(part: bytes, name: str) -> dict:
+    """A kernel's JSON part as a dict, if it is one that a browser's ``JSON.parse`` takes as it is."""
+    try:
+        value = json.loads(part.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise BadMessage(f"the {name} is not valid UTF-8 JSON") from None
+    if not isinstance(value, dict):
+        raise BadMessage(f"the {name} is not a JSON object")
+    return value
+
+
 def from_wire(channel: str, frames: list[bytes]) -> Message:
-    """A kernel's zmq multipart message (identities first) as a Message."""
+    """
+    A kernel's zmq multipart message (identities first) as a Message.
+
+    Its four parts are spliced into browsers' frames as they are, so each
+    must be a JSON object in UTF-8 (no NaN or Infinity, which ``JSON.parse``
+    refuses): a kernel runs visitors' code, and may send anything.
+    """
     try:
         i = frames.index(DELIM)
     except ValueError:
@@ -235,7 +258,11 @@ def from_wire(channel: str, frames: list[bytes]) -> Message:
     body = frames[i + 2 :]
     if len(body) < 4:
         raise BadMessage("truncated kernel message")
-    return Message(channel, body[0], body[1], body[2], body[3], list(body[4:]))
+    header = _json_object(body[0], "header")
+    parent = _json_object(body[1], "parent header")
+    _json_object(body[2], "metadata")
+    _json_object(body[3], "content")
+    return Message(channel, body[0], body[1], body[2], body[3], list(body[4:]), header, parent)
 
 
 # -- browser -> daemon ------------------------------------------------------

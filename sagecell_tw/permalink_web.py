@@ -228,6 +228,8 @@ class PermalinkResource(Resource):
 
     isLeaf = True
     allowed_methods = (b"GET", b"HEAD", b"POST")
+    #: what sagecell_tw's request reads before rendering (webbase.LimitedRequest)
+    takes_body = "json"
 
     def __init__(
         self,

@@ -33,13 +33,25 @@ import uuid
 from urllib.parse import parse_qs
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IPullProducer
 from twisted.logger import Logger
 from twisted.web import resource
+from zope.interface import implementer
 
 from . import messages
 from .messages import Message
 from .sessions import DAEMON_SESSION
-from .webbase import EXPOSED_HEADERS, HTTPError, JsonResource, NotFound, Policy, Response, client_address, read_json
+from .webbase import (
+    EXPOSED_HEADERS,
+    HTTPError,
+    JsonResource,
+    NotFound,
+    Policy,
+    Response,
+    client_address,
+    json_bytes,
+    read_json,
+)
 
 log = Logger()
 
@@ -54,6 +66,9 @@ REPLY_GRACE = 1.0
 #: /service: how often to nudge a kernel whose iopub is not yet heard from.
 NUDGE_EVERY = 0.05
 MAX_PAGE_ID = 256
+#: /service: bytes of output all runs together may hold until their replies
+#: are written out (or one run's --max-output-bytes, if more)
+SERVICE_OUTPUT_BUDGET = 16 << 20
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
 
@@ -159,6 +174,10 @@ class WithCors(resource.Resource):
         self.policy = policy
         self.methods = methods
 
+    @property
+    def takes_body(self):
+        return getattr(self.wrapped, "takes_body", None)
+
     def render(self, request):
         if request.method == b"OPTIONS":
             return self.policy.preflight(request, self.methods)
@@ -189,6 +208,8 @@ class SageCellCompat:
         self._enders: dict = {}
         self.sessions.observers.append(self._observe)
         self.sessions.on_execute_done.append(self._execute_done)
+        #: output all /service runs hold at once, while they run
+        self.service_output = OutputBudget(max(SERVICE_OUTPUT_BUDGET, self.config.max_output_bytes))
 
     def kernel_resource(self) -> resource.Resource:
         return KernelRoot(self)
@@ -259,9 +280,14 @@ class SageCellCompat:
 class KernelRoot(resource.Resource):
     """``/kernel`` and everything under it."""
 
+    #: ``POST /kernel`` itself is KernelCreate's: what LimitedRequest asks before reading its body
+    takes_body = "json"
+    needs_token = True
+
     def __init__(self, compat: SageCellCompat):
         super().__init__()
         self.compat = compat
+        self.policy = compat.policy
 
     def render(self, request):
         return KernelCreate(self.compat).render(request)
@@ -365,10 +391,103 @@ class Service(JsonResource):
         session = compat.api.new_kernel(request, None)
         if config.log_code:
             log.info("service code from {client}: {code!r}", client=client, code=code)
-        run = ServiceRun(compat.sessions, session, compat.clock, config.max_output_bytes)
+        run = ServiceRun(compat.sessions, session, compat.clock, config.max_output_bytes, compat.service_output)
         d = run.start(code, expressions, timeout)
-        request.notifyFinish().addErrback(lambda _f: run.abandon())
+        # The output stays held until the reply is written out, or the client gone.
+        request.notifyFinish().addErrback(lambda _f: run.abandon()).addBoth(lambda _: run.release())
         return d
+
+    def _finish(self, result, request) -> None:
+        if not isinstance(result, ServiceReply):
+            super()._finish(result, request)
+            return
+        if request._disconnected:
+            result.run.release()
+            return
+        data = json_bytes(result.body)
+        result.body = None
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-length", str(len(data)).encode())
+        request.registerProducer(_Chunks(request, data), False)
+
+
+class ServiceReply(Response):
+    """A /service answer, with the run whose output it holds until it is written out."""
+
+    def __init__(self, body: dict, run):
+        super().__init__(200, body)
+        self.run = run
+
+
+@implementer(IPullProducer)
+class _Chunks:
+    """
+    Writes a reply a piece at a time, as the client reads it: the transport
+    never holds more than a piece, and the output stays counted against the
+    /service budget (``ServiceRun.release``, on finish) until the last piece.
+    """
+
+    PIECE = 64 << 10
+
+    def __init__(self, request, data: bytes):
+        self.request = request
+        self.data = memoryview(data)
+        self.sent = 0
+
+    def resumeProducing(self) -> None:
+        if self.request._disconnected:
+            return
+        piece = self.data[self.sent : self.sent + self.PIECE]
+        self.sent += len(piece)
+        if piece:
+            self.request.write(piece.tobytes())
+        if self.sent >= len(self.data):
+            self.data = memoryview(b"")
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def stopProducing(self) -> None:
+        self.data = memoryview(b"")
+
+
+def reply_size(text: str) -> int:
+    """The bytes ``text`` takes in a JSON reply (as ``json_bytes`` writes it)."""
+    return len(json_bytes(text)) - 2
+
+
+def fit(text: str, room: float) -> str:
+    """The longest start of ``text`` (or near it) that takes at most ``room`` bytes in a reply."""
+    k = int(min(len(text), room))
+    for _ in range(32):
+        size = reply_size(text[:k])
+        if size <= room:
+            return text[:k]
+        k = k * int(room) // size
+    return text[: int(room) // 12]  # every character takes at most 12 bytes escaped
+
+
+class OutputBudget:
+    """
+    Bytes of output all /service runs hold at once, from the first print
+    until their replies are written out. Each run holds up to
+    --max-output-bytes; together, at most ``limit``: a run that finds no
+    room is answered with what it has.
+    """
+
+    def __init__(self, limit: float):
+        self.limit = limit
+        self.held = 0
+
+    def room(self) -> float:
+        return max(0, self.limit - self.held)
+
+    def take(self, n: int) -> None:
+        self.held += n
+
+    def give_back(self, n: int) -> None:
+        self.held = max(0, self.held - n)
 
 
 class ServiceRun:
@@ -386,11 +505,12 @@ class ServiceRun:
     it gets the code at once, which saves the nudge's round trip.
     """
 
-    def __init__(self, sessions, session, clock, max_output: int):
+    def __init__(self, sessions, session, clock, max_output: int, budget: OutputBudget | None = None):
         self.sessions = sessions
         self.session = session
         self.clock = clock
         self.max_output = max_output or float("inf")
+        self.budget = budget or OutputBudget(float("inf"))
         self.client_session = uuid.uuid4().hex
         self.client_sessions: set[str] = {self.client_session}
         self.streams: dict[str, list[str]] = {"stdout": [], "stderr": []}
@@ -488,13 +608,30 @@ class ServiceRun:
     # -- ending ---------------------------------------------------------------
 
     def _stream(self, content: dict) -> None:
+        """
+        Keep a stream's text, counted as the bytes it will take in the reply
+        (JSON-escaped), up to --max-output-bytes and what the budget of all
+        runs leaves; at either, keep what fits and answer now, with the notice.
+        """
         name, text = content.get("name"), content.get("text")
         if name not in self.streams or not isinstance(text, str):
             return
-        self.output_size += len(text)
-        if self.output_size > self.max_output:
-            self._finish(f"the output went over the limit of {self.max_output} characters and was cut off")
+        size = reply_size(text)
+        room = min(self.max_output - self.output_size, self.budget.room())
+        if size > room:
+            kept = fit(text, room)
+            self._hold(name, kept, reply_size(kept))
+            if self.max_output - self.output_size <= self.budget.room():
+                why = f"the output went over the limit of {self.max_output} bytes and was cut off"
+            else:
+                why = "the output went over what the server holds for /service runs at once and was cut off"
+            self._finish(why)
             return
+        self._hold(name, text, size)
+
+    def _hold(self, name: str, text: str, size: int) -> None:
+        self.output_size += size
+        self.budget.take(size)
         self.streams[name].append(text)
 
     def _expired(self) -> None:
@@ -505,6 +642,12 @@ class ServiceRun:
             self._finish(f"no kernel became available within {self.timeout:g} s; the server is busy", status=503)
         else:
             self._finish(f"the computation ran for longer than the limit of {self.timeout:g} s and was stopped")
+
+    def release(self) -> None:
+        """The reply is out (or never will be): its output no longer counts against the budget."""
+        self.budget.give_back(self.output_size)
+        self.output_size = 0
+        self.streams = {"stdout": [], "stderr": []}
 
     def abandon(self) -> None:
         """The client went away: stop computing for nobody."""
@@ -531,7 +674,7 @@ class ServiceRun:
             if error is not None:
                 body["stderr"] += f"\n[sagecell] {error[:1].upper()}{error[1:]}.\n"
                 body["error"] = error
-            self.done.callback(Response(200, body))
+            self.done.callback(ServiceReply(body, self))
         elapsed = self.clock.seconds() - self.started
         log.debug("service run in {session} took {ms:.1f} ms", session=self.session.id, ms=1000 * elapsed)
         self.sessions.shutdown(self.session, "shut down")

@@ -15,11 +15,13 @@ timeouts: no browser connected, idle, lifetime, and per-execution wall clock.
 from __future__ import annotations
 
 import secrets
+from collections import deque
 from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from . import messages
 from .kernels import KernelManager, NoKernelAvailable
@@ -37,8 +39,15 @@ DAEMON_SESSION = "sagecell-daemon"
 MAX_PENDING = 64
 #: how many recent executions keep counting output against the cap
 OUTPUT_ACCOUNTS = 16
-#: iopub messages that are never capped: they say what happened, not what was printed
-UNCAPPED = frozenset({"status", "execute_input", "error", "clear_output", "iopub_welcome", "shutdown_reply", "debug_event"})
+#: iopub messages of a kernel that the output cap does not count: they say
+#: what state it is in, nothing more. Everything else a kernel publishes
+#: (stream, error, display_data, execute_result, clear_output, comm_msg, ...)
+#: is counted, whatever its type; the daemon's own notices are not the kernel's.
+UNCAPPED = frozenset({"status"})
+#: a session's kernel replaced (restart, or a new one after its death) at most
+#: --max-restarts-per-minute times a minute; a client address's, this many times that
+RESTART_WINDOW = 60.0
+CLIENT_RESTARTS_FACTOR = 3
 #: after an interrupt for the time limit, how long before the kernel is killed
 KILL_AFTER_INTERRUPT = 5.0
 #: how many kernels in a row a session swaps silently for ones that died before running its code
@@ -70,6 +79,41 @@ class LimitExceeded(Exception):
     def __init__(self, message: str, status: int = 429):
         super().__init__(message)
         self.status = status
+
+
+class RateLimit:
+    """
+    At most ``count`` events in any ``window`` seconds for each key; time from ``clock``.
+    Keys with nothing in their window are forgotten (``prune``), so the
+    table holds only keys active in the last window.
+    """
+
+    def __init__(self, count: int, window: float, clock):
+        self.count = count
+        self.window = window
+        self.clock = clock
+        #: key -> times of its recent events, oldest first
+        self.events: dict[str, deque] = {}
+
+    def wait(self, key: str) -> float:
+        """Seconds until ``key`` may have another event (0: now)."""
+        times = self.events.get(key)
+        if times is None:
+            return 0.0
+        now = self.clock.seconds()
+        while times and now - times[0] >= self.window:
+            times.popleft()
+        if len(times) < self.count:
+            return 0.0
+        return times[0] + self.window - now
+
+    def record(self, key: str) -> None:
+        self.events.setdefault(key, deque()).append(self.clock.seconds())
+
+    def prune(self) -> None:
+        now = self.clock.seconds()
+        for key in [k for k, times in self.events.items() if not times or now - times[-1] >= self.window]:
+            del self.events[key]
 
 
 class Execution:
@@ -111,6 +155,13 @@ class SessionManager:
         self._unproven: dict[str, tuple] = {}
         #: session id -> kernels it lost that way in a row
         self._early_deaths: dict[str, int] = {}
+        per_session = config.max_restarts_per_minute
+        self.restarts = RateLimit(per_session, RESTART_WINDOW, clock)
+        self.client_restarts = RateLimit(CLIENT_RESTARTS_FACTOR * per_session, RESTART_WINDOW, clock)
+        #: ids of sessions that have had a kernel: taking another is a restart
+        self._had_kernel: set[str] = set()
+        #: kernels' messages dropped for claiming the daemon's session, by kernel id
+        self.forged: dict[str, int] = {}
 
     def start(self) -> None:
         self._sweeper.start(1.0, now=False)
@@ -154,6 +205,7 @@ class SessionManager:
         session.closed = True
         self._unproven.pop(session.id, None)
         self._early_deaths.pop(session.id, None)
+        self._had_kernel.discard(session.id)
         kernel = self.routes.detach(session)
         self.routes.remove(session)
         session.execution_state = "dead"
@@ -179,12 +231,23 @@ class SessionManager:
         """Fires with the session once it has a kernel, taking one if needed (uploads wait on this)."""
         return self._ensure_kernel(session)
 
-    def _ensure_kernel(self, session: WebSession) -> defer.Deferred:
-        """Fires with the session once it has a kernel (or fails if none came)."""
+    def _ensure_kernel(self, session: WebSession, counted: bool = False) -> defer.Deferred:
+        """
+        Fires with the session once it has a kernel (or fails if none came).
+        A session that had one before takes another only within the restart
+        limits, unless the caller has ``counted`` this one already.
+        """
         if session.kernel is not None:
             return defer.succeed(session)
         if session.closed:
             return defer.fail(NoKernelAvailable("this session has ended"))
+        if not session.claiming and not counted and session.id in self._had_kernel:
+            try:
+                self._count_restart(session, session.client)
+            except LimitExceeded as e:
+                failure = Failure(NoKernelAvailable(str(e)))
+                self._no_kernel(failure, session)  # what waits for the kernel hears why
+                return defer.fail(failure)
         waiter: defer.Deferred = defer.Deferred()
         session.claim_waiters.append(waiter)
         if not session.claiming:
@@ -209,6 +272,7 @@ class SessionManager:
             return
         self.routes.attach(session, kernel)
         self._unproven[session.id] = (kernel, [])
+        self._had_kernel.add(session.id)
         if session.paused:
             kernel.pause_reading()
         kernel.on_message = lambda msg: self._from_kernel(session, kernel, msg)
@@ -302,9 +366,27 @@ class SessionManager:
             answered = parent.get("msg_id")
             unproven[1][:] = [(m, c) for m, c in unproven[1] if m.msg_id != answered]
 
-    def restart(self, session: WebSession, automatic: bool = False) -> defer.Deferred:
+    def _count_restart(self, session: WebSession, client: str) -> None:
+        """Record a restart of ``session`` asked for by ``client``, or raise LimitExceeded (429)."""
+        per_session = self.restarts.count
+        wait = self.restarts.wait(session.id)
+        what = f"at most {per_session} a minute for one session"
+        if not wait:
+            wait = self.client_restarts.wait(client)
+            what = f"at most {self.client_restarts.count} a minute for one client"
+        if wait:
+            self._event("limit", session, "max_restarts_per_minute")
+            raise LimitExceeded(f"too many kernel restarts ({what}); try again in {max(1, round(wait))} s")
+        self.restarts.record(session.id)
+        self.client_restarts.record(client)
+
+    def restart(self, session: WebSession, automatic: bool = False, client: str | None = None) -> defer.Deferred:
         """
         Swap in a fresh kernel from the pool; the session id stays.
+
+        A restart someone asked for counts against the restart limits
+        (per session, and per ``client`` address: the session's own by
+        default) and raises ``LimitExceeded`` beyond them, changing nothing.
 
         Only a restart the daemon decides on its own (``automatic``) is
         announced with status ``restarting``, as Jupyter Server announces
@@ -313,6 +395,8 @@ class SessionManager:
         tells the user the kernel "appears to have died". A client that
         asked for the restart over REST knows already; it hears ``starting``.
         """
+        if not automatic:
+            self._count_restart(session, client or session.client)
         old = self.routes.detach(session)
         session.executions.clear()
         if old is not None:
@@ -323,7 +407,7 @@ class SessionManager:
             self._broadcast(session, messages.status("restarting", DAEMON_SESSION))
         self._broadcast(session, messages.status("starting", DAEMON_SESSION))
         session.execution_state = "starting"
-        return self._ensure_kernel(session)
+        return self._ensure_kernel(session, counted=True)
 
     def interrupt(self, session: WebSession) -> bool:
         if session.kernel is None:
@@ -415,6 +499,9 @@ class SessionManager:
     def _from_kernel(self, session: WebSession, kernel, msg: Message) -> None:
         if session.kernel is not kernel:
             return
+        if msg.header_dict.get("session") == DAEMON_SESSION:
+            self._forged(session, kernel, msg)
+            return
         self.msgs_from_kernels += 1
         self.bytes_from_kernels += _size(msg)
         parent = msg.parent_dict
@@ -445,6 +532,24 @@ class SessionManager:
         conns = [c for c in session.connections if target in c.client_sessions]
         for conn in conns or list(session.connections):
             conn.deliver(msg)
+
+    def _forged(self, session: WebSession, kernel, msg: Message) -> None:
+        """
+        A kernel's message claiming to be the daemon's (``header.session``):
+        no kernel's own session has that name, so it is a forgery meant to
+        pass for our notices. Dropped; the first of each kernel is logged.
+        """
+        n = self.forged.get(kernel.id, 0) + 1
+        self.forged[kernel.id] = n
+        if n == 1:
+            log.warn(
+                "kernel {kernel} of session {session} sent a {msg_type} message as the daemon; "
+                "it and any more like it are dropped",
+                event="kernel_forgery",
+                kernel=kernel.id,
+                session=session.id,
+                msg_type=msg.msg_type[:64],
+            )
 
     def _over_cap(self, session: WebSession, msg: Message, parent: dict) -> bool:
         """
@@ -530,6 +635,10 @@ class SessionManager:
     def sweep(self) -> None:
         now = self.clock.seconds()
         cfg = self.config
+        self.restarts.prune()
+        self.client_restarts.prune()
+        for kernel_id in [k for k in self.forged if k not in self.kernels.kernels]:
+            del self.forged[kernel_id]
         for session in self.routes:
             if session.closed:
                 continue

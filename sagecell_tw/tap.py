@@ -35,6 +35,8 @@ HELP = {
     "spawner_restart_max": "longest wait, in seconds, before restarting a dead spawner",
     "max_kernels": "most kernels running at once, overall",
     "max_kernels_per_client": "most kernels one client address may have",
+    "max_restarts_per_minute": "most kernel restarts (or new kernels after a death) of one session a minute; "
+    "of one client address, three times this (more: 429, or a Jupyter error on the socket)",
     "max_kernels_per_page": "most kernels one page (SageMathCell CellSessionID) may have through POST /kernel",
     "address_space": "per-kernel address space limit, bytes (0: none)",
     "cpu_seconds": "per-kernel CPU time limit, seconds",

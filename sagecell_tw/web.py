@@ -269,8 +269,7 @@ def build_site(svc, config, reactor) -> server.Site:
     svc.extend_site(extra, api, ws_resource)
     site = server.Site(Root(api, extra), timeout=config.http_idle_timeout, logFormatter=access_log_line)
     site.displayTracebacks = False
-    request_factory = type(
-        "Request", (LimitedRequest,), {"body_limit": max(config.max_message_size, config.max_upload_size)}
-    )
+    limits = {"json": config.max_message_size, "upload": config.max_upload_size}
+    request_factory = type("Request", (LimitedRequest,), {"body_limits": limits})
     site.requestFactory = request_factory
     return site

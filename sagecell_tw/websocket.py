@@ -67,6 +67,7 @@ class KernelWebSocket(WebSocketServerProtocol):
         if len(session.connections) >= config.max_sockets_per_session:
             raise ConnectionDeny(429, f"session {kernel_id} already has {config.max_sockets_per_session} WebSockets open")
         self.session = session
+        self.client = getattr(self.transport.getPeer(), "host", None) or "?"
         self.client_sessions: set[str] = set()
         qs = parse_qs(urlsplit(request.path).query)
         sid = (request.params.get("session_id") or qs.get("session_id") or [""])[0]
@@ -123,7 +124,41 @@ class KernelWebSocket(WebSocketServerProtocol):
             return
         self.factory.sessions.send(self.session, msg, self)
 
+    # -- input held while it arrives ---------------------------------------------
+
+    _held = 0
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        """
+        A frame's header is in: Autobahn refuses it if it declares more than
+        the message limit, and we refuse it (1013, try again later) if its
+        client, or all clients together, already have as much unfinished
+        input in the daemon as we hold (``InputBudget``). Either way, before
+        any of its payload is held.
+        """
+        super().onMessageFrameBegin(length)
+        if self.failedByMe or self.state != self.STATE_OPEN:
+            return
+        why = self.factory.input_budget.reserve(self.client, self._held, length)
+        if why is not None:
+            log.info("refused a WebSocket frame from {client}: {why}", event="ws_refused", client=self.client, why=why)
+            self._fail_connection(self.CLOSE_STATUS_CODE_TRY_AGAIN_LATER, why)
+            return
+        self._held += length
+
+    def onMessageEnd(self) -> None:
+        try:
+            super().onMessageEnd()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._held:
+            self.factory.input_budget.release(self.client, self._held)
+            self._held = 0
+
     def onClose(self, wasClean, code, reason):
+        self._release()
         if self.session is not None:
             self.factory.sessions.disconnect(self.session, self)
 
@@ -162,6 +197,48 @@ class _Backpressure:
         self.resumeProducing()
 
 
+#: what the binary framings add to a message's parts: counts and offsets (at most 1024 parts)
+FRAMING = 16 << 10
+#: a frame this small is always taken: open connections bound what such frames can hold
+FREE_FRAME = 64 << 10
+
+
+class InputBudget:
+    """
+    How many bytes of unfinished WebSocket messages (declared by frames
+    whose payload is still arriving) the daemon holds, per client address and
+    in all. Each connection may hold one message of up to --max-message-size;
+    a client at most two such, everyone together at most eight. Frames up to
+    ``FREE_FRAME`` are not refused, so that small messages always go through.
+    """
+
+    def __init__(self, max_message_size: int):
+        self.per_client = 2 * (max_message_size + FRAMING)
+        self.total_limit = 8 * (max_message_size + FRAMING)
+        #: client address -> bytes reserved
+        self.clients: dict[str, int] = {}
+        self.total = 0
+
+    def reserve(self, client: str, held: int, length: int) -> str | None:
+        """Reserve ``length`` more bytes for ``client``'s connection holding ``held``; why not, if refused."""
+        if held + length > FREE_FRAME:
+            if self.clients.get(client, 0) + length > self.per_client:
+                return "you are already sending as much as the server holds for one client; try again later"
+            if self.total + length > self.total_limit:
+                return "the server is holding as much unfinished input as it can; try again later"
+        self.clients[client] = self.clients.get(client, 0) + length
+        self.total += length
+        return None
+
+    def release(self, client: str, length: int) -> None:
+        left = self.clients.get(client, 0) - length
+        if left > 0:
+            self.clients[client] = left
+        else:
+            self.clients.pop(client, None)
+        self.total -= length
+
+
 class KernelWebSocketFactory(WebSocketServerFactory):
     protocol = KernelWebSocket
 
@@ -171,7 +248,9 @@ class KernelWebSocketFactory(WebSocketServerFactory):
         self.config = config
         #: decides which kernel a connection may open (the API's own policy)
         self.policy = policy or Policy(config, sessions)
-        hard = config.max_message_size + max(config.max_message_size, 1 << 20)
+        self.input_budget = InputBudget(config.max_message_size)
+        # Refused from a frame's header, before its payload is held.
+        hard = config.max_message_size + FRAMING
         self.setProtocolOptions(
             maxMessagePayloadSize=hard,
             maxFramePayloadSize=hard,

@@ -104,10 +104,34 @@ class OutputCapTests(Base):
         self.assertEqual(notice.parent_dict["msg_id"], parent["msg_id"])
         types = [m.msg_type for m in conn.got]
         self.assertNotIn("display_data", types)
-        self.assertIn("error", types)
+        self.assertNotIn("error", types)  # counted as any output: past the cap, dropped
         self.assertIn("execute_reply", types)
         self.assertEqual(conn.got[-1].content_dict(), {"execution_state": "idle"})
         self.assertFalse(any(m[2:3] and b"interrupt_request" in m[2] for m in session.kernel.sockets["control"].sent))
+
+    def test_every_output_type_counts_and_only_status_passes_past_the_cap(self):
+        session, conn = self.session_with_kernel()
+        parent = self.execute(session, conn)
+        for _ in range(24):  # each well under the cap, together far over it
+            self.from_kernel(session, "iopub", "error", {"ename": "E", "evalue": "v" * 200, "traceback": []}, parent)
+        for msg_type, content in [
+            ("display_data", {"data": {"text/plain": "d" * 200}, "metadata": {}}),
+            ("update_display_data", {"data": {"text/plain": "u"}, "metadata": {}, "transient": {"display_id": "x"}}),
+            ("execute_result", {"data": {"text/plain": "r"}, "metadata": {}, "execution_count": 1}),
+            ("clear_output", {"wait": False}),
+            ("execute_input", {"code": "c", "execution_count": 1}),
+            ("comm_msg", {"comm_id": "c", "data": {}}),
+        ]:
+            self.from_kernel(session, "iopub", msg_type, content, parent)
+        self.from_kernel(session, "shell", "execute_reply", {"status": "error"}, parent)
+        self.from_kernel(session, "iopub", "status", {"execution_state": "idle"}, parent)
+        from_kernel = [m for m in conn.got if m.header_dict.get("session") != DAEMON_SESSION]
+        errors = [m for m in from_kernel if m.msg_type == "error"]
+        self.assertLessEqual(sum(len(m.content) for m in errors), 1000)
+        self.assertTrue(0 < len(errors) < 24)
+        [notice] = conn.notices()
+        self.assertIn("Output truncated at 1000 bytes", notice.content_dict()["text"])
+        self.assertEqual([m.msg_type for m in from_kernel[len(errors) :]], ["execute_reply", "status"])
 
     def test_the_next_execution_has_its_own_budget(self):
         session, conn = self.session_with_kernel()
