@@ -4,9 +4,11 @@ The spawner process: the fork server plus its link to the daemon.
 
 ``python -m sagecell_tw.spawner --control ipc:///run/sagecell/control``
 
-Started as root it drops to the worker account first. It then forks the fork
-server (before any zmq context exists in this process, so the warm master
-never inherits one), and only then opens a DEALER socket that *connects* to
+It forks the fork server's manager first (which drops to the worker account
+itself and starts the zygote kernels are forked from), before any zmq
+context or key exists in this process; only then does it read a worker
+host's CurveZMQ secret key (as root: its file may be root's only), drop to
+the worker account, and open a DEALER socket that *connects* to
 the daemon's control ROUTER, so the spawner may as well run on another host.
 It relays JSON messages both ways; pool accounting lives in the fork server.
 """
@@ -91,6 +93,7 @@ def fork_config(args: argparse.Namespace) -> forkserver.ForkConfig:
         daemon_gid=gid,
         host=socket.gethostname(),
         hide=(os.path.dirname(args.control[len("ipc://") :]),) if args.control.startswith("ipc://") else (),
+        keep_in_use=not args.public_host,
     )
 
 
@@ -102,22 +105,6 @@ def prepare_base_dir(path: str, account: sandbox.Account | None, gid: int | None
     os.chmod(path, 0o711 if gid is None else 0o710)
 
 
-def end_orphans(path: str) -> None:
-    """
-    End kernels left by an earlier spawner that died, and remove their dirs.
-
-    The spawner itself no longer calls this at start: kernels of a spawner
-    that died under a live daemon may still serve sessions. The daemon sends
-    ``sync`` with the kernels it still uses instead; the fork server adopts
-    those and ends the rest the same way.
-
-    Runs only after the privilege drop: a kernel can forge its pid file, so
-    this may only ever signal processes of the worker account.
-    """
-    for name in os.listdir(path):
-        forkserver.end_orphan(os.path.join(path, name))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     config = fork_config(args)
@@ -125,24 +112,37 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() == 0:
         account = sandbox.lookup_account(args.worker_user or "sagecell-worker")
     prepare_base_dir(config.base_dir, account, config.daemon_gid)
+    pid, ours = start_manager(config, account)
     curve = None
     if args.curve_secret:
         from . import keys
 
-        # Read as root, before the drop: the key file may be root's only.
+        # Read only now, after the manager (and with it the zygote every
+        # kernel is forked from) went its own way: no kernel's memory ever
+        # held it. As root, before the drop: the key file may be root's only.
         curve = keys.load_secret(args.curve_secret), keys.load_public(args.daemon_key)
     if account is not None:
         sandbox.drop_privileges(account)
     if args.exit_with_parent:  # after the drop, which clears it
         sandbox.prctl(sandbox.PR_SET_PDEATHSIG, signal.SIGTERM)
-    os.environ["HOME"] = config.base_dir
+    return Front(ours, pid, args, config, curve).run()
+
+
+def start_manager(config: forkserver.ForkConfig, account: sandbox.Account | None) -> tuple[int, socket.socket]:
+    """Fork the fork server's manager, which drops to ``account`` itself; its pid and our end of its socket."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
         ours.close()
+        try:
+            if account is not None:
+                sandbox.drop_privileges(account)
+            os.environ["HOME"] = config.base_dir
+        except BaseException:
+            os._exit(1)
         forkserver.serve(theirs, config)
     theirs.close()
-    return Front(ours, pid, args, config, curve).run()
+    return pid, ours
 
 
 class Front:
