@@ -470,13 +470,15 @@ class ForkServer:
         fd = child.ready_fd
         if fd is None:
             return
-        try:
-            data = os.read(fd, 4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data:
+        while True:  # until the pipe is empty (a short read is no EOF) or at EOF
+            try:
+                data = os.read(fd, 4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                break
             child.said += data
             while child.said.startswith((b"I", b"P")) and b"\n" in child.said:
                 line, child.said = child.said.split(b"\n", 1)
@@ -484,8 +486,10 @@ class ForkServer:
                     self._kernel_named(child, line[1:])
                 else:
                     self._kernel_pid(child, line[1:])
-            if child.ready_fd is None or not child.said.startswith((b"R", b"E")):
-                return  # buried meanwhile, or more to come
+            if child.ready_fd is None:
+                return  # buried meanwhile
+            if child.said.startswith((b"R", b"E")):
+                break
         os.close(fd)
         child.ready_fd = None
         said, child.said = child.said, b""

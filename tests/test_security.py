@@ -27,7 +27,7 @@ import time
 import uuid
 
 import pytest
-from support import ROOT, Client, Daemon, descendants, msg, stdout_of
+from support import ROOT, Client, Daemon, descendants, found_in_memory, msg, scan_memory, stdout_of
 
 from sagecell_tw import sandbox
 
@@ -871,6 +871,67 @@ attempt("SIGKILL to every process I may signal", lambda: os.kill(-1, signal.SIGK
         assert time.monotonic() - t0 < PROMPT
         assert all(os.path.exists(f"/proc/{p}") for p in b_host[:1])
     env.assert_serving("attacks on another kernel")
+
+
+def kernel_of(env: Env, session_id: str) -> str:
+    """The kernel id behind a session, from the daemon's log."""
+    found = re.findall(rf"session {session_id} got kernel (\w+)", env.daemon.log())
+    assert found, f"no kernel logged for session {session_id}"
+    return found[-1]
+
+
+def pooled_kernels(env: Env) -> set[str]:
+    """Kernels ready and not taken by any session (from the daemon's log)."""
+    log = env.daemon.log()
+    ready = set(re.findall(r"kernel (\w+) ready \(pid", log))
+    gone = set(re.findall(r"got kernel (\w+)", log)) | set(re.findall(r"kernel (\w+) died", log))
+    return ready - gone
+
+
+def own_secrets(k: Session) -> dict[str, str]:
+    """A session's kernel id, dir and HMAC key, as the kernel itself sees them."""
+    _, out = k.run("import os\nprint(get_ipython().kernel.session.key.decode(), os.path.dirname(os.getcwd()))")
+    key, kdir = stdout_of(out).split()
+    kid = kernel_of(k.env, k.id)
+    assert os.path.basename(kdir) == kid
+    return {f"key of {kid}": key, f"id of {kid}": kid}
+
+
+def test_no_other_kernels_secrets_in_a_kernels_memory(env):
+    """
+    A kernel reads all its memory, freed heap included: no id, dir or key
+    of another kernel is in it, neither of sessions opened before it nor of
+    kernels waiting in the pool, from whose master it was forked.
+    """
+    with Session(env) as a, Session(env) as b:
+        known = {**own_secrets(a), **own_secrets(b)}
+        env.daemon.wait_pool(1)
+        deadline = time.monotonic() + 30
+        while len(pooled_kernels(env)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with Session(env) as scanner:
+            scanner.run("1")
+            pooled = pooled_kernels(env) - {kernel_of(env, scanner.id)}
+            assert pooled, "no pooled kernel at scan time: the test would prove less"
+            read = scan_memory(scanner.client, "_controls.append(get_ipython().kernel.session.key)")
+            # Now take every kernel that was in the pool at scan time, and learn its key.
+            taken: list[Session] = []
+            try:
+                for _ in range(len(pooled) + 6):
+                    if not pooled - {kernel_of(env, t.id) for t in taken}:
+                        break
+                    taken.append(Session(env))
+                for t in taken:
+                    if kernel_of(env, t.id) in pooled:
+                        known.update(own_secrets(t))
+                assert {k.split()[-1] for k in known} >= pooled
+                found = found_in_memory(scanner.client, known)
+            finally:
+                for t in taken:
+                    t.end()
+        print(f"scanned {read >> 20} MiB; looked for {sorted(known)}")
+        assert not found, f"a kernel found in its own memory: {found}"
+    env.assert_serving("a memory scan")
 
 
 def world_writable_dirs(limit: int = 200) -> list[str]:
