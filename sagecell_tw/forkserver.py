@@ -607,6 +607,10 @@ class ForkServer:
             names = {n for n in os.listdir(base) if not n.startswith(".")}
         except OSError:
             return
+        # A kernel says its id before it makes its dir: hear them now, so a
+        # dir listed above is never taken for a leftover of a kernel of ours.
+        for child in [c for c in self.children.values() if c.ready_fd is not None]:
+            self._hear(child)
         for kid in sorted(names | set(records.kernel_ids(base))):
             if kid in self.children:
                 continue

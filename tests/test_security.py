@@ -20,6 +20,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -932,6 +933,59 @@ def test_no_other_kernels_secrets_in_a_kernels_memory(env):
         print(f"scanned {read >> 20} MiB; looked for {sorted(known)}")
         assert not found, f"a kernel found in its own memory: {found}"
     env.assert_serving("a memory scan")
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_a_forged_pid_record_is_not_adopted_after_a_spawner_restart(env):
+    """
+    A kernel names a sibling's host pid (and start time) as its own, where
+    it can write: its dir's pid file, and the fork server's records dir. The
+    spawner is killed and restarted; the new one adopts the kernels in use.
+    Ending the forger's session must end the forger, not its victim.
+    """
+    with Session(env) as forger, Session(env) as victim:
+        victim.run("x = 41")
+        victim_pid = env.daemon.kernel_pid(victim.id)
+        forger_pid = env.daemon.kernel_pid(forger.id)
+        with open(f"/proc/{victim_pid}/stat") as f:
+            victim_start = f.read().rsplit(")", 1)[1].split()[19]
+        forger_kid = kernel_of(env, forger.id)
+        forged = f"{victim_pid} {victim_start}"
+        record = json.dumps({"pid": victim_pid, "start": victim_start, "owner": ""})
+        results = forger.attack(
+            f"""
+mine = os.path.dirname(os.getcwd())
+control("forge the pid file in my own dir", lambda: open(os.path.join(mine, "pid"), "w").write({forged!r}))
+attempt("write a record where the fork server keeps them",
+        lambda: open({os.path.join(env.base_dir, ".records", forger_kid)!r}, "w").write({record!r}))
+attempt("list the records", lambda: listing({os.path.join(env.base_dir, ".records")!r}))
+"""
+        )
+        assert_contained(results)
+        joined = len(re.findall(r"spawner \S+ joined", env.daemon.log()))
+        front = env.spawner_pids()[0]
+        os.kill(front, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while len(re.findall(r"spawner \S+ joined", env.daemon.log())) <= joined and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(re.findall(r"spawner \S+ joined", env.daemon.log())) > joined, "no new spawner joined"
+        still_works(victim)
+        forger.end()
+        deadline = time.monotonic() + 10
+        while alive(forger_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(forger_pid), "the forger's kernel outlived its session"
+        assert alive(victim_pid), "ending the forger's session killed its victim's kernel"
+        reply, out = victim.run("print(x + 1)")
+        assert reply["status"] == "ok" and stdout_of(out) == "42\n", (reply, stdout_of(out))
+    env.assert_serving("a forged pid record and a spawner restart")
 
 
 def world_writable_dirs(limit: int = 200) -> list[str]:
