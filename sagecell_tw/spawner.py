@@ -23,7 +23,7 @@ import socket
 import sys
 import time
 
-from . import forkserver, sandbox
+from . import forkserver, keeper, sandbox
 from .worker_files import WorkerFiles
 
 PROTOCOL = 1
@@ -112,7 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() == 0:
         account = sandbox.lookup_account(args.worker_user or "sagecell-worker")
     prepare_base_dir(config.base_dir, account, config.daemon_gid)
-    pid, ours = start_manager(config, account)
+    manager_alive, held_by_manager = os.pipe()
+    pid, ours = start_manager(config, account, held_by_manager)
+    os.close(held_by_manager)
+    if config.keep_in_use:
+        os.close(manager_alive)
+    else:
+        # A worker host: its kernels end with the spawner (keeper.py). The
+        # front holds its end of the keeper's pipe until it dies.
+        keeper.start(config.base_dir, pid, manager_alive, lambda: become(account))
     curve = None
     if args.curve_secret:
         from . import keys
@@ -121,22 +129,37 @@ def main(argv: list[str] | None = None) -> int:
         # kernel is forked from) went its own way: no kernel's memory ever
         # held it. As root, before the drop: the key file may be root's only.
         curve = keys.load_secret(args.curve_secret), keys.load_public(args.daemon_key)
-    if account is not None:
-        sandbox.drop_privileges(account)
+    become(account)
     if args.exit_with_parent:  # after the drop, which clears it
         sandbox.prctl(sandbox.PR_SET_PDEATHSIG, signal.SIGTERM)
     return Front(ours, pid, args, config, curve).run()
 
 
-def start_manager(config: forkserver.ForkConfig, account: sandbox.Account | None) -> tuple[int, socket.socket]:
-    """Fork the fork server's manager, which drops to ``account`` itself; its pid and our end of its socket."""
+def become(account: sandbox.Account | None) -> None:
+    if account is not None:
+        sandbox.drop_privileges(account)
+
+
+def start_manager(
+    config: forkserver.ForkConfig, account: sandbox.Account | None, alive: int
+) -> tuple[int, socket.socket]:
+    """
+    Fork the fork server's manager, which drops to ``account`` itself and
+    holds ``alive`` (a pipe's write end) for as long as it lives; its pid
+    and our end of its socket.
+    """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
         ours.close()
         try:
-            if account is not None:
-                sandbox.drop_privileges(account)
+            for name in os.listdir("/proc/self/fd"):  # the read end of ``alive`` above all
+                if int(name) not in (0, 1, 2, alive, theirs.fileno()):
+                    try:
+                        os.close(int(name))
+                    except OSError:
+                        pass
+            become(account)
             os.environ["HOME"] = config.base_dir
         except BaseException:
             os._exit(1)

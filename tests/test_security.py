@@ -271,7 +271,7 @@ class Env:
         return self.daemon.proc.pid
 
     def spawner_pids(self) -> list[int]:
-        """The spawner front and the fork server under it (host pids), not kernels."""
+        """The spawner front, the fork server's manager and its zygote (host pids), not kernels."""
         pids = [int(p) for p in re.findall(r"started spawner process (\d+)", self.daemon.log())]
         out = []
         for pid in pids[-1:]:
@@ -279,10 +279,13 @@ class Env:
             for child in descendants(pid)[1:]:
                 try:
                     with open(f"/proc/{child}/stat") as f:
-                        if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                            out.append(child)  # the fork server
+                        parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                    with open(f"/proc/{child}/cmdline", "rb") as f:
+                        zygote = b"sagecell_tw.zygote" in f.read()
                 except (OSError, ValueError, IndexError):
-                    pass
+                    continue
+                if parent == pid or zygote:
+                    out.append(child)
         return out
 
     def assert_serving(self, what: str) -> None:
