@@ -527,8 +527,6 @@ class ForkServer:
         del self.children[child.id]
         child.id, child.key, child.dir = kid, key, os.path.join(self.config.base_dir, kid)
         self.children[kid] = child
-        if self.quota is not None:
-            self.quota.watch(kid, os.path.join(child.dir, "work"))
 
     def _kernel_pid(self, child: Child, text: bytes) -> None:
         """The kernel ``child`` forked into its PID namespace is ``text``: follow it from now on."""
@@ -546,6 +544,8 @@ class ForkServer:
         self.by_pid[pid] = child
         if not child.id.startswith("~"):
             records.write(self.config.base_dir, child.id, pid, self.owner)
+            if self.quota is not None:  # its dirs exist by now: it made them before it forked the kernel
+                self.quota.watch(child.id, os.path.join(child.dir, "work"))
         if child.state == "dying":  # killed before we knew its pid
             _killpg(pid)
 

@@ -279,12 +279,15 @@ class Env:
             for child in descendants(pid)[1:]:
                 try:
                     with open(f"/proc/{child}/stat") as f:
-                        parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                        fields = f.read().rsplit(")", 1)[1].split()
                     with open(f"/proc/{child}/cmdline", "rb") as f:
                         zygote = b"sagecell_tw.zygote" in f.read()
+                    with open(f"/proc/{pid}/stat") as f:
+                        session = f.read().rsplit(")", 1)[1].split()[3]
                 except (OSError, ValueError, IndexError):
                     continue
-                if parent == pid or zygote:
+                # Kernels are forks of the zygote too, each in a session of its own.
+                if int(fields[1]) == pid or (zygote and fields[3] == session):
                     out.append(child)
         return out
 
