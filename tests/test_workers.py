@@ -165,6 +165,33 @@ def test_worker_keys_need_a_secret_key_and_tcp_control():
     assert configmod.build({}, ok).worker_keys == "/w"
 
 
+def test_keeper_ends_only_its_managers_kernels_once_a_pipe_closes(tmp_path):
+    """keeper.watch: EOF on any pipe it holds; then the kernels recorded as its manager's end, no others."""
+    base = str(tmp_path)
+    records.prepare(base)
+    procs = {owner: subprocess.Popen(["sleep", "60"]) for owner in ("mine", "other")}
+    kids = {}
+    try:
+        for owner, proc in procs.items():
+            kids[owner] = uuid.uuid4().hex
+            os.mkdir(os.path.join(base, kids[owner]))
+            records.write(base, kids[owner], proc.pid, owner)
+        front_r, front_w = os.pipe()
+        manager_r, manager_w = os.pipe()
+        os.close(manager_w)  # the manager died; the front lives on
+        keeper.watch(base, "mine", [front_r, manager_r], grace=0)
+        assert procs["mine"].wait(5) == -signal.SIGKILL
+        assert procs["other"].poll() is None
+        assert records.kernel_ids(base) == [kids["other"]]
+        assert sorted(os.listdir(base)) == sorted([".records", kids["other"]])
+        for fd in (front_r, front_w, manager_r):
+            os.close(fd)
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+
+
 # -- real hosts in network namespaces -------------------------------------------
 
 
