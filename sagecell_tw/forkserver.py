@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_spawner -*-
+# -*- test-case-name: tests.test_forkserver -*-
 """
 The fork server's manager: a plain blocking loop, no zmq, no threads.
 

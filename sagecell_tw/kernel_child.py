@@ -209,11 +209,11 @@ def _become_pid1(ready_fd: int) -> None:
     ``unshare(CLONE_NEWPID)`` puts our next child, not us, in the new
     namespace. That child goes on as the kernel (PID 1 there); this process
     tells the fork server the kernel's host pid ("P" on the ready pipe) and
-    exits, and the fork server's manager, a child subreaper (the zygote
-    that forked us is not), becomes the kernel's parent. No process waits outside each kernel (one fork of the master
-    less per kernel: ~2 MiB private memory). The kernel goes on only once
-    "P" is written, so the fork server hears it before anything else from
-    the kernel.
+    exits, and the fork server's manager, a child subreaper (the zygote that
+    forked us is not), becomes the kernel's parent. No process waits outside
+    each kernel (one fork of the master less per kernel: ~2 MiB private
+    memory). The kernel goes on only once "P" is written, so the manager
+    hears it before anything else from the kernel.
     """
     r, w = os.pipe()
     pid = os.fork()

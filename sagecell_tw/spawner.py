@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_spawner -*-
+# -*- test-case-name: tests.test_workers -*-
 """
 The spawner process: the fork server plus its link to the daemon.
 
