@@ -284,9 +284,9 @@ def descendants(pid: int, most: int = 1000) -> list[int]:
 #: dirs), and the last 40 chars of a run of Z85 (a CurveZMQ key). The test
 #: then asks which digests of secrets it knows are among them: the secrets
 #: themselves never enter the kernel, so it cannot find them by looking at
-#: the question. Kept in the kernel (``_digests``) for the questions of
-#: later cells, as a test may learn a secret only after the scan.
-MEMORY_SCAN = r'''
+#: the question. The digests stay in the kernel (``_scan["result"]``) for
+#: the questions of later cells: a test may learn a secret only after the scan.
+MEMORY_SCAN = r"""
 def memory_digests():
     import hashlib, os, re
     hexrun = re.compile(rb"[0-9a-f]{32,}")
@@ -329,7 +329,7 @@ def scan_in_background():
     threading.Thread(target=lambda: _scan.update(result=memory_digests()), daemon=True).start()
 
 _scan = {}
-'''
+"""
 
 
 def sha256_hex(secret: str | bytes) -> str:
@@ -370,6 +370,8 @@ def scan_memory(client: Client, controls: str = "", timeout: float = 120.0) -> i
 def found_in_memory(client: Client, secrets: dict[str, str]) -> list[str]:
     """Which of ``secrets`` (name: secret) the last ``scan_memory`` of this kernel found."""
     digests = {sha256_hex(v): k for k, v in secrets.items()}
-    reply, out = client.execute(f"import json\nprint(json.dumps(sorted(set({sorted(digests)!r}) & _scan['result'][0])))")
+    reply, out = client.execute(
+        f"import json\nprint(json.dumps(sorted(set({sorted(digests)!r}) & _scan['result'][0])))"
+    )
     assert reply["status"] == "ok", (reply, stdout_of(out))
     return sorted(digests[d] for d in json.loads(stdout_of(out)))
