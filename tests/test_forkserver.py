@@ -14,15 +14,18 @@ the IPython shell it made, and nothing a fork must not copy.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
+import time
 
 from twisted.trial import unittest
 
-from sagecell_tw import forkserver, records
+from sagecell_tw import forkserver, records, sandbox
 
 KERNEL = 990002
 KID = "0123456789abcdef0123456789abcdef"
@@ -200,6 +203,93 @@ class RecordTests(unittest.TestCase):
         with self.assertRaises(ValueError):
             records.write(self.base, "../x", self.proc.pid, "me")
         self.assertIsNone(records.read(self.base, "../x"))
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+class ManagerTests(unittest.TestCase):
+    """A real manager, zygote and kernels, no daemon: who forks whom, whose child each kernel is, what is where."""
+
+    def start(self, userns: bool) -> None:
+        self.base = tempfile.mkdtemp(prefix="sagecell-manager-test-")
+        os.chmod(self.base, 0o711)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        config = forkserver.ForkConfig(base_dir=self.base, pool_size=1, userns=userns, preload=())
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            forkserver.serve(theirs, config)
+        theirs.close()
+        self.sock, self.manager = ours, pid
+        self.addCleanup(self.stop)
+
+    def stop(self) -> None:
+        try:
+            self.send({"cmd": "shutdown"})
+        except OSError:
+            pass
+        deadline = time.monotonic() + 20
+        while os.waitpid(self.manager, os.WNOHANG)[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(self.manager, signal.SIGKILL)
+                os.waitpid(self.manager, 0)
+                break
+            time.sleep(0.05)
+        self.sock.close()
+        shutil.rmtree(self.base, True)
+
+    def send(self, msg: dict) -> None:
+        self.sock.send(json.dumps(msg).encode())
+
+    def event(self, name: str, timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.1, deadline - time.monotonic()))
+            msg = json.loads(self.sock.recv(1 << 16))
+            if msg.get("event") == name:
+                return msg
+        raise AssertionError(f"no {name} event in time")
+
+    def check_a_kernels_life(self) -> None:
+        kernel = self.event("ready")["kernel"]
+        kid, pid = kernel["id"], kernel["pid"]
+        self.assertTrue(records.valid_id(kid), kid)
+        self.assertRegex(kernel["connection"]["key"], "^[0-9a-f]{64}$")
+        self.assertEqual(kernel["dir"], os.path.join(self.base, kid))
+        self.assertEqual(sorted(os.listdir(kernel["dir"])), ["ipc", "work"])  # no pid file in reach of its code
+        # The kernel is the manager's child (a subreaper), never the zygote's,
+        # and the zygote is a fresh interpreter, not a fork of the manager.
+        self.assertEqual(parent_of(pid), self.manager)
+        with open(f"/proc/{self.manager}/task/{self.manager}/children") as f:
+            others = [int(c) for c in f.read().split() if int(c) != pid]
+        zygotes = []
+        for c in others:
+            with open(f"/proc/{c}/cmdline", "rb") as f:
+                if f.read().split(b"\0")[1:4] == [b"-P", b"-m", b"sagecell_tw.zygote"]:
+                    zygotes.append(c)
+        self.assertEqual(len(zygotes), 1, others)
+        record = records.read(self.base, kid)
+        self.assertEqual(record.pid, pid)
+        self.assertTrue(records.is_kernel(record))
+        self.send({"cmd": "take", "id": kid})
+        self.send({"cmd": "kill", "id": kid, "reason": "test"})
+        dead = self.event("dead")
+        self.assertEqual((dead["id"], dead["reason"]), (kid, "test"))
+        self.assertFalse(os.path.exists(kernel["dir"]))
+        self.assertIsNone(records.read(self.base, kid))
+
+    def test_with_user_namespaces(self):
+        if not sandbox.user_namespaces_available():
+            raise unittest.SkipTest("no user namespaces here")
+        self.start(userns=True)
+        self.check_a_kernels_life()
+
+    def test_without_user_namespaces(self):
+        self.start(userns=False)
+        self.check_a_kernels_life()
 
 
 #: run in a fresh interpreter: what the master is left with after preloading
