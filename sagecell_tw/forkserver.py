@@ -782,8 +782,9 @@ class Zygote:
         return fds[0]
 
     def close(self) -> None:
-        """Its end of the socket sees EOF and it exits; the manager's reaping loop takes it."""
+        """Its end of the socket sees EOF and it exits; the manager reaps it as any process (no longer as the zygote)."""
         self.sock.close()
+        self.pid = None
 
 
 def _killpg(pid: int) -> None:
