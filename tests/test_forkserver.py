@@ -213,11 +213,13 @@ def parent_of(pid: int) -> int:
 class ManagerTests(unittest.TestCase):
     """A real manager, zygote and kernels, no daemon: who forks whom, whose child each kernel is, what is where."""
 
-    def start(self, userns: bool) -> None:
+    def start(self, userns: bool, keep_in_use: bool = True) -> None:
         self.base = tempfile.mkdtemp(prefix="sagecell-manager-test-")
         os.chmod(self.base, 0o711)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        config = forkserver.ForkConfig(base_dir=self.base, pool_size=1, userns=userns, preload=())
+        config = forkserver.ForkConfig(
+            base_dir=self.base, pool_size=1, userns=userns, preload=(), keep_in_use=keep_in_use
+        )
         pid = os.fork()
         if pid == 0:
             ours.close()
@@ -232,12 +234,15 @@ class ManagerTests(unittest.TestCase):
         except OSError:
             pass
         deadline = time.monotonic() + 20
-        while os.waitpid(self.manager, os.WNOHANG)[0] == 0:
-            if time.monotonic() > deadline:
-                os.kill(self.manager, signal.SIGKILL)
-                os.waitpid(self.manager, 0)
-                break
-            time.sleep(0.05)
+        try:
+            while os.waitpid(self.manager, os.WNOHANG)[0] == 0:
+                if time.monotonic() > deadline:
+                    os.kill(self.manager, signal.SIGKILL)
+                    os.waitpid(self.manager, 0)
+                    break
+                time.sleep(0.05)
+        except ChildProcessError:
+            pass  # the test reaped it
         self.sock.close()
         shutil.rmtree(self.base, True)
 
@@ -265,12 +270,7 @@ class ManagerTests(unittest.TestCase):
         self.assertEqual(parent_of(pid), self.manager)
         with open(f"/proc/{self.manager}/task/{self.manager}/children") as f:
             others = [int(c) for c in f.read().split() if int(c) != pid]
-        zygotes = []
-        for c in others:
-            with open(f"/proc/{c}/cmdline", "rb") as f:
-                if f.read().split(b"\0")[1:4] == [b"-P", b"-m", b"sagecell_tw.zygote"]:
-                    zygotes.append(c)
-        self.assertEqual(len(zygotes), 1, others)
+        self.assertEqual(len([c for c in others if self.is_zygote(c)]), 1, others)
         record = records.read(self.base, kid)
         self.assertEqual(record.pid, pid)
         self.assertTrue(records.is_kernel(record))
@@ -280,6 +280,28 @@ class ManagerTests(unittest.TestCase):
         self.assertEqual((dead["id"], dead["reason"]), (kid, "test"))
         self.assertFalse(os.path.exists(kernel["dir"]))
         self.assertIsNone(records.read(self.base, kid))
+
+    def is_zygote(self, pid: int) -> bool:
+        """The zygote, not one of the kernels forked from it (each in a session of its own)."""
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().split(b"\0")[1:4]
+        return cmdline == [b"-P", b"-m", b"sagecell_tw.zygote"] and os.getsid(pid) == os.getsid(self.manager)
+
+    def test_a_dead_zygote_stops_the_manager_and_leaves_kernels_in_use_to_adopt(self):
+        self.start(userns=sandbox.user_namespaces_available())
+        kernel = self.event("ready")["kernel"]
+        self.send({"cmd": "take", "id": kernel["id"]})
+        self.event("pool")
+        with open(f"/proc/{self.manager}/task/{self.manager}/children") as f:
+            [zygote] = [int(c) for c in f.read().split() if self.is_zygote(int(c))]
+        os.kill(zygote, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while os.waitpid(self.manager, os.WNOHANG)[0] == 0:
+            self.assertLess(time.monotonic(), deadline, "the manager did not stop")
+            time.sleep(0.05)
+        self.addCleanup(records.end, self.base, kernel["id"])
+        record = records.read(self.base, kernel["id"])
+        self.assertTrue(records.is_kernel(record), "the kernel in use should be left for the next spawner")
 
     def test_with_user_namespaces(self):
         if not sandbox.user_namespaces_available():
