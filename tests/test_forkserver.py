@@ -301,7 +301,9 @@ class ManagerTests(unittest.TestCase):
             time.sleep(0.05)
         self.addCleanup(records.end, self.base, kernel["id"])
         record = records.read(self.base, kernel["id"])
-        self.assertTrue(records.is_kernel(record), "the kernel in use should be left for the next spawner")
+        self.assertTrue(
+            record is not None and records.is_kernel(record), "the kernel in use should be left for the next spawner"
+        )
 
     def test_with_user_namespaces(self):
         if not sandbox.user_namespaces_available():
