@@ -249,12 +249,12 @@ class ManagerTests(unittest.TestCase):
     def send(self, msg: dict) -> None:
         self.sock.send(json.dumps(msg).encode())
 
-    def event(self, name: str, timeout: float = 60.0) -> dict:
+    def event(self, name: str, timeout: float = 60.0, **fields) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.sock.settimeout(max(0.1, deadline - time.monotonic()))
             msg = json.loads(self.sock.recv(1 << 16))
-            if msg.get("event") == name:
+            if msg.get("event") == name and all(msg.get(k) == v for k, v in fields.items()):
                 return msg
         raise AssertionError(f"no {name} event in time")
 
@@ -291,7 +291,7 @@ class ManagerTests(unittest.TestCase):
         self.start(userns=sandbox.user_namespaces_available())
         kernel = self.event("ready")["kernel"]
         self.send({"cmd": "take", "id": kernel["id"]})
-        self.event("pool")
+        self.event("pool", taken=1)
         with open(f"/proc/{self.manager}/task/{self.manager}/children") as f:
             [zygote] = [int(c) for c in f.read().split() if self.is_zygote(int(c))]
         os.kill(zygote, signal.SIGKILL)
