@@ -1,11 +1,19 @@
-# -*- test-case-name: tests.test_spawner -*-
+# -*- test-case-name: tests.test_forkserver -*-
 """
-The warm master that forks kernels: a plain blocking loop, no zmq, no threads.
+The fork server's manager: a plain blocking loop, no zmq, no threads.
 
-It imports ipykernel and the configured modules once, then keeps ``pool_size``
-kernels forked and ready. It talks to the spawner front (which owns the zmq
-link to the daemon) over a SOCK_SEQPACKET socket pair, one JSON object per
-packet:
+It keeps ``pool_size`` kernels forked and ready, and the table of every
+kernel (id, host pid, dir, key). Kernels are not forked from here: a
+process holding that table must never be copied into a kernel. They are
+forked by the zygote (zygote.py), a clean interpreter started by this
+process, which preloads ipykernel and the configured modules and hands over
+each new kernel's ready pipe. Each kernel picks its own id and key and makes
+its own dirs (kernel_child), says them on that pipe, and becomes a child of
+this process (a child subreaper). Which host process each kernel is goes in
+records (records.py) where no kernel can write.
+
+It talks to the spawner front (which owns the zmq link to the daemon) over
+a SOCK_SEQPACKET socket pair, one JSON object per packet:
 
 front -> here   {"cmd": "take", "id"}       a ready kernel now belongs to a session
                 {"cmd": "kill", "id"}       SIGKILL its process group, clean up
@@ -27,7 +35,6 @@ import gc
 import importlib
 import json
 import os
-import secrets
 import select
 import shutil
 import signal
@@ -37,11 +44,10 @@ import struct
 import sys
 import time
 import traceback
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import ipython_kernel, kernel_child, sandbox
+from . import ipython_kernel, kernel_child, records, sandbox, zygote
 from .quota import UPLOAD_TEMP, DiskQuota
 
 #: How long a kernel may take from fork to bound sockets before it is killed.
@@ -75,15 +81,34 @@ class ForkConfig:
     #: kernels starting at once at most: one per core; more at once only
     #: slow each other down and delay the first of them
     parallel_forks: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
+    #: when the front dies without a shutdown, leave the kernels in use
+    #: running for the next spawner to adopt: the daemon reaches them
+    #: directly. False on a worker host, whose relay went with the front:
+    #: nobody can reach its kernels any more, so they end at once.
+    keep_in_use: bool = True
+
+    def kernel_template(self) -> dict:
+        """What every kernel child starts from (kernel_child.run), as JSON: nothing of any one kernel."""
+        return {
+            "base_dir": self.base_dir,
+            "daemon_gid": self.daemon_gid,
+            "limits": self.limits.as_json(),
+            "network": self.network,
+            "userns": self.userns,
+            "hide": [self.base_dir, *self.hide],
+            "preload": list(self.preload),
+        }
 
 
 @dataclass
 class Child:
+    #: the kernel's own id, once it has said it ("I"); until then a
+    #: placeholder starting with "~" (never a kernel id)
     id: str
-    #: the kernel's host pid: first the process we forked, then (once it has
-    #: said "P", see kernel_child._become_pid1) the kernel it forked, PID 1
-    #: of its own namespace, whose parent we become as child subreaper
-    pid: int
+    #: the kernel's host pid once the process that forked it into its PID
+    #: namespace has said it ("P", see kernel_child._become_pid1): PID 1 of
+    #: that namespace, whose parent we become as child subreaper. None before.
+    pid: int | None
     dir: str
     key: str
     ready_fd: int | None
@@ -305,52 +330,6 @@ def _process_tree(pid: int) -> list[int]:
     return out
 
 
-def remove_tree(path: str) -> None:
-    """Remove a kernel dir even if the code in it chmod-ed parts of it to 000."""
-
-    def fix(func, p, _exc):
-        try:
-            parent = os.path.dirname(p)
-            os.chmod(parent, stat.S_IRWXU)
-            if os.path.isdir(p) and not os.path.islink(p):
-                os.chmod(p, stat.S_IRWXU)
-            func(p)
-        except OSError:
-            pass
-
-    shutil.rmtree(path, onerror=fix)
-    if os.path.lexists(path):
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid``: tells a reused pid from ours."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _write_pid_file(kdir: str, pid: int) -> None:
-    """Which process the kernel in ``kdir`` is (with its start time, against pid reuse), for a later fork server."""
-    with open(os.path.join(kdir, "pid"), "w") as f:
-        f.write(f"{pid} {_start_time(pid)}")
-
-
-def end_orphan(kdir: str) -> None:
-    """End the kernel that ``kdir`` belonged to, if it still runs, and remove ``kdir``."""
-    try:
-        with open(os.path.join(kdir, "pid")) as f:
-            pid_text, started = f.read().split()
-        pid = int(pid_text)
-    except (OSError, ValueError):
-        pid = None
-    if pid is not None and _start_time(pid) == started:
-        _killpg(pid)
-    remove_tree(kdir)
-
-
 class ForkServer:
     """Keeps the pool full and reports kernel births and deaths."""
 
@@ -375,6 +354,12 @@ class ForkServer:
         #: instead of one refill per take
         self.demand = 0
         self.last_take = 0.0
+        #: the zygote kernels are forked from (started in ``serve``)
+        self.zygote: Zygote | None = None
+        #: this manager, as the owner in its kernels' records
+        self.owner = ""
+        #: kernels forked that have not said their id yet
+        self._unnamed = 0
         self._next_quota = 0.0
         self.quota: DiskQuota | None = None
         if config.disk_quota:
@@ -386,9 +371,16 @@ class ForkServer:
     # -- the loop ----------------------------------------------------------
 
     def serve(self) -> None:
-        # Kernels are forked by a child of ours that exits (see
-        # kernel_child._become_pid1): they must become ours, not init's.
+        # Kernels are forked by a grandchild of ours that exits (the zygote's
+        # child, see kernel_child._become_pid1): they must become ours, not init's.
         sandbox.prctl(sandbox.PR_SET_CHILD_SUBREAPER, 1)
+        records.prepare(self.config.base_dir)
+        self.owner = records.owner_tag()
+        if self.zygote is None:
+            self.zygote = Zygote(self.config)
+            failed = self.zygote.wait_up()
+            if failed:
+                sys.stderr.write(f"sagecell fork server: could not preload {', '.join(failed)}\n")
         # A front that stops reading must not wedge us: time out and stop.
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 5, 0))
         signal.signal(signal.SIGTERM, self._on_term)
@@ -494,44 +486,23 @@ class ForkServer:
             starting += 1
 
     def _fork(self) -> None:
-        kid = uuid.uuid4().hex
-        kdir = os.path.join(self.config.base_dir, kid)
-        private = os.path.join(kdir, "ipc")
-        work = os.path.join(kdir, "work")
-        group = self.config.daemon_gid
-        os.mkdir(kdir, 0o700)
-        os.mkdir(private, 0o700)
-        os.mkdir(work, 0o700)
-        if group is not None:
-            for path, mode in ((kdir, 0o750), (private, 0o750), (work, 0o2770)):
-                os.chown(path, -1, group)
-                os.chmod(path, mode)
-        key = secrets.token_hex(32)
-        spec = {
-            "id": kid,
-            "dir": kdir,
-            "workdir": work,
-            "private": private,
-            "ipc_prefix": os.path.join(private, "k"),
-            "key": key,
-            "log": os.path.join(private, "kernel.log"),
-            "limits": self.config.limits.as_json(),
-            "network": self.config.network,
-            "userns": self.config.userns,
-            "hide": (self.config.base_dir, *self.config.hide),
-        }
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the kernel
-            kernel_child.run(spec, w)
-        os.close(w)
+        """Have the zygote fork a kernel; it says who it is on its ready pipe."""
+        assert self.zygote is not None
+        try:
+            r = self.zygote.fork()
+        except OSError as e:
+            sys.stderr.write(f"sagecell fork server: the zygote is gone ({e}); stopping\n")
+            self._lost_zygote()
+            return
         os.set_blocking(r, False)
-        _write_pid_file(kdir, pid)
-        child = Child(kid, pid, kdir, key, r, time.monotonic())
-        self.children[kid] = child
-        self.by_pid[pid] = child
-        if self.quota is not None:
-            self.quota.watch(kid, kdir)  # all of it: the kernel writes its log in ipc/ too
+        self._unnamed += 1
+        child = Child(f"~{self._unnamed}", None, "", "", r, time.monotonic())
+        self.children[child.id] = child
+
+    def _lost_zygote(self) -> None:
+        """No more forks: stop as if the front had gone (kernels in use stay for the next spawner where they may)."""
+        self.stopping = True
+        self.abandoned = True
 
     def _child_ready(self, fd: int) -> None:
         child = next((c for c in self.children.values() if c.ready_fd == fd), None)
@@ -540,32 +511,43 @@ class ForkServer:
 
     def _hear(self, child: Child) -> None:
         """
-        Take what ``child`` wrote on its ready pipe: "P<pid>\\n" (the kernel's
-        host pid, from the process that forked it into its PID namespace),
-        then "R<json>" (ready; the protections it could not have) or
-        "E<why>" (it refused to run unconfined). EOF before that: it died
-        while starting, and ``_reap`` reports it.
+        Take what ``child`` wrote on its ready pipe: "I<id> <key>\\n" (the
+        kernel's own id and key, made after the fork), "P<pid>\\n" (its host
+        pid, from the process that forked it into its PID namespace), then
+        "R<json>" (ready; the protections it could not have) or "E<why>" (it
+        refused to run unconfined). EOF before that: it died while starting;
+        ``_reap`` reports a kernel whose pid we know, we bury the others.
         """
         fd = child.ready_fd
         if fd is None:
             return
-        try:
-            data = os.read(fd, 4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data:
+        while True:  # until the pipe is empty (a short read is no EOF) or at EOF
+            try:
+                data = os.read(fd, 4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                break
             child.said += data
-            while child.said.startswith(b"P") and b"\n" in child.said:
+            while child.said.startswith((b"I", b"P")) and b"\n" in child.said:
                 line, child.said = child.said.split(b"\n", 1)
-                self._kernel_pid(child, line[1:])
-            if child.ready_fd is None or not child.said.startswith((b"R", b"E")):
-                return  # buried meanwhile, or more to come
+                if line.startswith(b"I"):
+                    self._kernel_named(child, line[1:])
+                else:
+                    self._kernel_pid(child, line[1:])
+            if child.ready_fd is None:
+                return  # buried meanwhile
+            if child.said.startswith((b"R", b"E")):
+                break
         os.close(fd)
         child.ready_fd = None
         said, child.said = child.said, b""
         if said.startswith(b"R") and child.state == "starting":
+            if child.pid is None or child.id.startswith("~"):
+                self._kill(child.id, "it did not say which kernel it is")
+                return
             child.state = "ready"
             self.failures = 0
             info = child.info(self.config)
@@ -576,9 +558,26 @@ class ForkServer:
                 info["missing_protections"] = ["unknown (the kernel's report was garbled)"]
             self._send({"event": "ready", "kernel": info, "state": "ready"})
             self._announce_pool()
-        elif said.startswith(b"E"):
-            child.reason = "its sandbox could not be set up: " + said[1:].decode(errors="replace")
-            sys.stderr.write(f"sagecell fork server: a kernel refused to run unconfined: {child.reason}\n")
+        else:
+            if said.startswith(b"E"):
+                child.reason = "its sandbox could not be set up: " + said[1:].decode(errors="replace")
+                sys.stderr.write(f"sagecell fork server: a kernel refused to run unconfined: {child.reason}\n")
+            if child.pid is None:
+                # Never became ours (no "P"): the zygote reaps what there was.
+                child.reason = child.reason or "the kernel died while starting"
+                self._bury(child, None)
+
+    def _kernel_named(self, child: Child, text: bytes) -> None:
+        """The kernel says its id and key: file it under that id."""
+        try:
+            kid, key = text.decode().split(" ")
+        except (UnicodeDecodeError, ValueError):
+            return
+        if not child.id.startswith("~") or not records.valid_id(kid) or kid in self.children:
+            return
+        del self.children[child.id]
+        child.id, child.key, child.dir = kid, key, os.path.join(self.config.base_dir, kid)
+        self.children[kid] = child
 
     def _kernel_pid(self, child: Child, text: bytes) -> None:
         """The kernel ``child`` forked into its PID namespace is ``text``: follow it from now on."""
@@ -586,17 +585,20 @@ class ForkServer:
             pid = int(text)
         except ValueError:
             return
-        if pid <= 1 or pid in self.by_pid:
+        if pid <= 1 or pid in self.by_pid or child.pid is not None:
             return
-        # The outer process stays in by_pid until we reap it: its exit,
-        # whenever it comes, is then known for no kernel's death (_reap).
         child.pid = pid
         status = self.reaped_unclaimed.pop(pid, None)
         if status is not None:  # it died before we knew it was this kernel
             self._bury(child, status)
             return
         self.by_pid[pid] = child
-        _write_pid_file(child.dir, pid)
+        if not child.id.startswith("~"):
+            records.write(self.config.base_dir, child.id, pid, self.owner)
+            if self.quota is not None:  # its dirs exist by now: it made them before it forked the kernel
+                self.quota.watch(child.id, child.dir)  # all of it: its log is in there too
+        if child.state == "dying":  # killed before we knew its pid
+            _killpg(pid)
 
     def _check_quotas(self) -> None:
         """
@@ -668,39 +670,47 @@ class ForkServer:
         for child in list(self.children.values()):
             if child.state == "taken" and child.id not in keep:
                 self._kill(child.id, "no session uses it")
+        base = self.config.base_dir
         try:
-            names = os.listdir(self.config.base_dir)
+            names = {n for n in os.listdir(base) if not n.startswith(".")}
         except OSError:
             return
-        for name in names:
-            if name.startswith(".") or name in self.children:
+        # A kernel says its id before it makes its dir: hear them now, so a
+        # dir listed above is never taken for a leftover of a kernel of ours.
+        for child in [c for c in self.children.values() if c.ready_fd is not None]:
+            self._hear(child)
+        for kid in sorted(names | set(records.kernel_ids(base))):
+            if kid in self.children:
                 continue
-            kdir = os.path.join(self.config.base_dir, name)
-            if name in keep and self._adopt(name, kdir):
-                keep.discard(name)
+            if kid in keep and self._adopt(kid):
+                keep.discard(kid)
                 continue
-            end_orphan(kdir)
+            if records.valid_id(kid):
+                records.end(base, kid)
+            else:
+                records.remove_tree(os.path.join(base, kid))
         for kid in keep - set(self.children):
             self._send({"event": "dead", "id": kid, "status": None, "reason": "the kernel ended while no spawner watched it"})
 
-    def _adopt(self, kid: str, kdir: str) -> bool:
-        try:
-            with open(os.path.join(kdir, "pid")) as f:
-                pid_text, started = f.read().split()
-            pid = int(pid_text)
-        except (OSError, ValueError):
+    def _adopt(self, kid: str) -> bool:
+        """Take over kernel ``kid`` if our records say which process it is and that process really is it."""
+        base = self.config.base_dir
+        record = records.read(base, kid)
+        if record is None or not records.is_kernel(record):
             return False
-        if _start_time(pid) != started or _zombie(pid):
-            return False
-        child = Child(kid, pid, kdir, "", None, time.monotonic(), state="taken", adopted_start=started)
+        kdir = os.path.join(base, kid)
+        child = Child(kid, record.pid, kdir, "", None, time.monotonic(), state="taken", adopted_start=record.start)
         self.children[kid] = child
-        sys.stderr.write(f"sagecell fork server: adopted kernel {kid} (pid {pid})\n")
+        records.write(base, kid, record.pid, self.owner)
+        sys.stderr.write(f"sagecell fork server: adopted kernel {kid} (pid {record.pid})\n")
         return True
 
     def _watch_adopted(self) -> None:
         """Adopted kernels are not our children: no SIGCHLD, so look at /proc each turn."""
         for child in list(self.children.values()):
-            if child.adopted_start is not None and (_start_time(child.pid) != child.adopted_start or _zombie(child.pid)):
+            if child.adopted_start is None or child.pid is None:
+                continue
+            if records.start_time(child.pid) != child.adopted_start or records.zombie(child.pid):
                 child.reason = child.reason or "the kernel ended"
                 self._bury(child, None)
 
@@ -713,12 +723,14 @@ class ForkServer:
             return
         child.reason = child.reason or reason
         child.state = "dying"
-        _killpg(child.pid)
+        if child.pid is not None:
+            _killpg(child.pid)
+        # else: killed once it says its pid (``_kernel_pid``), or buried at EOF
 
     def _reap(self) -> None:
         # Learn the kernels' pids first: a kernel forked a moment ago may
         # already have died (any "P" is in its pipe before it can).
-        for child in [c for c in self.children.values() if c.state == "starting" and c.ready_fd is not None]:
+        for child in [c for c in self.children.values() if c.state in ("starting", "dying") and c.ready_fd is not None]:
             self._hear(child)
         while True:
             try:
@@ -727,76 +739,124 @@ class ForkServer:
                 return
             if pid == 0:
                 return
+            if self.zygote is not None and pid == self.zygote.pid:
+                sys.stderr.write(f"sagecell fork server: the zygote ended ({_describe(status)}); stopping\n")
+                self.zygote.pid = None
+                self._lost_zygote()
+                continue
             child = self.by_pid.pop(pid, None)
             if child is None:
                 self.reaped_unclaimed[pid] = status
                 while len(self.reaped_unclaimed) > 64:
                     del self.reaped_unclaimed[next(iter(self.reaped_unclaimed))]
                 continue
-            if child.ready_fd is not None:
-                self._hear(child)  # a "P" may wait in the pipe of this exited outer process
-            if child.pid != pid:
-                continue  # it was the outer process: the kernel lives on, ours now
             self._bury(child, status)
 
     def _bury(self, child: Child, status: int | None) -> None:
-        # Whatever the kernel started lives in its process group: end it too.
-        _killpg(child.pid)
-        if self.quota is not None:
+        named = not child.id.startswith("~")
+        if child.pid is not None:
+            # Whatever the kernel started lives in its process group: end it too.
+            _killpg(child.pid)
+            if self.by_pid.get(child.pid) is child:
+                del self.by_pid[child.pid]
+        if self.quota is not None and named:
             self.quota.unwatch(child.id)
         if child.ready_fd is not None:
             os.close(child.ready_fd)
             child.ready_fd = None
-        remove_tree(child.dir)
+        if named:
+            records.remove_tree(child.dir)
+            records.remove(self.config.base_dir, child.id)
         self.children.pop(child.id, None)
         reason = child.reason or _describe(status)
         if child.state == "starting":
             self.failures += 1
             self.next_fork = time.monotonic() + min(0.1 * 2**self.failures, 30.0)
             sys.stderr.write(f"sagecell fork server: a kernel died while starting: {reason}\n")
-        self._send({"event": "dead", "id": child.id, "status": status, "reason": reason})
+        if named:
+            self._send({"event": "dead", "id": child.id, "status": status, "reason": reason})
         self._announce_pool()
 
     def _shutdown(self) -> None:
-        if self.abandoned:
+        if self.abandoned and self.config.keep_in_use:
             # Our front died under a live daemon: a new spawner adopts the
-            # kernels in use; pooled ones are nobody's, end them.
+            # kernels in use (by their records); pooled ones are nobody's, end them.
             for child in list(self.children.values()):
                 if child.state == "taken":
                     if child.ready_fd is not None:
                         os.close(child.ready_fd)
                     self.by_pid.pop(child.pid, None)
                     del self.children[child.id]
+        if self.zygote is not None:
+            self.zygote.close()
         for child in self.children.values():
             child.reason = child.reason or "spawner shut down"
-            _killpg(child.pid)
+            if child.pid is not None:
+                _killpg(child.pid)
         deadline = time.monotonic() + 5
         while self.by_pid and time.monotonic() < deadline:
             self._reap()
             time.sleep(0.01)
         for child in list(self.children.values()):
-            remove_tree(child.dir)
+            if not child.id.startswith("~"):
+                records.remove_tree(child.dir)
+                records.remove(self.config.base_dir, child.id)
         self.children.clear()
 
 
-def _killpg(pid: int) -> None:
-    """SIGKILL the kernel's process group, and the process itself in case it has not called setsid yet."""
-    for kill in (os.killpg, os.kill):
+class Zygote:
+    """
+    The manager's handle on the zygote (zygote.py): started clean with
+    ``posix_spawn``, so it shares no memory with this process, and asked
+    for one kernel at a time over a SOCK_SEQPACKET pair.
+    """
+
+    def __init__(self, config: ForkConfig):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        theirs.set_inheritable(True)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        paths = [root, *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root)]
+        env = {k: v for k, v in os.environ.items() if k in ("LANG", "LC_ALL")}
+        env.update(
+            PATH="/usr/local/bin:/usr/bin:/bin",
+            PYTHONPATH=os.pathsep.join(paths),
+            PYTHONUNBUFFERED="1",
+            PYDEVD_DISABLE_FILE_VALIDATION="1",
+            HOME=config.base_dir,
+        )
+        template = json.dumps(config.kernel_template())
+        argv = [sys.executable, "-P", "-m", "sagecell_tw.zygote", str(theirs.fileno()), template]
         try:
-            kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        except OSError as e:  # pragma: no cover
-            if e.errno != errno.ESRCH:
-                raise
+            self.pid: int | None = os.posix_spawn(sys.executable, argv, env)
+        finally:
+            theirs.close()
+        self.sock = ours
+
+    def wait_up(self) -> list[str]:
+        """Block until the zygote has preloaded; the modules it could not import."""
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise OSError(errno.EPIPE, "the zygote died while preloading")
+        return list(json.loads(data).get("failed", []))
+
+    def fork(self) -> int:
+        """A new kernel child's ready pipe (its read end, ours now)."""
+        self.sock.settimeout(30)
+        self.sock.send(zygote.FORK)
+        _msg, fds, _flags, _addr = socket.recv_fds(self.sock, 16, 1)
+        if not fds:
+            raise OSError(errno.EPIPE, "no answer from the zygote")
+        os.set_inheritable(fds[0], False)
+        return fds[0]
+
+    def close(self) -> None:
+        """Its end of the socket sees EOF and it exits; the manager reaps it as any process (no longer as the zygote)."""
+        self.sock.close()
+        self.pid = None
 
 
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return True
+def _killpg(pid: int) -> None:
+    records.killpg(pid)
 
 
 def _describe(status: int | None) -> str:
@@ -817,13 +877,10 @@ def _describe(status: int | None) -> str:
 
 
 def serve(sock: socket.socket, config: ForkConfig) -> None:
-    """Entry point in the freshly forked fork-server process; never returns."""
+    """Entry point in the freshly forked manager process; never returns."""
     code = 1
     try:
         os.setpgid(0, 0)
-        failed = preload(config.preload)
-        if failed:
-            sys.stderr.write(f"sagecell fork server: could not preload {', '.join(failed)}\n")
         ForkServer(sock, config).serve()
         code = 0
     except BaseException:

@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import pwd
+import secrets
 import signal
 import sys
 import traceback
@@ -23,11 +24,14 @@ import traceback
 from . import ipython_kernel, sandbox
 
 
-def run(spec: dict, ready_fd: int, keep_fds: tuple[int, ...] = ()) -> None:
+def run(template: dict, ready_fd: int, keep_fds: tuple[int, ...] = ()) -> None:
     """Turn this freshly forked process into a sandboxed kernel; never returns."""
     code = 1
     try:
+        spec = _own_identity(template, ready_fd)
         _prepare_process(ready_fd, keep_fds, spec["log"])
+        if not spec.get("userns"):
+            _leave_to_the_manager(ready_fd)
         missing = _enter_sandbox(spec, ready_fd)
         if missing and spec.get("userns"):
             # Namespaces work here, yet part of the box failed: run nothing
@@ -45,6 +49,45 @@ def run(spec: dict, ready_fd: int, keep_fds: tuple[int, ...] = ()) -> None:
             pass
     finally:
         os._exit(code)
+
+
+def _own_identity(template: dict, ready_fd: int) -> dict:
+    """
+    Pick this kernel's id and HMAC key, make its dirs, and say id and key
+    ("I<id> <key>\\n") on the ready pipe: the spec of this kernel.
+
+    All of it happens here, after the fork: the master we were forked from
+    (the zygote) never holds any kernel's id, key or dir, so no kernel finds
+    another's in the memory it inherited.
+    """
+    kid = secrets.token_hex(16)
+    key = secrets.token_hex(32)
+    # Said first: a dir made is then always one the manager knows to remove.
+    os.write(ready_fd, b"I%s %s\n" % (kid.encode(), key.encode()))
+    kdir = os.path.join(template["base_dir"], kid)
+    private = os.path.join(kdir, "ipc")
+    work = os.path.join(kdir, "work")
+    os.mkdir(kdir, 0o700)
+    os.mkdir(private, 0o700)
+    os.mkdir(work, 0o700)
+    group = template.get("daemon_gid")
+    if group is not None:
+        # The daemon's group reaches the sockets and the files, never writes the dir itself.
+        for path, mode in ((kdir, 0o750), (private, 0o750), (work, 0o2770)):
+            os.chown(path, -1, group)
+            os.chmod(path, mode)
+    spec = dict(template, id=kid, dir=kdir, workdir=work, private=private, key=key)
+    spec.update(ipc_prefix=os.path.join(private, "k"), log=os.path.join(private, "kernel.log"))
+    return spec
+
+
+def _leave_to_the_manager(ready_fd: int) -> None:
+    """
+    Without namespaces: fork once more, as ``_become_pid1`` does, so the
+    kernel becomes the manager's child (a child subreaper), not the zygote's.
+    """
+    _become_pid1(ready_fd)
+    os.setsid()  # a process group of its own: the manager ends a kernel by it
 
 
 def _prepare_process(ready_fd: int, keep_fds: tuple[int, ...], log_path: str) -> None:
@@ -194,11 +237,11 @@ def _become_pid1(ready_fd: int) -> None:
     ``unshare(CLONE_NEWPID)`` puts our next child, not us, in the new
     namespace. That child goes on as the kernel (PID 1 there); this process
     tells the fork server the kernel's host pid ("P" on the ready pipe) and
-    exits, and the fork server, a child subreaper, becomes the kernel's
-    parent. No process waits outside each kernel (one fork of the master
-    less per kernel: ~2 MiB private memory). The kernel goes on only once
-    "P" is written, so the fork server hears it before anything else from
-    the kernel.
+    exits, and the fork server's manager, a child subreaper (the zygote that
+    forked us is not), becomes the kernel's parent. No process waits outside
+    each kernel (one fork of the master less per kernel: ~2 MiB private
+    memory). The kernel goes on only once "P" is written, so the manager
+    hears it before anything else from the kernel.
     """
     r, w = os.pipe()
     pid = os.fork()

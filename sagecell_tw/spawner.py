@@ -1,12 +1,14 @@
-# -*- test-case-name: tests.test_spawner -*-
+# -*- test-case-name: tests.test_workers -*-
 """
 The spawner process: the fork server plus its link to the daemon.
 
 ``python -m sagecell_tw.spawner --control ipc:///run/sagecell/control``
 
-Started as root it drops to the worker account first. It then forks the fork
-server (before any zmq context exists in this process, so the warm master
-never inherits one), and only then opens a DEALER socket that *connects* to
+It forks the fork server's manager first (which drops to the worker account
+itself and starts the zygote kernels are forked from), before any zmq
+context or key exists in this process; only then does it read a worker
+host's CurveZMQ secret key (as root: its file may be root's only), drop to
+the worker account, and open a DEALER socket that *connects* to
 the daemon's control ROUTER, so the spawner may as well run on another host.
 It relays JSON messages both ways; pool accounting lives in the fork server.
 """
@@ -21,7 +23,7 @@ import socket
 import sys
 import time
 
-from . import forkserver, sandbox
+from . import forkserver, keeper, sandbox
 from .worker_files import WorkerFiles
 
 PROTOCOL = 1
@@ -91,6 +93,7 @@ def fork_config(args: argparse.Namespace) -> forkserver.ForkConfig:
         daemon_gid=gid,
         host=socket.gethostname(),
         hide=(os.path.dirname(args.control[len("ipc://") :]),) if args.control.startswith("ipc://") else (),
+        keep_in_use=not args.public_host,
     )
 
 
@@ -102,22 +105,6 @@ def prepare_base_dir(path: str, account: sandbox.Account | None, gid: int | None
     os.chmod(path, 0o711 if gid is None else 0o710)
 
 
-def end_orphans(path: str) -> None:
-    """
-    End kernels left by an earlier spawner that died, and remove their dirs.
-
-    The spawner itself no longer calls this at start: kernels of a spawner
-    that died under a live daemon may still serve sessions. The daemon sends
-    ``sync`` with the kernels it still uses instead; the fork server adopts
-    those and ends the rest the same way.
-
-    Runs only after the privilege drop: a kernel can forge its pid file, so
-    this may only ever signal processes of the worker account.
-    """
-    for name in os.listdir(path):
-        forkserver.end_orphan(os.path.join(path, name))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     config = fork_config(args)
@@ -125,24 +112,60 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() == 0:
         account = sandbox.lookup_account(args.worker_user or "sagecell-worker")
     prepare_base_dir(config.base_dir, account, config.daemon_gid)
+    manager_alive, held_by_manager = os.pipe()
+    pid, ours = start_manager(config, account, held_by_manager)
+    os.close(held_by_manager)
+    if config.keep_in_use:
+        os.close(manager_alive)
+    else:
+        # A worker host: its kernels end with the spawner (keeper.py). The
+        # front holds its end of the keeper's pipe until it dies.
+        keeper.start(config.base_dir, pid, manager_alive, lambda: become(account))
     curve = None
     if args.curve_secret:
         from . import keys
 
-        # Read as root, before the drop: the key file may be root's only.
+        # Read only now, after the manager (and with it the zygote every
+        # kernel is forked from) went its own way: no kernel's memory ever
+        # held it. As root, before the drop: the key file may be root's only.
         curve = keys.load_secret(args.curve_secret), keys.load_public(args.daemon_key)
-    if account is not None:
-        sandbox.drop_privileges(account)
+    become(account)
     if args.exit_with_parent:  # after the drop, which clears it
         sandbox.prctl(sandbox.PR_SET_PDEATHSIG, signal.SIGTERM)
-    os.environ["HOME"] = config.base_dir
+    return Front(ours, pid, args, config, curve).run()
+
+
+def become(account: sandbox.Account | None) -> None:
+    if account is not None:
+        sandbox.drop_privileges(account)
+
+
+def start_manager(
+    config: forkserver.ForkConfig, account: sandbox.Account | None, alive: int
+) -> tuple[int, socket.socket]:
+    """
+    Fork the fork server's manager, which drops to ``account`` itself and
+    holds ``alive`` (a pipe's write end) for as long as it lives; its pid
+    and our end of its socket.
+    """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
         ours.close()
+        try:
+            for name in os.listdir("/proc/self/fd"):  # the read end of ``alive`` above all
+                if int(name) not in (0, 1, 2, alive, theirs.fileno()):
+                    try:
+                        os.close(int(name))
+                    except OSError:
+                        pass
+            become(account)
+            os.environ["HOME"] = config.base_dir
+        except BaseException:
+            os._exit(1)
         forkserver.serve(theirs, config)
     theirs.close()
-    return Front(ours, pid, args, config, curve).run()
+    return pid, ours
 
 
 class Front:

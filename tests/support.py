@@ -278,3 +278,103 @@ def descendants(pid: int, most: int = 1000) -> list[int]:
         out.append(p)
         todo.extend(children.get(p, []))
     return out
+
+
+#: Defines ``memory_digests()`` in a kernel: the sha256 hex digests of every
+#: secret-shaped string in the kernel's readable memory (/proc/self/maps and
+#: /proc/self/mem, freed heap included), and how many bytes it read.
+#: Secret-shaped: every 32 and 64 hex chars in a run of hex (kernel ids, keys,
+#: dirs), and the last 40 chars of a run of Z85 (a CurveZMQ key). The test
+#: then asks which digests of secrets it knows are among them: the secrets
+#: themselves never enter the kernel, so it cannot find them by looking at
+#: the question. The digests stay in the kernel (``_scan["result"]``) for
+#: the questions of later cells: a test may learn a secret only after the scan.
+MEMORY_SCAN = r"""
+def memory_digests():
+    import hashlib, os, re
+    hexrun = re.compile(rb"[0-9a-f]{32,}")
+    z85run = re.compile(rb"[0-9a-zA-Z.:+=^!/*?&<>()\[\]{}@%$#-]{40,}")
+    found, read = set(), 0
+    with open("/proc/self/maps") as f:
+        regions = [line.split() for line in f]
+    fd = os.open("/proc/self/mem", os.O_RDONLY)
+    try:
+        for r in regions:
+            if r[1][0] != "r":
+                continue
+            lo, hi = (int(x, 16) for x in r[0].split("-"))
+            pos, tail = lo, b""
+            while pos < hi:
+                try:
+                    chunk = os.pread(fd, min(1 << 24, hi - pos), pos)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                read += len(chunk)
+                pos += len(chunk)
+                data = tail + chunk
+                for m in hexrun.finditer(data):
+                    run = m.group()
+                    for n in (32, 64):
+                        for i in range(len(run) - n + 1):
+                            found.add(hashlib.sha256(run[i : i + n]).hexdigest())
+                for m in z85run.finditer(data):
+                    found.add(hashlib.sha256(m.group()[-40:]).hexdigest())
+                tail = data[-256:]
+    finally:
+        os.close(fd)
+    return found, read
+
+def scan_in_background():
+    # A computation has a wall-clock limit; the scan may take longer than it.
+    import threading
+    threading.Thread(target=lambda: _scan.update(result=memory_digests()), daemon=True).start()
+
+_scan = {}
+"""
+
+
+def sha256_hex(secret: str | bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(secret.encode() if isinstance(secret, str) else secret).hexdigest()
+
+
+def scan_memory(client: Client, controls: str = "", timeout: float = 120.0) -> int:
+    """
+    Scan the kernel's memory (MEMORY_SCAN); return the bytes it read.
+    ``controls``: code run first that appends to ``_controls`` strings the
+    kernel makes and must then find (own key and the like): else the scan
+    proves nothing, and this fails.
+    """
+    code = MEMORY_SCAN + "\n_controls = []\n" + controls + "\nscan_in_background()\n"
+    reply, out = client.execute(code)
+    assert reply["status"] == "ok", (reply, stdout_of(out))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reply, out = client.execute(
+            "import hashlib, json, time\n"
+            "time.sleep(0.5)\n"
+            "_r = _scan.get('result')\n"
+            "print(json.dumps(None if _r is None else [_r[1], [c.decode(errors='replace') for c in _controls"
+            " if hashlib.sha256(c).hexdigest() not in _r[0]]]))"
+        )
+        assert reply["status"] == "ok", (reply, stdout_of(out))
+        result = json.loads(stdout_of(out))
+        if result is not None:
+            read, missed = result
+            assert read > 10 << 20, f"the scan read only {read} bytes"
+            assert not missed, f"the scan did not find what the kernel itself holds: {missed}"
+            return read
+    raise AssertionError("the memory scan did not finish in time")
+
+
+def found_in_memory(client: Client, secrets: dict[str, str]) -> list[str]:
+    """Which of ``secrets`` (name: secret) the last ``scan_memory`` of this kernel found."""
+    digests = {sha256_hex(v): k for k, v in secrets.items()}
+    reply, out = client.execute(
+        f"import json\nprint(json.dumps(sorted(set({sorted(digests)!r}) & _scan['result'][0])))"
+    )
+    assert reply["status"] == "ok", (reply, stdout_of(out))
+    return sorted(digests[d] for d in json.loads(stdout_of(out)))

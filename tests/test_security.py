@@ -21,6 +21,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import time
 import uuid
 
 import pytest
-from support import ROOT, Client, Daemon, descendants, msg, stdout_of
+from support import ROOT, Client, Daemon, descendants, found_in_memory, msg, scan_memory, stdout_of
 
 from sagecell_tw import sandbox
 
@@ -271,7 +272,7 @@ class Env:
         return self.daemon.proc.pid
 
     def spawner_pids(self) -> list[int]:
-        """The spawner front and the fork server under it (host pids), not kernels."""
+        """The spawner front, the fork server's manager and its zygote (host pids), not kernels."""
         pids = [int(p) for p in re.findall(r"started spawner process (\d+)", self.daemon.log())]
         out = []
         for pid in pids[-1:]:
@@ -279,10 +280,16 @@ class Env:
             for child in descendants(pid)[1:]:
                 try:
                     with open(f"/proc/{child}/stat") as f:
-                        if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                            out.append(child)  # the fork server
+                        fields = f.read().rsplit(")", 1)[1].split()
+                    with open(f"/proc/{child}/cmdline", "rb") as f:
+                        zygote = b"sagecell_tw.zygote" in f.read()
+                    with open(f"/proc/{pid}/stat") as f:
+                        session = f.read().rsplit(")", 1)[1].split()[3]
                 except (OSError, ValueError, IndexError):
-                    pass
+                    continue
+                # Kernels are forks of the zygote too, each in a session of its own.
+                if int(fields[1]) == pid or (zygote and fields[3] == session):
+                    out.append(child)
         return out
 
     def assert_serving(self, what: str) -> None:
@@ -884,6 +891,120 @@ attempt("SIGKILL to every process I may signal", lambda: os.kill(-1, signal.SIGK
         assert time.monotonic() - t0 < PROMPT
         assert all(os.path.exists(f"/proc/{p}") for p in b_host[:1])
     env.assert_serving("attacks on another kernel")
+
+
+def kernel_of(env: Env, session_id: str) -> str:
+    """The kernel id behind a session, from the daemon's log."""
+    found = re.findall(rf"session {session_id} got kernel (\w+)", env.daemon.log())
+    assert found, f"no kernel logged for session {session_id}"
+    return found[-1]
+
+
+def pooled_kernels(env: Env) -> set[str]:
+    """Kernels ready and not taken by any session (from the daemon's log)."""
+    log = env.daemon.log()
+    ready = set(re.findall(r"kernel (\w+) ready \(pid", log))
+    gone = set(re.findall(r"got kernel (\w+)", log)) | set(re.findall(r"kernel (\w+) died", log))
+    return ready - gone
+
+
+def own_secrets(k: Session) -> dict[str, str]:
+    """A session's kernel id, dir and HMAC key, as the kernel itself sees them."""
+    _, out = k.run("import os\nprint(get_ipython().kernel.session.key.decode(), os.path.dirname(os.getcwd()))")
+    key, kdir = stdout_of(out).split()
+    kid = kernel_of(k.env, k.id)
+    assert os.path.basename(kdir) == kid
+    return {f"key of {kid}": key, f"id of {kid}": kid}
+
+
+def test_no_other_kernels_secrets_in_a_kernels_memory(env):
+    """
+    A kernel reads all its memory, freed heap included: no id, dir or key
+    of another kernel is in it, neither of sessions opened before it nor of
+    kernels waiting in the pool, from whose master it was forked.
+    """
+    with Session(env) as a, Session(env) as b:
+        known = {**own_secrets(a), **own_secrets(b)}
+        env.daemon.wait_pool(1)
+        deadline = time.monotonic() + 30
+        while len(pooled_kernels(env)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with Session(env) as scanner:
+            scanner.run("1")
+            pooled = pooled_kernels(env) - {kernel_of(env, scanner.id)}
+            assert pooled, "no pooled kernel at scan time: the test would prove less"
+            read = scan_memory(scanner.client, "_controls.append(get_ipython().kernel.session.key)")
+            # Now take every kernel that was in the pool at scan time, and learn its key.
+            taken: list[Session] = []
+            try:
+                for _ in range(len(pooled) + 6):
+                    if not pooled - {kernel_of(env, t.id) for t in taken}:
+                        break
+                    taken.append(Session(env))
+                for t in taken:
+                    if kernel_of(env, t.id) in pooled:
+                        known.update(own_secrets(t))
+                assert {k.split()[-1] for k in known} >= pooled
+                found = found_in_memory(scanner.client, known)
+            finally:
+                for t in taken:
+                    t.end()
+        print(f"scanned {read >> 20} MiB; looked for {sorted(known)}")
+        assert not found, f"a kernel found in its own memory: {found}"
+    env.assert_serving("a memory scan")
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_a_forged_pid_record_is_not_adopted_after_a_spawner_restart(env):
+    """
+    A kernel names a sibling's host pid (and start time) as its own, where
+    it can write: its dir's pid file, and the fork server's records dir. The
+    spawner is killed and restarted; the new one adopts the kernels in use.
+    Ending the forger's session must end the forger, not its victim.
+    """
+    with Session(env) as forger, Session(env) as victim:
+        victim.run("x = 41")
+        victim_pid = env.daemon.kernel_pid(victim.id)
+        forger_pid = env.daemon.kernel_pid(forger.id)
+        with open(f"/proc/{victim_pid}/stat") as f:
+            victim_start = f.read().rsplit(")", 1)[1].split()[19]
+        forger_kid = kernel_of(env, forger.id)
+        forged = f"{victim_pid} {victim_start}"
+        record = json.dumps({"pid": victim_pid, "start": victim_start, "owner": ""})
+        results = forger.attack(
+            f"""
+mine = os.path.dirname(os.getcwd())
+control("forge the pid file in my own dir", lambda: open(os.path.join(mine, "pid"), "w").write({forged!r}))
+attempt("write a record where the fork server keeps them",
+        lambda: open({os.path.join(env.base_dir, ".records", forger_kid)!r}, "w").write({record!r}))
+attempt("list the records", lambda: listing({os.path.join(env.base_dir, ".records")!r}))
+"""
+        )
+        assert_contained(results)
+        joined = len(re.findall(r"spawner \S+ joined", env.daemon.log()))
+        front = env.spawner_pids()[0]
+        os.kill(front, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while len(re.findall(r"spawner \S+ joined", env.daemon.log())) <= joined and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(re.findall(r"spawner \S+ joined", env.daemon.log())) > joined, "no new spawner joined"
+        still_works(victim)
+        forger.end()
+        deadline = time.monotonic() + 10
+        while alive(forger_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(forger_pid), "the forger's kernel outlived its session"
+        assert alive(victim_pid), "ending the forger's session killed its victim's kernel"
+        reply, out = victim.run("print(x + 1)")
+        assert reply["status"] == "ok" and stdout_of(out) == "42\n", (reply, stdout_of(out))
+    env.assert_serving("a forged pid record and a spawner restart")
 
 
 def world_writable_dirs(limit: int = 200) -> list[str]:

@@ -23,11 +23,11 @@ import uuid
 import pytest
 import zmq
 from fakes import FakeZmq, kernel_info
-from support import ROOT, Client, stdout_of
+from support import ROOT, Client, found_in_memory, scan_memory, stdout_of
 from twisted.internet import task
 
 from sagecell_tw import config as configmod
-from sagecell_tw import forkserver, kernels, keys, spawners
+from sagecell_tw import keeper, kernels, keys, records, spawners
 
 
 class Hosts:
@@ -165,6 +165,33 @@ def test_worker_keys_need_a_secret_key_and_tcp_control():
     assert configmod.build({}, ok).worker_keys == "/w"
 
 
+def test_keeper_ends_only_its_managers_kernels_once_a_pipe_closes(tmp_path):
+    """keeper.watch: EOF on any pipe it holds; then the kernels recorded as its manager's end, no others."""
+    base = str(tmp_path)
+    records.prepare(base)
+    procs = {owner: subprocess.Popen(["sleep", "60"]) for owner in ("mine", "other")}
+    kids = {}
+    try:
+        for owner, proc in procs.items():
+            kids[owner] = uuid.uuid4().hex
+            os.mkdir(os.path.join(base, kids[owner]))
+            records.write(base, kids[owner], proc.pid, owner)
+        front_r, front_w = os.pipe()
+        manager_r, manager_w = os.pipe()
+        os.close(manager_w)  # the manager died; the front lives on
+        keeper.watch(base, "mine", [front_r, manager_r], grace=0)
+        assert procs["mine"].wait(5) == -signal.SIGKILL
+        assert procs["other"].poll() is None
+        assert records.kernel_ids(base) == [kids["other"]]
+        assert sorted(os.listdir(base)) == sorted([".records", kids["other"]])
+        for fd in (front_r, front_w, manager_r):
+            os.close(fd)
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+
+
 # -- real hosts in network namespaces -------------------------------------------
 
 
@@ -266,6 +293,49 @@ def until_dead(client: Client, timeout: float = 15.0) -> str:
         if m["msg_type"] == "status" and m["content"]["execution_state"] == "dead":
             return text
     raise AssertionError(f"no dead status; saw {text!r}")
+
+
+def live_kernels(daemon: NetnsDaemon, host: str) -> dict[int, str]:
+    """Host pid: start time of each kernel the daemon was told is ready on ``host`` and that still runs."""
+    pids = {int(p) for p in re.findall(rf"ready \(pid (\d+)\) on {host}\b", daemon.log())}
+    return {p: records.start_time(p) for p in pids if records.start_time(p) and not records.zombie(p)}
+
+
+def still_running(kernels_seen: dict[int, str]) -> list[int]:
+    return [p for p, start in kernels_seen.items() if records.start_time(p) == start and not records.zombie(p)]
+
+
+def spawner_processes(front: int) -> tuple[int, int]:
+    """The manager and the keeper a spawner front forked (the manager is the zygote's parent)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(name))
+            except (OSError, ValueError, IndexError):
+                pass
+
+    def is_zygote(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return b"sagecell_tw.zygote" in f.read()
+        except OSError:
+            return False
+
+    ours = children.get(front, [])
+    managers = [c for c in ours if any(is_zygote(z) for z in children.get(c, []))]
+    keepers = [c for c in ours if c not in managers]
+    assert len(managers) == 1 and len(keepers) == 1, (ours, managers)
+    return managers[0], keepers[0]
+
+
+def wait_all_ended(kernels_seen: dict[int, str], since: float, what: str) -> None:
+    """Every one of ``kernels_seen`` ends within the keeper's grace period (and some slack) of ``since``."""
+    limit = since + keeper.ORPHAN_GRACE + 3
+    while still_running(kernels_seen) and time.monotonic() < limit:
+        time.sleep(0.1)
+    assert not still_running(kernels_seen), f"{what}: kernels still run: {still_running(kernels_seen)}"
 
 
 def check_files_on_a_worker(daemon: NetnsDaemon, kid: str, c: Client) -> None:
@@ -484,7 +554,16 @@ def test_workers_on_other_hosts_over_curve():
         assert "spawner stranger joined" not in daemon.log()
         check_files_on_a_worker(daemon, kid, sessions[kid])
 
-        # w1 dies: its sessions are told, the others keep working, new ones go to w2.
+        # No kernel holds its worker's CurveZMQ secret (or another's) in its memory.
+        on_w1 = next(c for k, c in sessions.items() if hosts[k] == "w1")
+        scan_memory(on_w1, "import zmq\n_controls.append(zmq.curve_keypair()[1])")
+        worker_secrets = {w: keys.load_secret(f"{tmp}/keys/{w}.key_secret")[1].decode() for w in ("w1", "w2")}
+        assert found_in_memory(on_w1, worker_secrets) == []
+
+        # w1's front dies (kill -9): its sessions are told, the others keep
+        # working, new ones go to w2; none of its kernels runs on unreachable.
+        w1_kernels = live_kernels(daemon, "w1")
+        assert len(w1_kernels) >= 2, w1_kernels
         os.killpg(procs["w1"].pid, signal.SIGKILL)
         procs["w1"].wait(10)
         t0 = time.monotonic()
@@ -493,6 +572,7 @@ def test_workers_on_other_hosts_over_curve():
                 assert "the worker host 10.199.1.2 went away" in until_dead(c)
         lost_after = time.monotonic() - t0
         assert lost_after < spawners.SILENCE + 4
+        wait_all_ended(w1_kernels, t0, "w1's front killed")
         for kid, c in sessions.items():
             if hosts[kid] == "w2":
                 reply, out = c.execute("print('still here')")
@@ -502,10 +582,22 @@ def test_workers_on_other_hosts_over_curve():
         assert c.execute("print(1)")[0]["status"] == "ok" and daemon.host_of(kid) == "w2"
         hosts[kid] = "w2"
 
-        # w1 comes back and rejoins; then w2's link is cut.
+        # w1 comes back and rejoins; its front and manager are killed at
+        # once: the keeper ends its kernels. It comes back again.
         start_worker("w1")
         wait_for(lambda: daemon.log().count("spawner w1 joined") >= 2, 30, "w1 to rejoin")
-        wait_for(lambda: len(re.findall(r"ready \(pid \d+\) on w1", daemon.log())) >= 4, 30, "w1's pool")
+        wait_for(lambda: len(live_kernels(daemon, "w1")) >= 2, 30, "w1's pool")
+        w1_kernels = live_kernels(daemon, "w1")
+        manager, _keeper = spawner_processes(procs["w1"].pid)
+        os.kill(manager, signal.SIGKILL)
+        os.kill(procs["w1"].pid, signal.SIGKILL)
+        procs["w1"].wait(10)
+        wait_all_ended(w1_kernels, time.monotonic(), "w1's front and manager killed at once")
+        start_worker("w1")
+        wait_for(lambda: daemon.log().count("spawner w1 joined") >= 3, 30, "w1 to rejoin")
+        wait_for(lambda: len(live_kernels(daemon, "w1")) >= 2, 30, "w1's pool")
+
+        # w2's link is cut.
         sh("ip", "-n", ns["d"], "link", "set", f"sc9d2x{tag}", "down")
         t0 = time.monotonic()
         for kid, c in sessions.items():
@@ -550,14 +642,11 @@ def test_workers_on_other_hosts_over_curve():
                     os.kill(int(pid), signal.SIGKILL)
                 except (ProcessLookupError, ValueError):
                     pass
-        # Kernels in use outlive a killed spawner (for the next one to adopt),
-        # each in a network namespace of its own that ``ip netns pids`` does
-        # not list: end them by the pid files in their dirs.
+        # Kernels live each in a network namespace of its own that ``ip
+        # netns pids`` does not list: end any left by the records of their spawners.
         for w in ("w1", "w2"):
-            base = f"{tmp}/{w}"
-            for name in os.listdir(base) if os.path.isdir(base) else ():
-                if not name.startswith("."):
-                    forkserver.end_orphan(os.path.join(base, name))
+            for kid in records.kernel_ids(f"{tmp}/{w}"):
+                records.end(f"{tmp}/{w}", kid)
         time.sleep(0.2)
         for name in made:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)  # takes its veth ends with it
