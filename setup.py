@@ -29,6 +29,6 @@ setup(
         "test": ["pytest>=8", "pytest-timeout", "playwright", "websocket-client", "jupyter_client", "ruff"],
     },
     entry_points={
-        "console_scripts": ["sagecell-spawner=sagecell_tw.spawner:main", "sagecell-keys=sagecell_tw.keys:main"]
+        "console_scripts": ["sagecell-spawner=sagecell_tw.worker.spawner:main", "sagecell-keys=sagecell_tw.keys:main"]
     },
 )

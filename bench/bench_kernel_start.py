@@ -4,7 +4,7 @@ Where a kernel's start goes, without the daemon or the sandbox.
 
 Preloads as the fork server does (``forkserver.preload``: the default
 modules, the master-made shell), then forks kernels one at a time, each
-running ``ipython_kernel.kernel_app`` in a temporary dir as a real kernel does
+running ``kernel.ipython.kernel_app`` in a temporary dir as a real kernel does
 after its sandbox is set up, and prints medians of:
   - the fork itself (parent's fork() to the child's first line);
   - ``kernel_app`` (ipykernel's initialize, sockets bound), with the time in
@@ -29,7 +29,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sagecell_tw import forkserver, ipython_kernel, spawner  # noqa: E402
+from sagecell_tw.kernel import ipython as ipython_kernel  # noqa: E402
+from sagecell_tw.worker import forkserver, spawner  # noqa: E402
 
 #: IPKernelApp.initialize's steps, in order
 STEPS = (

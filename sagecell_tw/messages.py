@@ -42,6 +42,9 @@ ALLOWED = {
     "stdin": {"input_reply"},
 }
 CHANNELS = ("shell", "control", "stdin", "iopub")
+#: the header session of what the daemon itself says to a kernel or a client
+#: (status, notices, kernel_info probes); a kernel's message that claims it is a forgery
+DAEMON_SESSION = "sagecell-daemon"
 
 
 class BadMessage(ValueError):

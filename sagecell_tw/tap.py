@@ -122,7 +122,7 @@ def check_worker_python(config) -> None:
     Python and sagecell_tw (as it must: the spawner drops to it), instead of
     restarting a spawner that dies at start again and again.
     """
-    from . import spawners
+    from .control import spawners
 
     why = spawners.worker_cannot_run(config)
     if why:
@@ -139,8 +139,8 @@ class _NoReactor:
 def makeService(options: Options):
     from twisted.internet import reactor
 
-    from .service import SageCellService
-    from .web import ConnectionsPerClient, build_site
+    from .daemon.service import SageCellService
+    from .web.site import ConnectionsPerClient, build_site
 
     config = options.config
     if config.embedded_spawner and os.geteuid() == 0:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sagecell_tw import kernels, messages
+from sagecell_tw import messages
+from sagecell_tw.core import kernels
+from sagecell_tw.core.sessions import DAEMON_SESSION
 from sagecell_tw.messages import Message
-from sagecell_tw.sessions import DAEMON_SESSION
 
 # -- the daemon's zmq side ------------------------------------------------------------
 
@@ -42,7 +43,7 @@ class FakeChannel:
 
 
 class FakeZmq:
-    """Stands in for ``zmqtransport.ZmqContext``: hands out FakeChannels and keeps them."""
+    """Stands in for ``control.transport.ZmqContext``: hands out FakeChannels and keeps them."""
 
     def __init__(self):
         #: every channel made, in order

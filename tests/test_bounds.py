@@ -30,11 +30,12 @@ from twisted.internet import task
 from twisted.trial import unittest
 
 from sagecell_tw import config as configmod
-from sagecell_tw import files, messages, websocket
-from sagecell_tw.kernels import KernelManager
+from sagecell_tw import messages
+from sagecell_tw.core.kernels import KernelManager
+from sagecell_tw.core.sessions import DAEMON_SESSION, LimitExceeded, RateLimit, SessionManager
 from sagecell_tw.messages import BadMessage, Message
-from sagecell_tw.sagecell_compat import OutputBudget, ServiceRun, fit, reply_size
-from sagecell_tw.sessions import DAEMON_SESSION, LimitExceeded, RateLimit, SessionManager
+from sagecell_tw.web import files, websocket
+from sagecell_tw.web.sagecell import OutputBudget, ServiceRun, fit, reply_size
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 

@@ -26,10 +26,12 @@ from twisted.internet import task
 from twisted.trial import unittest
 
 from sagecell_tw import config as configmod
-from sagecell_tw import forkserver, messages, zmqtransport
-from sagecell_tw.kernels import KernelManager
+from sagecell_tw import messages
+from sagecell_tw.control import transport as zmqtransport
+from sagecell_tw.core.kernels import KernelManager
+from sagecell_tw.core.sessions import DAEMON_SESSION, SessionManager
 from sagecell_tw.messages import Message
-from sagecell_tw.sessions import DAEMON_SESSION, SessionManager
+from sagecell_tw.worker import forkserver
 
 
 class Base(unittest.TestCase):
@@ -381,7 +383,7 @@ class OutStreamTests(unittest.TestCase):
         from ipykernel.iostream import IOPubThread
         from jupyter_client.session import Session
 
-        from sagecell_tw import kernel_output
+        from sagecell_tw.kernel import output as kernel_output
 
         self.ctx = zmq.Context()
         address = f"inproc://out-{uuid.uuid4().hex}"

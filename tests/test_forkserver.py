@@ -4,7 +4,7 @@ The fork server's manager's side of a kernel's ready pipe, with real pipes and n
 The zygote forks a kernel child and hands the manager its ready pipe; the
 child says its own id and key ("I<id> <key>"), then the process that forks
 the kernel into its PID namespace says its host pid ("P<pid>") and exits;
-the kernel says "R<json>" once its sockets are bound (kernel_child). The
+the kernel says "R<json>" once its sockets are bound (kernel.child). The
 manager must follow the kernel, whatever order the pipe, the exits and its
 own reaping come in, and record its pid only where no kernel writes.
 
@@ -25,7 +25,8 @@ import time
 
 from twisted.trial import unittest
 
-from sagecell_tw import forkserver, records, sandbox
+from sagecell_tw.kernel import sandbox
+from sagecell_tw.worker import forkserver, records
 
 KERNEL = 990002
 KID = "0123456789abcdef0123456789abcdef"
@@ -285,7 +286,7 @@ class ManagerTests(unittest.TestCase):
         """The zygote, not one of the kernels forked from it (each in a session of its own)."""
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read().split(b"\0")[1:4]
-        return cmdline == [b"-P", b"-m", b"sagecell_tw.zygote"] and os.getsid(pid) == os.getsid(self.manager)
+        return cmdline == [b"-P", b"-m", b"sagecell_tw.worker.zygote"] and os.getsid(pid) == os.getsid(self.manager)
 
     def test_a_dead_zygote_stops_the_manager_and_leaves_kernels_in_use_to_adopt(self):
         self.start(userns=sandbox.user_namespaces_available())
@@ -320,7 +321,8 @@ class ManagerTests(unittest.TestCase):
 MASTER_CHECK = r"""
 import asyncio, json, os, sys
 main, hook = sys.modules["__main__"], sys.excepthook
-from sagecell_tw import forkserver, ipython_kernel
+from sagecell_tw.kernel import ipython as ipython_kernel
+from sagecell_tw.worker import forkserver
 failed = forkserver.preload(())
 import zmq
 shell = ipython_kernel.MASTER_SHELL

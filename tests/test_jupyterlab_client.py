@@ -33,7 +33,7 @@ pytestmark = [
 ]
 
 FRAMINGS = ["json", "v1"]
-#: How the daemon logs each framing (sagecell_tw.websocket, event ws_connect).
+#: How the daemon logs each framing (sagecell_tw.web.websocket, event ws_connect).
 SERVER_FRAMING = {"json": "default", "v1": "v1"}
 
 

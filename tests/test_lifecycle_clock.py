@@ -13,8 +13,8 @@ from twisted.trial import unittest
 
 from sagecell_tw import config as configmod
 from sagecell_tw import messages
-from sagecell_tw.kernels import NUDGE_INTERVAL, NUDGE_TRIES, KernelManager, NoKernelAvailable
-from sagecell_tw.sessions import KILL_AFTER_INTERRUPT, MAX_EARLY_DEATHS, LimitExceeded, SessionManager
+from sagecell_tw.core.kernels import NUDGE_INTERVAL, NUDGE_TRIES, KernelManager, NoKernelAvailable
+from sagecell_tw.core.sessions import KILL_AFTER_INTERRUPT, MAX_EARLY_DEATHS, LimitExceeded, SessionManager
 
 
 def info(n):

@@ -28,7 +28,9 @@ from twisted.internet import task
 from twisted.internet.error import ProcessTerminated
 from twisted.python.failure import Failure
 
-from sagecell_tw import health, kernels, metrics, spawners
+from sagecell_tw.control import spawners
+from sagecell_tw.core import kernels
+from sagecell_tw.daemon import health, metrics
 
 VENV_IN_UNITS = "/opt/sagecell_tw/venv"
 

@@ -3,7 +3,7 @@ A session belongs to whoever created it: the hostile visitor's tests.
 
 Visitor A creates a kernel (and a notebook session) and keeps a secret in
 it; visitor B, on the same daemon, tries everything a visitor can read,
-list or guess to reach it. Trust model (``webbase.Policy``):
+list or guess to reach it. Trust model (``policy.Policy``):
 
 - Anonymous (no ``--token``): a kernel's id, and a notebook session's id,
   is the capability to use it: 128 random bits, answered only to its

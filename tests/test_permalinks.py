@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_permalinks -*-
 """
-Tests for L{sagecell_tw.permalinks} and L{sagecell_tw.permalink_web}.
+Tests for L{sagecell_tw.core.permalinks} and L{sagecell_tw.web.permalinks}.
 
 Storage runs on real SQLite files in a temporary directory; the HTTP tests run
 a real L{Site} on C{tcp:0} and talk to it with L{Agent}, so form parsing,
@@ -34,13 +34,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.test.requesthelper import DummyRequest
 
-from sagecell_tw.permalink_web import (
-    PermalinkResource,
-    RateLimit,
-    decode_zip,
-    encode_zip,
-)
-from sagecell_tw.permalinks import (
+from sagecell_tw.core.permalinks import (
     MIGRATIONS,
     SCHEMA_VERSION,
     PermalinkStore,
@@ -49,6 +43,12 @@ from sagecell_tw.permalinks import (
     PermalinkStoreFull,
     SchemaVersionError,
     migrate,
+)
+from sagecell_tw.web.permalinks import (
+    PermalinkResource,
+    RateLimit,
+    decode_zip,
+    encode_zip,
 )
 
 URLSAFE = set(string.ascii_letters + string.digits + "-_")

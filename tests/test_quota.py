@@ -2,8 +2,8 @@
 
 import os
 
-from sagecell_tw.forkserver import deleted_usage, dir_usage
-from sagecell_tw.quota import DiskQuota
+from sagecell_tw.files.quota import DiskQuota
+from sagecell_tw.worker.forkserver import deleted_usage, dir_usage
 
 MiB = 1 << 20
 

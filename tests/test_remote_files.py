@@ -16,11 +16,13 @@ from fakes import FakeZmq
 from twisted.internet import defer, task
 from twisted.web.test.requesthelper import DummyRequest
 
-from sagecell_tw import kernels, remote_files, spawners
-from sagecell_tw.files import content_type, file_headers
-from sagecell_tw.remote_files import CHUNK, RemoteFiles, byte_range
-from sagecell_tw.webbase import HTTPError
-from sagecell_tw.worker_files import WorkerFiles
+from sagecell_tw.control import files as remote_files
+from sagecell_tw.control import spawners
+from sagecell_tw.control.files import CHUNK, RemoteFiles, byte_range
+from sagecell_tw.core import kernels
+from sagecell_tw.files.store import FileError
+from sagecell_tw.files.worker import WorkerFiles
+from sagecell_tw.web.files import content_type, file_headers
 
 KID = "feedbeef"
 
@@ -71,7 +73,7 @@ def result_of(d: defer.Deferred):
 
 def http_error(d: defer.Deferred, status: int) -> str:
     failure = result_of(d)
-    assert hasattr(failure, "check") and failure.check(HTTPError), failure
+    assert hasattr(failure, "check") and failure.check(FileError), failure
     assert failure.value.status == status, (failure.value.status, failure.value.message)
     return failure.value.message
 
@@ -391,7 +393,7 @@ def _session_with_a_kernel():
     from fakes import FakeConnection, FakeSpawner, iopub_welcome, kernel_info
 
     from sagecell_tw import config as configmod
-    from sagecell_tw.sessions import SessionManager
+    from sagecell_tw.core.sessions import SessionManager
 
     clock = task.Clock()
     config = configmod.build({}, {"pool_size": "1"})

@@ -31,11 +31,11 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from sagecell_tw import config as configmod
-from sagecell_tw import sagecell_compat
-from sagecell_tw.api import Api
+from sagecell_tw.core.sessions import SessionManager
 from sagecell_tw.messages import Message
-from sagecell_tw.sessions import SessionManager
-from sagecell_tw.webbase import JsonResource
+from sagecell_tw.web import sagecell as sagecell_compat
+from sagecell_tw.web.api import Api
+from sagecell_tw.web.policy import JsonResource
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 

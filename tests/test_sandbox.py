@@ -22,7 +22,9 @@ import pytest
 from support import msg, stdout_of
 from test_security import VARIANTS, Session, assert_contained, attacked, died
 
-from sagecell_tw import forkserver, kernel_child, sandbox
+from sagecell_tw.kernel import child as kernel_child
+from sagecell_tw.kernel import sandbox
+from sagecell_tw.worker import forkserver
 
 pytestmark = pytest.mark.slow
 

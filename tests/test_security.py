@@ -31,7 +31,7 @@ import uuid
 import pytest
 from support import ROOT, Client, Daemon, descendants, found_in_memory, msg, scan_memory, stdout_of
 
-from sagecell_tw import sandbox
+from sagecell_tw.kernel import sandbox
 
 pytestmark = pytest.mark.slow
 
@@ -282,7 +282,7 @@ class Env:
                     with open(f"/proc/{child}/stat") as f:
                         fields = f.read().rsplit(")", 1)[1].split()
                     with open(f"/proc/{child}/cmdline", "rb") as f:
-                        zygote = b"sagecell_tw.zygote" in f.read()
+                        zygote = b"sagecell_tw.worker.zygote" in f.read()
                     with open(f"/proc/{pid}/stat") as f:
                         session = f.read().rsplit(")", 1)[1].split()[3]
                 except (OSError, ValueError, IndexError):

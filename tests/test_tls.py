@@ -223,7 +223,7 @@ class NoDelayTests(unittest.TestCase):
         from twisted.internet import endpoints, reactor
         from twisted.web import resource, server
 
-        from sagecell_tw.web import ConnectionsPerClient, _socket_of
+        from sagecell_tw.web.site import ConnectionsPerClient, _socket_of
 
         seen = defer.Deferred()
 

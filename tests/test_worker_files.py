@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from sagecell_tw import worker_files
-from sagecell_tw.worker_files import CHUNK, WorkerFiles
+from sagecell_tw.files import worker as worker_files
+from sagecell_tw.files.worker import CHUNK, WorkerFiles
 
 KID = "0123abcd"
 
@@ -245,7 +245,7 @@ def test_the_spawner_front_serves_only_kernels_the_fork_server_announced(tmp_pat
     import json
     import types
 
-    from sagecell_tw.spawner import Front
+    from sagecell_tw.worker.spawner import Front
 
     class Dealer:
         def __init__(self):

@@ -27,7 +27,10 @@ from support import ROOT, Client, found_in_memory, scan_memory, stdout_of
 from twisted.internet import task
 
 from sagecell_tw import config as configmod
-from sagecell_tw import keeper, kernels, keys, records, spawners
+from sagecell_tw import keys
+from sagecell_tw.control import spawners
+from sagecell_tw.core import kernels
+from sagecell_tw.worker import keeper, records
 
 
 class Hosts:
@@ -319,7 +322,7 @@ def spawner_processes(front: int) -> tuple[int, int]:
     def is_zygote(pid: int) -> bool:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                return b"sagecell_tw.zygote" in f.read()
+                return b"sagecell_tw.worker.zygote" in f.read()
         except OSError:
             return False
 
@@ -435,7 +438,7 @@ def test_workers_on_other_hosts_over_curve():
                 w,
                 sys.executable,
                 "-m",
-                "sagecell_tw.spawner",
+                "sagecell_tw.worker.spawner",
                 "--control",
                 f"tcp://10.199.{n}.1:5555",
                 "--public-host",
@@ -533,7 +536,7 @@ def test_workers_on_other_hosts_over_curve():
 
         # A worker whose key is not on the list is refused (and never joins).
         procs["stranger"] = subprocess.Popen(
-            in_ns("w1", sys.executable, "-m", "sagecell_tw.spawner", "--control", "tcp://10.199.1.1:5555",
+            in_ns("w1", sys.executable, "-m", "sagecell_tw.worker.spawner", "--control", "tcp://10.199.1.1:5555",
                   "--curve-secret", f"{tmp}/keys/stranger.key_secret", "--daemon-key", f"{tmp}/keys/daemon.key",
                   "--name", "stranger", "--base-dir", f"{tmp}/stranger", "--pool-size", "0", "--preload", "",
                   "--worker-user", "sagecell-worker"),

@@ -1,0 +1,201 @@
+# -*- test-case-name: tests.test_flood -*-
+"""
+The daemon's only contact with txzmq: sockets to kernels and to spawners.
+
+Kept small so txzmq can be replaced. Each socket gets a bounded high-water
+mark (txzmq's default of 0 is unbounded), and a read turn handles at most
+``READ_BATCH`` messages before yielding to the reactor, so one chatty kernel
+cannot starve the others. A channel can be paused: the daemon then stops
+reading it, zmq queues up to the high-water mark, and the kernel's iopub
+socket (``XPUB_NODROP``, see ``kernel.ipython``) makes the kernel wait; that is
+how a slow browser slows its kernel down instead of filling our memory.
+txzmq reaches for the global reactor in a few places; the reactor handed to
+``ZmqContext`` is used everywhere we can.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import zmq
+from txzmq import ZmqEndpoint, ZmqEndpointType, ZmqFactory
+from txzmq.connection import ZmqConnection
+
+READ_BATCH = 256
+HWM = 10000
+#: a kernel's iopub messages (SUB sockets) queued in the daemon while it is
+#: paused (its browser is behind): stream messages are ~64 KiB
+#: (kernel.output.CHUNK), so this bounds what a slow browser pins in the
+#: daemon per kernel to a few MiB; a kernel sending huge messages can pin
+#: this many of them
+IOPUB_HWM = 64
+
+
+class _Socket(ZmqConnection):
+    highWaterMark = HWM
+
+    def __init__(self, factory, endpoint, on_message: Callable[[list[bytes]], None], identity=None, options=None):
+        self._on_message = on_message
+        self.paused = False
+        # Options such as the CURVE keys must be set before connect or bind.
+        super().__init__(factory, None, identity=identity)
+        for option, value in (options or {}).items():
+            self.socket.setsockopt(option, value)
+        self.addEndpoints([endpoint])
+
+    def messageReceived(self, message: list[bytes]) -> None:
+        self._on_message(message)
+
+    def doRead(self) -> None:
+        # txzmq's doRead drains the socket in one go; take a batch, then let
+        # the reactor breathe and come back.
+        if self.read_scheduled is not None:
+            if not self.read_scheduled.called:
+                self.read_scheduled.cancel()
+            self.read_scheduled = None
+        for _ in range(READ_BATCH):
+            if self.factory is None or self.paused:
+                return
+            try:
+                message = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.error.Again:
+                return
+            self.messageReceived(message)
+        self._schedule_read()
+
+    def _schedule_read(self) -> None:
+        if self.read_scheduled is None and self.factory is not None and not self.paused:
+            self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
+
+    def send(self, message: list[bytes]) -> None:
+        """Send, or raise zmq.Again when the peer is too far behind."""
+        self.socket.send_multipart(message, zmq.NOBLOCK)
+        # A send may consume the fd's edge while messages wait to be read.
+        self._schedule_read()
+
+    def pause(self) -> None:
+        """Stop reading: zmq queues up to the high-water mark, then the sender waits."""
+        if self.paused or self.factory is None:
+            return
+        self.paused = True
+        self.factory.reactor.removeReader(self)
+        if self.read_scheduled is not None:
+            if not self.read_scheduled.called:
+                self.read_scheduled.cancel()
+            self.read_scheduled = None
+
+    def resume(self) -> None:
+        if not self.paused or self.factory is None:
+            return
+        self.paused = False
+        self.factory.reactor.addReader(self)
+        self._schedule_read()  # the fd is edge-triggered: what queued meanwhile raised no new edge
+
+
+class _Dealer(_Socket):
+    socketType = zmq.DEALER
+
+
+class _Sub(_Socket):
+    # txzmq's ZmqSubConnection expects its own tag framing and breaks on
+    # Jupyter's multipart iopub messages: a plain SUB with our handler.
+    socketType = zmq.SUB
+    highWaterMark = IOPUB_HWM
+
+
+class _Router(_Socket):
+    socketType = zmq.ROUTER
+
+
+class ZmqContext:
+    """One zmq context for the daemon, tied to a reactor."""
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.factory = None
+        #: (public, secret) CURVE keys of the daemon: the control ROUTER is a
+        #: CURVE server with them, connections to worker hosts' relays clients
+        self.curve: tuple[bytes, bytes] | None = None
+
+    def start(self) -> None:
+        """Create the zmq context: only after twistd has forked into the background."""
+        if self.factory is None:
+            self.factory = ZmqFactory()
+            self.factory.reactor = self.reactor
+            self.factory.lingerPeriod = 0
+
+    def shutdown(self) -> None:
+        if self.factory is not None and self.factory.connections is not None:
+            self.factory.shutdown()
+
+    def router(self, address: str, on_message: Callable[[list[bytes]], None], curve_server: bool = False) -> Channel:
+        """A bound ROUTER: the spawners' control channel (a CURVE server when asked)."""
+        options = {}
+        if curve_server:
+            options = {zmq.CURVE_SERVER: 1, zmq.CURVE_PUBLICKEY: self.curve[0], zmq.CURVE_SECRETKEY: self.curve[1]}
+            # A worker host whose link came back reconnects under the same
+            # identity before the old connection is noticed dead: let it in.
+            options[zmq.ROUTER_HANDOVER] = 1
+        sock = _Router(self.factory, ZmqEndpoint(ZmqEndpointType.bind, address), on_message, options=options)
+        return Channel(sock)
+
+    def zap(self, on_message: Callable[[list[bytes]], None]) -> Channel:
+        """The ZAP handler's socket: libzmq asks it about every CURVE client of this context."""
+        return Channel(_Router(self.factory, ZmqEndpoint(ZmqEndpointType.bind, "inproc://zeromq.zap.01"), on_message))
+
+    def _client_options(self, server_key: bytes | None) -> dict:
+        if server_key is None:
+            return {}
+        if self.curve is None:
+            raise ValueError("a CURVE server key without the daemon's own CURVE keys (--curve-secret-key)")
+        return {zmq.CURVE_SERVERKEY: server_key, zmq.CURVE_PUBLICKEY: self.curve[0], zmq.CURVE_SECRETKEY: self.curve[1]}
+
+    def dealer(
+        self,
+        address: str,
+        on_message: Callable[[list[bytes]], None],
+        identity: bytes | None = None,
+        server_key: bytes | None = None,
+    ) -> Channel:
+        endpoint = ZmqEndpoint(ZmqEndpointType.connect, address)
+        return Channel(_Dealer(self.factory, endpoint, on_message, identity, self._client_options(server_key)))
+
+    def sub(self, address: str, on_message: Callable[[list[bytes]], None], server_key: bytes | None = None) -> Channel:
+        endpoint = ZmqEndpoint(ZmqEndpointType.connect, address)
+        sock = _Sub(self.factory, endpoint, on_message, options=self._client_options(server_key))
+        sock.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        return Channel(sock)
+
+
+class Channel:
+    """A socket we can send on and close; what the rest of the daemon sees."""
+
+    def __init__(self, sock: _Socket):
+        self._sock = sock
+
+    def send(self, parts: list[bytes]) -> bool:
+        """Send a multipart message; False if the socket is closed or full."""
+        if self._sock.socket is None:
+            return False
+        try:
+            self._sock.send(parts)
+        except zmq.error.Again:
+            return False
+        except zmq.error.ZMQError:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._sock.socket is not None:
+            self._sock.shutdown()
+
+    def pause(self) -> None:
+        """Stop reading until ``resume()``."""
+        self._sock.pause()
+
+    def resume(self) -> None:
+        self._sock.resume()
+
+    @property
+    def closed(self) -> bool:
+        return self._sock.socket is None

@@ -1,0 +1,681 @@
+# -*- test-case-name: tests.test_lifecycle_clock -*-
+"""
+Web sessions: each gets its own kernel, and its messages go to that kernel.
+
+The router's idea: a message for a session that has no kernel is
+"unroutable", so the session takes a kernel from the pool and the message
+waits (bounded) until it is attached. Replies on shell/stdin/control go to
+the WebSocket connection whose client session sent the request; iopub goes
+to every connection of the session, and to nobody else.
+
+Time comes from ``clock``; ``sweep()`` (run every second) applies the
+timeouts: no browser connected, idle, lifetime, and per-execution wall clock.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from collections.abc import Callable
+
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .. import messages
+from ..messages import DAEMON_SESSION, Message
+from .kernels import KernelManager, NoKernelAvailable
+from .router import Routes, WebSession
+
+log = Logger()
+
+#: iopub messages of one session held back at most (count, bytes) while
+#: the news of an execution's files is on its way from a worker host
+MAX_HELD = 1000
+MAX_HELD_BYTES = 16 << 20
+
+MAX_PENDING = 64
+#: how many recent executions keep counting output against the cap
+OUTPUT_ACCOUNTS = 16
+#: iopub messages of a kernel that the output cap does not count: they say
+#: what state it is in, nothing more. Everything else a kernel publishes
+#: (stream, error, display_data, execute_result, clear_output, comm_msg, ...)
+#: is counted, whatever its type; the daemon's own notices are not the kernel's.
+UNCAPPED = frozenset({"status"})
+#: a session's kernel replaced (restart, or a new one after its death) at most
+#: --max-restarts-per-minute times a minute; a client address's, this many times that
+RESTART_WINDOW = 60.0
+CLIENT_RESTARTS_FACTOR = 3
+#: after an interrupt for the time limit, how long before the kernel is killed
+KILL_AFTER_INTERRUPT = 5.0
+#: how many kernels in a row a session swaps silently for ones that died before running its code
+MAX_EARLY_DEATHS = 3
+
+
+def _size(msg: Message) -> int:
+    n = len(msg.header) + len(msg.parent) + len(msg.metadata) + len(msg.content)
+    if msg.buffers:
+        n += sum(map(len, msg.buffers))
+    return n
+
+
+def _cut_stream(msg: Message, room: int) -> Message | None:
+    """The first ``room`` bytes (or so) of a stream message's text, or None if not a stream."""
+    if msg.msg_type != "stream" or room <= 0:
+        return None
+    content = msg.content_dict()
+    text = content.get("text")
+    if not isinstance(text, str):
+        return None
+    content["text"] = text.encode()[: max(0, room - 40)].decode(errors="ignore")
+    return Message(msg.channel, msg.header, msg.parent, msg.metadata, messages.dumps(content), [], msg._h, msg._p)
+
+
+class LimitExceeded(Exception):
+    """A client or the whole server is at its kernel limit (HTTP 429/503)."""
+
+    def __init__(self, message: str, status: int = 429):
+        super().__init__(message)
+        self.status = status
+
+
+class RateLimit:
+    """
+    At most ``count`` events in any ``window`` seconds for each key; time from ``clock``.
+    Keys with nothing in their window are forgotten (``prune``), so the
+    table holds only keys active in the last window.
+    """
+
+    def __init__(self, count: int, window: float, clock):
+        self.count = count
+        self.window = window
+        self.clock = clock
+        #: key -> times of its recent events, oldest first
+        self.events: dict[str, deque] = {}
+
+    def wait(self, key: str) -> float:
+        """Seconds until ``key`` may have another event (0: now)."""
+        times = self.events.get(key)
+        if times is None:
+            return 0.0
+        now = self.clock.seconds()
+        while times and now - times[0] >= self.window:
+            times.popleft()
+        if len(times) < self.count:
+            return 0.0
+        return times[0] + self.window - now
+
+    def record(self, key: str) -> None:
+        self.events.setdefault(key, deque()).append(self.clock.seconds())
+
+    def prune(self) -> None:
+        now = self.clock.seconds()
+        for key in [k for k, times in self.events.items() if not times or now - times[-1] >= self.window]:
+            del self.events[key]
+
+
+class Execution:
+    """One execute_request, for its wall-clock limit and output cap."""
+
+    def __init__(self, msg_id: str, started: float):
+        self.msg_id = msg_id
+        self.started = started
+        self.interrupted_at: float | None = None
+        #: output bytes passed on, and dropped once over the cap
+        self.output_bytes = 0
+        self.dropped_bytes = 0
+        self.capped = False
+
+
+class SessionManager:
+    """Creates, routes and ends web sessions."""
+
+    def __init__(self, kernels: KernelManager, config, clock):
+        self.kernels = kernels
+        self.config = config
+        self.clock = clock
+        self.routes = Routes()
+        self._sweeper = LoopingCall(self.sweep)
+        self._sweeper.clock = clock
+        #: observers called with (event, session, detail) for logs and metrics
+        self.observers: list[Callable[[str, WebSession, str], None]] = []
+        #: messages and bytes relayed, for metrics: plain ints, cheap on the hot path
+        self.msgs_to_kernels = self.bytes_to_kernels = 0
+        self.msgs_from_kernels = self.bytes_from_kernels = 0
+        #: called with (session, execute_request parent header) when an
+        #: execution ends (its kernel went idle): the files watcher uses it.
+        #: A hook may return a Deferred of a message to send before "idle"
+        #: (news that takes a round trip): iopub is held until it fires.
+        self.on_execute_done: list[Callable[[WebSession, dict], None]] = []
+        #: session id -> (its kernel, [(msg, conn)] sent to it and not yet answered), while
+        #: that kernel has not started any of the session's code: if it dies now,
+        #: the session loses nothing, and those go to a fresh kernel (``_kernel_died``)
+        self._unproven: dict[str, tuple] = {}
+        #: session id -> kernels it lost that way in a row
+        self._early_deaths: dict[str, int] = {}
+        per_session = config.max_restarts_per_minute
+        self.restarts = RateLimit(per_session, RESTART_WINDOW, clock)
+        self.client_restarts = RateLimit(CLIENT_RESTARTS_FACTOR * per_session, RESTART_WINDOW, clock)
+        #: ids of sessions that have had a kernel: taking another is a restart
+        self._had_kernel: set[str] = set()
+        #: kernels' messages dropped for claiming the daemon's session, by kernel id
+        self.forged: dict[str, int] = {}
+
+    def start(self) -> None:
+        self._sweeper.start(1.0, now=False)
+
+    def stop(self) -> None:
+        if self._sweeper.running:
+            self._sweeper.stop()
+
+    def _event(self, event: str, session: WebSession, detail: str = "") -> None:
+        for observer in list(self.observers):
+            observer(event, session, detail)
+
+    # -- creating and ending ------------------------------------------------
+
+    def create(self, client: str, name: str = "python3") -> WebSession:
+        if len(self.routes) >= self.config.max_kernels:
+            self._event("limit", None, "max_kernels")
+            raise LimitExceeded(f"the server runs its maximum of {self.config.max_kernels} kernels; try again later", 503)
+        if self.routes.count_for(client) >= self.config.max_kernels_per_client:
+            self._event("limit", None, "max_kernels_per_client")
+            raise LimitExceeded(
+                f"you already have {self.config.max_kernels_per_client} kernels, the most one client may have; "
+                "shut one down first"
+            )
+        now = self.clock.seconds()
+        # The id is the session's capability for anonymous callers (web.policy.Policy): 128 random bits.
+        session = WebSession(secrets.token_hex(16), client, name, now, now, disconnected_since=now)
+        self.routes.add(session)
+        log.info("session {session} started for {client}", event="session_start", session=session.id, client=client)
+        self._event("start", session)
+        self._ensure_kernel(session).addErrback(lambda _f: None)
+        return session
+
+    def get(self, session_id: str) -> WebSession | None:
+        return self.routes.get(session_id)
+
+    def shutdown(self, session: WebSession, reason: str = "shut down") -> defer.Deferred:
+        """End the session and its kernel; tell every connection why."""
+        if session.closed:
+            return defer.succeed(None)
+        session.closed = True
+        self._unproven.pop(session.id, None)
+        self._early_deaths.pop(session.id, None)
+        self._had_kernel.discard(session.id)
+        kernel = self.routes.detach(session)
+        self.routes.remove(session)
+        session.execution_state = "dead"
+        if reason != "shut down":
+            self._broadcast(session, messages.stream(f"\n[sagecell] This session ended: {reason}.\n", DAEMON_SESSION))
+        self._broadcast(session, messages.status("dead", DAEMON_SESSION))
+        for conn in list(session.connections):
+            conn.close_for(reason)
+        log.info("session {session} ended: {reason}", event="session_stop", session=session.id, reason=reason)
+        self._event("stop", session, reason)
+        if kernel is None:
+            return defer.succeed(None)
+        kernel.on_message = kernel.on_death = None
+        return self.kernels.shutdown(kernel, reason)
+
+    def shutdown_all(self, reason: str) -> defer.Deferred:
+        ds = [self.shutdown(s, reason) for s in self.routes]
+        return defer.DeferredList(ds, consumeErrors=True)
+
+    # -- kernels behind sessions ----------------------------------------------
+
+    def kernel_for(self, session: WebSession) -> defer.Deferred:
+        """Fires with the session once it has a kernel, taking one if needed (uploads wait on this)."""
+        return self._ensure_kernel(session)
+
+    def _ensure_kernel(self, session: WebSession, counted: bool = False) -> defer.Deferred:
+        """
+        Fires with the session once it has a kernel (or fails if none came).
+        A session that had one before takes another only within the restart
+        limits, unless the caller has ``counted`` this one already.
+        """
+        if session.kernel is not None:
+            return defer.succeed(session)
+        if session.closed:
+            return defer.fail(NoKernelAvailable("this session has ended"))
+        if not session.claiming and not counted and session.id in self._had_kernel:
+            try:
+                self._count_restart(session, session.client)
+            except LimitExceeded as e:
+                failure = Failure(NoKernelAvailable(str(e)))
+                self._no_kernel(failure, session)  # what waits for the kernel hears why
+                return defer.fail(failure)
+        waiter: defer.Deferred = defer.Deferred()
+        session.claim_waiters.append(waiter)
+        if not session.claiming:
+            session.claiming = True
+            d = self.kernels.take()
+            d.addCallbacks(self._attach, self._no_kernel, callbackArgs=(session,), errbackArgs=(session,))
+        return waiter
+
+    def _settle(self, session: WebSession, failure=None) -> None:
+        session.claiming = False
+        waiters, session.claim_waiters = session.claim_waiters, []
+        for w in waiters:
+            if failure is None:
+                w.callback(session)
+            else:
+                w.errback(failure)
+
+    def _attach(self, kernel, session: WebSession) -> None:
+        if session.closed:
+            self.kernels.shutdown(kernel, "its session ended before it started")
+            self._settle(session, NoKernelAvailable("this session has ended"))
+            return
+        self.routes.attach(session, kernel)
+        self._unproven[session.id] = (kernel, [])
+        self._had_kernel.add(session.id)
+        if session.paused:
+            kernel.pause_reading()
+        kernel.on_message = lambda msg: self._from_kernel(session, kernel, msg)
+        kernel.on_death = lambda reason: self._kernel_died(session, kernel, reason)
+        log.info(
+            "session {session} got kernel {kernel} (pid {pid})",
+            event="session_kernel",
+            session=session.id,
+            kernel=kernel.id,
+            pid=kernel.pid,
+        )
+        self._event("kernel", session, kernel.id)
+        if session.execution_state in ("starting", "restarting", "dead"):
+            session.execution_state = "idle"
+            self._broadcast(session, messages.status("idle", DAEMON_SESSION))
+        pending, session.pending = session.pending, []
+        for msg, conn in pending:
+            self.send(session, msg, conn)
+        self._settle(session)
+
+    def _no_kernel(self, failure, session: WebSession) -> None:
+        """No kernel came: every waiting request gets an error reply, every connection a notice and status dead."""
+        self._settle(session, failure)
+        if session.closed:
+            return
+        why = failure.getErrorMessage() if failure.check(NoKernelAvailable) else "no kernel could be started"
+        if not failure.check(NoKernelAvailable):
+            log.failure("taking a kernel failed", failure)
+        pending, session.pending = session.pending, []
+        for msg, conn in pending:
+            self._refuse(conn, msg, why)
+        self._broadcast(session, messages.stream(f"[sagecell] {why}\n", DAEMON_SESSION))
+        session.execution_state = "dead"
+        self._broadcast(session, messages.status("dead", DAEMON_SESSION))
+
+    def _kernel_died(self, session: WebSession, kernel, reason: str) -> None:
+        if session.kernel is not kernel:
+            return
+        unproven = self._unproven.pop(session.id, None)
+        if unproven is not None and unproven[0] is kernel and self._replace_early(session, kernel, reason, unproven[1]):
+            return
+        self.routes.detach(session)
+        session.executions.clear()
+        session.execution_state = "dead"
+        log.info(
+            "the kernel of session {session} died: {reason}", event="session_kernel_died", session=session.id, reason=reason
+        )
+        self._event("kernel_died", session, reason)
+        self._broadcast(session, messages.stream(f"\n[sagecell] The kernel died: {reason}.\n", DAEMON_SESSION))
+        self._broadcast(session, messages.status("dead", DAEMON_SESSION))
+
+    def _replace_early(self, session: WebSession, kernel, reason: str, unanswered: list) -> bool:
+        """
+        The kernel died before it started any of the session's code (it was
+        handed out as its spawner died, or died in the pool unseen): the
+        session has lost nothing, so it takes a fresh kernel, as an
+        unroutable message does, and what the dead one never answered goes
+        there. False after ``MAX_EARLY_DEATHS`` in a row: then it is reported.
+        """
+        deaths = self._early_deaths.get(session.id, 0) + 1
+        if deaths > MAX_EARLY_DEATHS:
+            return False
+        self._early_deaths[session.id] = deaths
+        self.routes.detach(session)
+        session.executions.clear()
+        log.info(
+            "the kernel of session {session} died before running its code ({reason}): taking another",
+            event="session_kernel_replaced",
+            session=session.id,
+            kernel=kernel.id,
+            reason=reason,
+        )
+        session.pending[:0] = unanswered
+        self._ensure_kernel(session).addErrback(lambda _f: None)
+        return True
+
+    def _proven(self, session: WebSession, kernel, msg: Message, parent: dict) -> None:
+        """
+        A message from a kernel not yet known to run the session's code:
+        once it starts an execution (anything with an execute_request for
+        parent) the session has state there; before that, a reply only
+        crosses its request off the list to send again.
+        """
+        unproven = self._unproven.get(session.id)
+        if unproven is None or unproven[0] is not kernel:
+            return
+        if parent.get("msg_type") == "execute_request":
+            del self._unproven[session.id]
+            self._early_deaths.pop(session.id, None)
+        elif msg.channel != "iopub":
+            answered = parent.get("msg_id")
+            unproven[1][:] = [(m, c) for m, c in unproven[1] if m.msg_id != answered]
+
+    def _count_restart(self, session: WebSession, client: str) -> None:
+        """Record a restart of ``session`` asked for by ``client``, or raise LimitExceeded (429)."""
+        per_session = self.restarts.count
+        wait = self.restarts.wait(session.id)
+        what = f"at most {per_session} a minute for one session"
+        if not wait:
+            wait = self.client_restarts.wait(client)
+            what = f"at most {self.client_restarts.count} a minute for one client"
+        if wait:
+            self._event("limit", session, "max_restarts_per_minute")
+            raise LimitExceeded(f"too many kernel restarts ({what}); try again in {max(1, round(wait))} s")
+        self.restarts.record(session.id)
+        self.client_restarts.record(client)
+
+    def restart(self, session: WebSession, automatic: bool = False, client: str | None = None) -> defer.Deferred:
+        """
+        Swap in a fresh kernel from the pool; the session id stays.
+
+        A restart someone asked for counts against the restart limits
+        (per session, and per ``client`` address: the session's own by
+        default) and raises ``LimitExceeded`` beyond them, changing nothing.
+
+        Only a restart the daemon decides on its own (``automatic``) is
+        announced with status ``restarting``, as Jupyter Server announces
+        only its auto-restarts: @jupyterlab/services takes that status for
+        "the kernel died and the server restarted it", and JupyterLab then
+        tells the user the kernel "appears to have died". A client that
+        asked for the restart over REST knows already; it hears ``starting``.
+        """
+        if not automatic:
+            self._count_restart(session, client or session.client)
+        old = self.routes.detach(session)
+        session.executions.clear()
+        if old is not None:
+            old.on_message = old.on_death = None
+            self.kernels.shutdown(old, "restarted")
+        session.execution_state = "restarting"
+        if automatic:
+            self._broadcast(session, messages.status("restarting", DAEMON_SESSION))
+        self._broadcast(session, messages.status("starting", DAEMON_SESSION))
+        session.execution_state = "starting"
+        return self._ensure_kernel(session, counted=True)
+
+    def interrupt(self, session: WebSession) -> bool:
+        if session.kernel is None:
+            return False
+        msg = Message.build("control", "interrupt_request", {}, session=DAEMON_SESSION)
+        return session.kernel.send(msg)
+
+    # -- connections ----------------------------------------------------------
+
+    def connect(self, session: WebSession, conn) -> None:
+        session.connections.add(conn)
+        session.disconnected_since = None
+        conn.deliver(messages.status(session.execution_state, DAEMON_SESSION))
+        self._ensure_kernel(session).addErrback(lambda _f: None)
+
+    def disconnect(self, session: WebSession, conn) -> None:
+        session.connections.discard(conn)
+        self.resume(session, conn)
+        if not session.connections:
+            session.disconnected_since = self.clock.seconds()
+
+    # -- backpressure -----------------------------------------------------------
+
+    def pause(self, session: WebSession, conn) -> None:
+        """
+        ``conn``'s browser is behind (its transport buffer is full): stop
+        reading the kernel's output until it catches up. zmq then queues a
+        bounded amount and the kernel waits (``kernel.output``); nothing is
+        dropped and the daemon's memory stays bounded.
+        """
+        if conn in session.paused or conn not in session.connections:
+            return
+        session.paused.add(conn)
+        if len(session.paused) == 1 and session.kernel is not None:
+            session.kernel.pause_reading()
+
+    def resume(self, session: WebSession, conn) -> None:
+        if conn not in session.paused:
+            return
+        session.paused.discard(conn)
+        if not session.paused and session.kernel is not None:
+            session.kernel.resume_reading()
+
+    # -- messages -------------------------------------------------------------
+
+    def send(self, session: WebSession, msg: Message, conn) -> None:
+        """A message from a browser connection for this session's kernel."""
+        if session.closed:
+            self._refuse(conn, msg, "this session has ended")
+            return
+        session.last_activity = self.clock.seconds()
+        if conn is not None:
+            conn.client_sessions.add(str(msg.header_dict.get("session", "")))
+        kernel = session.kernel
+        if kernel is None:
+            if len(session.pending) >= MAX_PENDING:
+                self._refuse(conn, msg, "too many messages are waiting for a kernel")
+                return
+            session.pending.append((msg, conn))
+            self._ensure_kernel(session).addErrback(lambda _f: None)
+            return
+        if msg.msg_type == "execute_request":
+            ex = Execution(msg.msg_id, self.clock.seconds())
+            session.executions[msg.msg_id] = ex
+            session.outputs[msg.msg_id] = ex
+            while len(session.outputs) > OUTPUT_ACCOUNTS:
+                del session.outputs[next(iter(session.outputs))]
+            if self.config.log_code:
+                log.info("session {session} runs: {code}", event="code", session=session.id, code=msg.content_dict().get("code"))
+        self.msgs_to_kernels += 1
+        self.bytes_to_kernels += _size(msg)
+        if not kernel.send(msg):
+            session.executions.pop(msg.msg_id, None)
+            self._refuse(conn, msg, "the kernel is not keeping up; message dropped")
+            return
+        unproven = self._unproven.get(session.id)
+        if unproven is not None and unproven[0] is kernel:
+            if len(unproven[1]) < MAX_PENDING:
+                unproven[1].append((msg, conn))
+            else:  # too much to send again: it counts as having state
+                del self._unproven[session.id]
+
+    def _refuse(self, conn, msg: Message, why: str) -> None:
+        if conn is None:
+            return
+        bad = messages.BadMessage(why, msg.header_dict, msg.channel)
+        conn.deliver(messages.error_reply(bad, DAEMON_SESSION))
+
+    def _from_kernel(self, session: WebSession, kernel, msg: Message) -> None:
+        if session.kernel is not kernel:
+            return
+        if msg.header_dict.get("session") == DAEMON_SESSION:
+            self._forged(session, kernel, msg)
+            return
+        self.msgs_from_kernels += 1
+        self.bytes_from_kernels += _size(msg)
+        parent = msg.parent_dict
+        if session.id in self._unproven:
+            self._proven(session, kernel, msg, parent)
+        if msg.channel == "iopub":
+            msg_type = msg.msg_type
+            if msg_type not in UNCAPPED and self.config.max_output_bytes:
+                if self._over_cap(session, msg, parent):
+                    return
+            elif msg_type == "status":
+                state = msg.content_dict().get("execution_state")
+                if isinstance(state, str):
+                    session.execution_state = state
+                    session.last_activity = self.clock.seconds()
+                    if state == "idle" and session.executions.pop(parent.get("msg_id"), None) is not None:
+                        # Before "idle", so clients still count it as part of the execution.
+                        waits = [hook(session, parent) for hook in list(self.on_execute_done)]
+                        waits = [d for d in waits if isinstance(d, defer.Deferred)]
+                        if waits:
+                            self._hold(session, msg, waits)
+                            return
+            self._broadcast(session, msg)
+            return
+        if parent.get("session") == DAEMON_SESSION:
+            return  # a reply to the daemon's own request
+        target = str(parent.get("session", ""))
+        conns = [c for c in session.connections if target in c.client_sessions]
+        for conn in conns or list(session.connections):
+            conn.deliver(msg)
+
+    def _forged(self, session: WebSession, kernel, msg: Message) -> None:
+        """
+        A kernel's message claiming to be the daemon's (``header.session``):
+        no kernel's own session has that name, so it is a forgery meant to
+        pass for our notices. Dropped; the first of each kernel is logged.
+        """
+        n = self.forged.get(kernel.id, 0) + 1
+        self.forged[kernel.id] = n
+        if n == 1:
+            log.warn(
+                "kernel {kernel} of session {session} sent a {msg_type} message as the daemon; "
+                "it and any more like it are dropped",
+                event="kernel_forgery",
+                kernel=kernel.id,
+                session=session.id,
+                msg_type=msg.msg_type[:64],
+            )
+
+    def _over_cap(self, session: WebSession, msg: Message, parent: dict) -> bool:
+        """
+        Count the output against its execution's ``max_output_bytes``;
+        True if it must not be passed on. The message that crosses the cap is
+        cut (a stream) or dropped, followed by a notice; later output of that
+        execution is dropped, while its status, error and reply still pass.
+        Output with no known parent counts against the latest execution.
+        """
+        ex = session.outputs.get(parent.get("msg_id"))
+        if ex is None:
+            if not session.outputs:
+                return False
+            ex = session.outputs[next(reversed(session.outputs))]
+        size = len(msg.content) + (sum(map(len, msg.buffers)) if msg.buffers else 0)
+        if ex.capped:
+            ex.dropped_bytes += size
+            return True
+        cap = self.config.max_output_bytes
+        if ex.output_bytes + size <= cap:
+            ex.output_bytes += size
+            return False
+        ex.capped = True
+        kept = _cut_stream(msg, cap - ex.output_bytes)
+        ex.dropped_bytes += size - (len(kept.content) if kept is not None else 0)
+        ex.output_bytes = cap
+        if kept is not None:
+            self._broadcast(session, kept)
+        self._event("limit", session, "max_output_bytes")
+        what = "interrupted" if self.config.interrupt_on_output_cap else "still running; its further output is not shown"
+        notice = f"\n[sagecell] Output truncated at {cap} bytes (the limit per computation); the computation is {what}.\n"
+        self._broadcast(session, messages.stream(notice, DAEMON_SESSION, parent or None))
+        if self.config.interrupt_on_output_cap:
+            self.interrupt(session)
+        return True
+
+    def broadcast(self, session: WebSession, msg: Message) -> None:
+        """Send a daemon-made message to every connection of the session."""
+        self._broadcast(session, msg)
+
+    def _broadcast(self, session: WebSession, msg: Message) -> None:
+        if session.held is not None:
+            size = _size(msg)
+            if len(session.held) < MAX_HELD and session.held_bytes + size <= MAX_HELD_BYTES:
+                session.held.append(msg)
+                session.held_bytes += size
+                return
+            self._release(session, session.held, [])  # too much to hold: the news will come late
+        self._deliver(session, [msg])
+
+    def _deliver(self, session: WebSession, msgs: list[Message]) -> None:
+        for msg in msgs:
+            for conn in list(session.connections):
+                conn.deliver(msg)
+
+    def _hold(self, session: WebSession, idle: Message, waits: list[defer.Deferred]) -> None:
+        """
+        Hold ``idle`` and the iopub after it until ``waits`` fire (each with a
+        message or None; the hooks bound their time), then send those first.
+        """
+        if session.held is None:  # else still holding for an earlier execution: in line behind it
+            session.held, session.held_bytes = [], 0
+        held = session.held
+        held.append(idle)
+        session.held_bytes += _size(idle)
+
+        def release(results) -> None:
+            news = [m for ok, m in results if ok and isinstance(m, Message)]
+            self._release(session, held, news)
+
+        defer.DeferredList(waits, consumeErrors=True).addCallback(release)
+
+    def _release(self, session: WebSession, held: list, news: list[Message]) -> None:
+        if session.held is held:
+            session.held = None
+            session.held_bytes = 0
+        else:
+            held = []  # already let go
+        self._deliver(session, [*news, *held])
+
+    # -- time limits ------------------------------------------------------------
+
+    def sweep(self) -> None:
+        now = self.clock.seconds()
+        cfg = self.config
+        self.restarts.prune()
+        self.client_restarts.prune()
+        for kernel_id in [k for k in self.forged if k not in self.kernels.kernels]:
+            del self.forged[kernel_id]
+        for session in self.routes:
+            if session.closed:
+                continue
+            if session.disconnected_since is not None and now - session.disconnected_since >= cfg.disconnect_timeout:
+                self.shutdown(session, f"no browser was connected for {cfg.disconnect_timeout:g} s")
+            elif now - session.created >= cfg.max_lifetime:
+                self.shutdown(session, f"it reached the maximum session lifetime of {cfg.max_lifetime:g} s")
+            elif not session.executions and now - session.last_activity >= cfg.idle_timeout:
+                self.shutdown(session, f"it was idle for {cfg.idle_timeout:g} s")
+            else:
+                self._check_executions(session, now)
+
+    def _check_executions(self, session: WebSession, now: float) -> None:
+        limit = self.config.exec_timeout
+        for ex in list(session.executions.values()):
+            if ex.interrupted_at is None and now - ex.started >= limit:
+                ex.interrupted_at = now
+                self._event("limit", session, "exec_timeout")
+                parent = {"msg_id": ex.msg_id, "msg_type": "execute_request"}
+                self._broadcast(
+                    session,
+                    messages.stream(
+                        f"\n[sagecell] This computation ran for longer than the limit of {limit:g} s and was interrupted.\n",
+                        DAEMON_SESSION,
+                        parent,
+                    ),
+                )
+                self.interrupt(session)
+            elif ex.interrupted_at is not None and now - ex.interrupted_at >= KILL_AFTER_INTERRUPT:
+                parent = {"msg_id": ex.msg_id, "msg_type": "execute_request"}
+                self._broadcast(
+                    session,
+                    messages.stream(
+                        "\n[sagecell] The computation did not stop when interrupted, so its kernel was restarted.\n",
+                        DAEMON_SESSION,
+                        parent,
+                    ),
+                )
+                self.restart(session, automatic=True).addErrback(lambda _f: None)
+                return
+

@@ -1,0 +1,1 @@
+"""The daemon's service, which starts and stops its parts, and what it shows its operator (health, metrics)."""

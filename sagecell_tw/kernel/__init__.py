@@ -1,0 +1,1 @@
+"""A kernel process, from fork() to the IPython kernel: sandbox, kernel app, output streams."""

@@ -1,0 +1,1 @@
+"""The spawner process: its zmq front, the fork server's manager and zygote, and what outlives a kernel."""
