@@ -274,8 +274,8 @@ def test_debug_request_is_refused_and_starts_no_debugger(env):
         )
         got = control_reply(k, sent)
         assert got is not None, "no reply to a debug_request"
+        # Refused by the daemon (messages.ALLOWED), and by the kernel behind it.
         assert got["msg_type"] == "debug_reply" and got["content"].get("status") == "error", got
-        assert got["content"].get("success") is False, got
         # And no debugger came up: no debugpy thread, module at work, or process.
         sent = k.client.send(
             msg("debug_request", {"type": "request", "seq": 2, "command": "attach", "arguments": {}}, channel="control")

@@ -964,8 +964,9 @@ def alive(pid: int) -> bool:
 
 def test_a_forged_pid_record_is_not_adopted_after_a_spawner_restart(env):
     """
-    A kernel names a sibling's host pid (and start time) as its own, where
-    it can write: its dir's pid file, and the fork server's records dir. The
+    A kernel names a sibling's host pid (and start time) as its own wherever
+    it can: its work dir, its kernel dir's pid file (read-only to it) and the
+    fork server's records dir (hidden from it). The
     spawner is killed and restarted; the new one adopts the kernels in use.
     Ending the forger's session must end the forger, not its victim.
     """
@@ -981,7 +982,8 @@ def test_a_forged_pid_record_is_not_adopted_after_a_spawner_restart(env):
         results = forger.attack(
             f"""
 mine = os.path.dirname(os.getcwd())
-control("forge the pid file in my own dir", lambda: open(os.path.join(mine, "pid"), "w").write({forged!r}))
+control("write in my own work dir", lambda: open("pid", "w").write({forged!r}))
+attempt("forge the pid file in my own kernel dir", lambda: open(os.path.join(mine, "pid"), "w").write({forged!r}))
 attempt("write a record where the fork server keeps them",
         lambda: open({os.path.join(env.base_dir, ".records", forger_kid)!r}, "w").write({record!r}))
 attempt("list the records", lambda: listing({os.path.join(env.base_dir, ".records")!r}))

@@ -794,12 +794,21 @@ class ForkServer:
                     del self.children[child.id]
         if self.zygote is not None:
             self.zygote.close()
-        for child in self.children.values():
-            child.reason = child.reason or "spawner shut down"
-            if child.pid is not None:
-                _killpg(child.pid)
+        # Kernels still starting may not have said who they are yet: hear
+        # them as long as we wait, so each is ended and its dir removed
+        # (its "I" comes before it makes the dir).
+        ended: set[int] = set()
         deadline = time.monotonic() + 5
-        while self.by_pid and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            for child in list(self.children.values()):
+                child.reason = child.reason or "spawner shut down"
+                if child.ready_fd is not None:
+                    self._hear(child)
+                if child.pid is not None and child.pid not in ended:
+                    ended.add(child.pid)
+                    _killpg(child.pid)
+            if not self.by_pid and not any(c.ready_fd is not None for c in self.children.values()):
+                break
             self._reap()
             time.sleep(0.01)
         for child in list(self.children.values()):
