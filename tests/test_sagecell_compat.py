@@ -122,7 +122,7 @@ class World:
         self.config = configmod.build(options={k.replace("_", "-"): v for k, v in options.items()})
         self.kernels = FakeKernels(self.clock)
         self.sessions = SessionManager(self.kernels, self.config, self.clock)
-        self.api = Api(self.sessions, self.kernels, None, self.config, self.clock)
+        self.api = Api(self.sessions, self.config, self.clock)
         self.compat = sagecell_compat.SageCellCompat(self.api, ws_resource=object(), clock=self.clock)
         self.roots = {
             b"kernel": self.compat.kernel_resource(),

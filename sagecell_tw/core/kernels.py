@@ -266,7 +266,6 @@ class KernelManager:
         #: kernel id -> Kernel, pooled ones included
         self.kernels: dict[str, Kernel] = {}
         self.waiters: deque[defer.Deferred] = deque()
-        self.on_pool_change: list[Callable[[], None]] = []
         #: called with (event, kernel) for "ready" and "died": logs and metrics
         self.observers: list[Callable[[str, Kernel], None]] = []
         self.spawned = 0
@@ -316,7 +315,6 @@ class KernelManager:
         else:
             self.pool.append(kernel)
         self._demand_changed()
-        self._pool_changed()
 
     def kernel_dead(self, kernel_id: str, reason: str) -> None:
         kernel = self.kernels.pop(kernel_id, None)
@@ -329,7 +327,6 @@ class KernelManager:
         log.info("kernel {kernel} died: {reason}", event="kernel_died", kernel=kernel_id, reason=reason)
         kernel.died(reason)
         self._notify("died", kernel)
-        self._pool_changed()
 
     def spawner_lost(self, spawner: SpawnerLink, in_use_reason: str | None = None) -> None:
         """
@@ -349,7 +346,6 @@ class KernelManager:
                 self.pool.remove(kernel)
             self.kernels.pop(kernel.id, None)
             kernel.died("its spawner went away")
-        self._pool_changed()
 
     def adopt(self, spawner: SpawnerLink, orphaned: Callable[[SpawnerLink], bool]) -> list[str]:
         """
@@ -371,7 +367,6 @@ class KernelManager:
         if kernel is not None:
             self.pool.remove(kernel)
             self._assign(kernel)
-            self._pool_changed()
             return defer.succeed(kernel)
         if self.live_count() >= self.max_kernels:
             return defer.fail(NoKernelAvailable(f"the server runs its maximum of {self.max_kernels} kernels"))
@@ -442,10 +437,6 @@ class KernelManager:
     def _notify(self, event: str, kernel: Kernel) -> None:
         for observer in list(self.observers):
             observer(event, kernel)
-
-    def _pool_changed(self) -> None:
-        for hook in list(self.on_pool_change):
-            hook()
 
     def kill_all(self, reason: str) -> list[defer.Deferred]:
         """Every kernel, pooled ones too: for daemon shutdown."""

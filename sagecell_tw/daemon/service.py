@@ -51,11 +51,6 @@ class SageCellService(service.MultiService):
         self.health = Health(self)
         SessionEvents(self.sessions).attach()
 
-    def extend_site(self, children: dict, api, ws_resource) -> None:
-        """Top-level web resources beyond the API: health, metrics, SageMathCell's."""
-        children[b"healthz"] = self.health.resource()
-        children[b"metrics"] = self.metrics.resource()
-
     # -- start ------------------------------------------------------------------
 
     def privilegedStartService(self) -> None:

@@ -53,10 +53,8 @@ def kernelspec() -> dict:
 class Api:
     """Holds what the resources need; builds the ``/api`` tree."""
 
-    def __init__(self, sessions, kernels, spawners, config, clock, files=None):
+    def __init__(self, sessions, config, clock, files=None):
         self.sessions = sessions
-        self.kernels = kernels
-        self.spawners = spawners
         self.config = config
         self.clock = clock
         self.notebooks = NotebookSessions(sessions, config.max_kernels_per_client)

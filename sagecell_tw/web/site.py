@@ -165,41 +165,21 @@ def default_permalink_db() -> str:
 
 
 class Root(resource.Resource):
-    def __init__(self, api: Api, extra: dict):
+    """``/``: the demo page, and the first segment of every other path looked up in ``routes``."""
+
+    def __init__(self, api: Api, routes: dict):
         super().__init__()
         self.api = api
-        self.extra = extra
+        self.routes = routes
         self.index = static.File(os.path.join(STATIC, "index.html"), defaultType="text/html")
 
     def getChild(self, name, request):
         if name == b"" and not request.postpath:
             return self.index
-        child = self.extra.get(name)
+        child = self.routes.get(name)
         if child is not None:
             return child
         return NotFound(self.api.policy)
-
-
-class KernelFilesOnly(resource.Resource):
-    """
-    ``/kernel/{id}/files/...``, SageMathCell's file URLs, and nothing else:
-    the place of web.sagecell's ``/kernel`` tree (POST /kernel, channels),
-    which routes files the same way, through ``svc.files_resource_for``.
-    """
-
-    def __init__(self, policy, files_resource_for):
-        super().__init__()
-        self.policy = policy
-        self.files_resource_for = files_resource_for
-
-    def render(self, request):
-        return NotFound(self.policy).render(request)
-
-    def getChild(self, name, request):
-        rest = [p.decode(errors="replace") for p in request.postpath]
-        if name and rest and rest[0] == "files":
-            return self.files_resource_for(name.decode(errors="replace"), rest[1:], request)
-        return NotFound(self.policy)
 
 
 class _NoSuchFile(resource.Resource):
@@ -239,36 +219,33 @@ def build_site(svc, config, reactor) -> server.Site:
     from ..core.permalinks import PermalinkStore
     from .permalinks import PermalinkResource, RateLimit
 
-    api = Api(svc.sessions, svc.kernels, svc, config, reactor)
-    svc.api = api
+    api = Api(svc.sessions, config, reactor)
     ws_factory = KernelWebSocketFactory(svc.sessions, config, reactor=reactor, policy=api.policy)
     ws_resource = KernelSocketResource(ws_factory)
     api.files = KernelFiles(svc.sessions, config, reactor, api.policy)
-    #: (kernel_id, segments, request) -> resource, for /kernel/{id}/files/...
-    svc.files_resource_for = api.files.resource_for
     db = config.permalink_db or default_permalink_db()
     os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)
     store = PermalinkStore(db, reactor, max_bytes=config.permalink_db_max_size)
-    svc.permalinks = store
     static_dir = StaticFiles(STATIC)
     static_dir.indexNames = []
-    extra = {
-        b"api": api.resource(ws_resource),
-        b"static": static_dir,
-        b"embedded_sagecell.js": StaticFiles(os.path.join(STATIC, "embed.js"), defaultType="application/javascript"),
-        b"permalink": PermalinkResource(
-            store,
-            max_code_bytes=min(config.max_message_size, 1 << 20),
-            rate=RateLimit(reactor, config.permalinks_per_minute),
-        ),
-        b"kernel": KernelFilesOnly(api.policy, api.files.resource_for),
-    }
+    permalinks = PermalinkResource(
+        store,
+        max_code_bytes=min(config.max_message_size, 1 << 20),
+        rate=RateLimit(reactor, config.permalinks_per_minute),
+    )
     compat = SageCellCompat(api, ws_resource, reactor)
-    extra[b"kernel"] = compat.kernel_resource()
-    extra[b"service"] = compat.service_resource()
-    extra[b"permalink"] = compat.with_cors(extra[b"permalink"])
-    svc.extend_site(extra, api, ws_resource)
-    site = server.Site(Root(api, extra), timeout=config.http_idle_timeout, logFormatter=access_log_line)
+    #: the first segment of a path -> what serves it ("/" itself is the demo page)
+    routes = {
+        b"api": api.resource(ws_resource),  # Jupyter Server's REST API and kernel WebSockets
+        b"kernel": compat.kernel_resource(),  # SageMathCell: POST /kernel, its WebSockets and files
+        b"service": compat.service_resource(),  # SageMathCell: POST /service, run code once
+        b"permalink": compat.with_cors(permalinks),  # SageMathCell: permalinks, with its CORS
+        b"static": static_dir,  # the widget's files, for any origin
+        b"embedded_sagecell.js": StaticFiles(os.path.join(STATIC, "embed.js"), defaultType="application/javascript"),
+        b"healthz": svc.health.resource(),  # the operator's: alive, ready
+        b"metrics": svc.metrics.resource(),  # the operator's: Prometheus text
+    }
+    site = server.Site(Root(api, routes), timeout=config.http_idle_timeout, logFormatter=access_log_line)
     site.displayTracebacks = False
     limits = {"json": config.max_message_size, "upload": config.max_upload_size}
     request_factory = type("Request", (LimitedRequest,), {"body_limits": limits})
