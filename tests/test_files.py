@@ -15,6 +15,7 @@ import time
 import uuid
 
 import pytest
+import websocket
 from support import Client, Daemon, stdout_of
 
 
@@ -428,11 +429,12 @@ def test_execution_reports_created_and_modified_files(daemon):
     other.ws.settimeout(0.3)
     leaked = []
     try:
-        while True:
+        for _ in range(1000):  # until 0.3 s pass without a message
             m = json.loads(other.ws.recv())
             leaked.append(m["msg_type"])
-    except Exception:
+    except websocket.WebSocketTimeoutException:
         pass
+    assert other.ws.connected, "the other session's socket closed"
     assert "sagecell.files" not in leaked
     # a restart brings a fresh, empty dir: the same name is new again
     assert call(daemon, "POST", f"/api/kernels/{kid}/restart")[0] == 200
