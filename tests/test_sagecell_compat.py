@@ -34,8 +34,9 @@ from sagecell_tw import config as configmod
 from sagecell_tw.core.sessions import SessionManager
 from sagecell_tw.messages import Message
 from sagecell_tw.web import sagecell as sagecell_compat
+from sagecell_tw.web import site
 from sagecell_tw.web.api import Api
-from sagecell_tw.web.policy import JsonResource
+from sagecell_tw.web.policy import JsonResource, NotFound
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
@@ -116,6 +117,21 @@ class Request(DummyRequest):
         return False
 
 
+class Files404:
+    """The files service's face, answering 404 unless a test puts another behind it."""
+
+    api_prefix, sagecell_prefix = "/api/kernels", "/kernel"
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.inner = None
+
+    def resource_for(self, kid, rest, prefix):
+        if self.inner is not None:
+            return self.inner.resource_for(kid, rest, prefix)
+        return NotFound(self.policy)
+
+
 class World:
     def __init__(self, **options):
         self.clock = task.Clock()
@@ -123,12 +139,10 @@ class World:
         self.kernels = FakeKernels(self.clock)
         self.sessions = SessionManager(self.kernels, self.config, self.clock)
         self.api = Api(self.sessions, self.config, self.clock)
-        self.compat = sagecell_compat.SageCellCompat(self.api, ws_resource=object(), clock=self.clock)
-        self.roots = {
-            b"kernel": self.compat.kernel_resource(),
-            b"service": self.compat.service_resource(),
-            b"api": self.api.resource(object()),
-        }
+        self.compat = sagecell_compat.SageCellCompat(self.api, clock=self.clock)
+        self.files = Files404(self.api.policy)
+        table = site.routes(self.api, self.compat, object(), self.files, None, None, None, None)
+        self.root = site.Root(table, self.api.policy)
 
     def call(self, method: str, path: str, args=None, body=None, headers=None):
         """(status, parsed JSON or None, response headers) after settling the clock."""
@@ -137,9 +151,7 @@ class World:
         if isinstance(body, (dict, list)):
             hdrs.setdefault("Content-Type", "application/json")
         req = Request(method.encode(), path, args, raw, hdrs)
-        first = req.postpath.pop(0)
-        req.prepath = [first]
-        res = getChildForRequest(self.roots[first], req)
+        res = getChildForRequest(self.root, req)
         out = res.render(req)
         if out is NOT_DONE_YET:
             for _ in range(200):
@@ -305,13 +317,15 @@ def test_files_route_to_the_files_service_or_404():
             return {"file": True}
 
     class Files:
-        def resource_for(self, kid, rest, request):
-            seen.append((kid, rest))
+        sagecell_prefix = "/kernel"
+
+        def resource_for(self, kid, rest, prefix):
+            seen.append((kid, rest, prefix))
             return File(w.api.policy)
 
-    w.api.files = Files()
+    w.files.inner = Files()
     assert w.call("GET", f"/kernel/{kid}/files/sub/a.txt")[1] == {"file": True}
-    assert seen == [(kid, ["sub", "a.txt"])]
+    assert seen == [(kid, ["sub", "a.txt"], "/kernel")]
 
 
 def test_channels_without_upgrade_for_unknown_kernel_is_404():

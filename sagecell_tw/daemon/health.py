@@ -53,24 +53,18 @@ class Health:
             "why": "; ".join(why),
         }
 
-    def resource(self) -> resource.Resource:
-        return HealthResource(self, "ready")
+    def resource(self, kind: str = "ready") -> resource.Resource:
+        """``/healthz`` and ``/healthz/ready`` (kind "ready"), ``/healthz/live`` ("live")."""
+        return HealthResource(self, kind)
 
 
 class HealthResource(resource.Resource):
-    isLeaf = False
+    isLeaf = True
 
     def __init__(self, health: Health, kind: str):
         super().__init__()
         self.health = health
         self.kind = kind
-
-    def getChild(self, name, request):
-        if name in (b"live", b"ready"):
-            return HealthResource(self.health, name.decode())
-        if name == b"":
-            return self
-        return resource.NoResource()
 
     def render(self, request):
         if request.method not in (b"GET", b"HEAD"):

@@ -17,11 +17,9 @@ import secrets
 import sys
 from datetime import UTC, datetime
 
-from twisted.web import resource
-
 from .. import __version__
 from ..core.sessions import LimitExceeded
-from .policy import HTTPError, JsonResource, NotFound, Policy, Response, client_address, read_json
+from .policy import HTTPError, JsonResource, Policy, Response, client_address, read_json
 
 KERNEL_NAME = "python3"
 ALIASES = {"python3", "python", ""}
@@ -64,9 +62,6 @@ class Api:
 
     def iso(self, t: float) -> str:
         return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
-
-    def resource(self, websocket_resource) -> resource.Resource:
-        return ApiRoot(self, websocket_resource)
 
     def new_kernel(self, request, name) -> dict:
         try:
@@ -160,49 +155,6 @@ class NotebookSessions:
         }
 
 
-class ApiRoot(resource.Resource):
-    def __init__(self, api: Api, websocket_resource):
-        super().__init__()
-        self.api = api
-        self.ws = websocket_resource
-
-    def render(self, request):
-        return ApiInfo(self.api.policy).render(request)
-
-    def getChild(self, name, request):
-        api = self.api
-        if name == b"":
-            return ApiInfo(api.policy)
-        if name == b"status":
-            return Status(api)
-        if name == b"kernelspecs":
-            return KernelSpecs(api) if not request.postpath else KernelSpec(api, request.postpath[0])
-        if name == b"kernels":
-            return self._kernels(request)
-        if name == b"sessions":
-            return Sessions(api, request.postpath[0].decode(errors="replace") if request.postpath and request.postpath[0] else None)
-        return NotFound(api.policy)
-
-    def _kernels(self, request):
-        api = self.api
-        path = [p.decode(errors="replace") for p in request.postpath]
-        if not path or path == [""]:
-            return Kernels(api)
-        kid = path[0]
-        rest = path[1:]
-        if not rest or rest == [""]:
-            return KernelOne(api, kid)
-        if rest[0] == "channels" and len(rest) == 1:
-            if api.policy.session_for(kid) is None and request.getHeader(b"upgrade") is None:
-                return NotFound(api.policy)
-            return self.ws
-        if rest[0] in ("interrupt", "restart") and len(rest) == 1:
-            return KernelAction(api, kid, rest[0])
-        if rest[0] == "files" and api.files is not None:
-            return api.files.resource_for(kid, rest[1:], request)
-        return NotFound(api.policy)
-
-
 class ApiInfo(JsonResource):
     needs_token = False
 
@@ -235,9 +187,9 @@ class KernelSpecs(JsonResource):
 
 
 class KernelSpec(JsonResource):
-    def __init__(self, api: Api, name: bytes):
+    def __init__(self, api: Api, name: str):
         super().__init__(api.policy)
-        self.name = name.decode(errors="replace")
+        self.name = name
 
     def handle(self, request):
         kernel_name(self.name)

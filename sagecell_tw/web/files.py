@@ -355,12 +355,8 @@ class KernelFiles:
         sessions.on_execute_done.append(self.execute_done)
         sessions.observers.append(self._observe)
 
-    def resource_for(
-        self, kernel_id: str, segments: list[str], request, prefix: str | None = None
-    ) -> resource.Resource:
-        """The resource for ``{prefix}/{kernel_id}/files/{segments}``; prefix from the request unless given."""
-        if prefix is None:
-            prefix = self.sagecell_prefix if request.prepath[:1] == [b"kernel"] else self.api_prefix
+    def resource_for(self, kernel_id: str, segments: list[str], prefix: str) -> resource.Resource:
+        """The resource for ``{prefix}/{kernel_id}/files/{segments}``."""
         return FilesResource(self, kernel_id, segments, prefix)
 
     # -- uploads ----------------------------------------------------------------
@@ -479,7 +475,9 @@ class KernelFiles:
                 changes.append(model)
         if not changes:
             return None
-        return messages.Message.build("iopub", "sagecell.files", {"files": changes}, parent, session=messages.DAEMON_SESSION)
+        return messages.Message.build(
+            "iopub", "sagecell.files", {"files": changes}, parent, session=messages.DAEMON_SESSION
+        )
 
     def _observe(self, event: str, session, detail: str) -> None:
         if event == "stop":

@@ -44,7 +44,6 @@ from .policy import (
     EXPOSED_HEADERS,
     HTTPError,
     JsonResource,
-    NotFound,
     Policy,
     Response,
     client_address,
@@ -190,12 +189,11 @@ class WithCors(resource.Resource):
 class SageCellCompat:
     """The state SageMathCell's endpoints keep beyond the session manager's."""
 
-    def __init__(self, api, ws_resource, clock):
+    def __init__(self, api, clock):
         self.api = api
         self.sessions = api.sessions
         self.config = api.config
         self.policy = CredentialedPolicy(api.config, api.sessions)
-        self.ws = ws_resource
         self.clock = clock
         #: CellSessionID -> ids of the kernels that page opened with POST /kernel
         self.pages: dict[str, set[str]] = {}
@@ -209,12 +207,6 @@ class SageCellCompat:
         self.sessions.on_execute_done.append(self._execute_done)
         #: output all /service runs hold at once, while they run
         self.service_output = OutputBudget(max(SERVICE_OUTPUT_BUDGET, self.config.max_output_bytes))
-
-    def kernel_resource(self) -> resource.Resource:
-        return KernelRoot(self)
-
-    def service_resource(self) -> resource.Resource:
-        return Service(self)
 
     def with_cors(self, wrapped: resource.Resource) -> resource.Resource:
         return WithCors(wrapped, self.policy)
@@ -274,39 +266,6 @@ class SageCellCompat:
             self._arm(session, timeout - idle)
             return
         self.sessions.shutdown(session, f"it was idle for {timeout:g} s")
-
-
-class KernelRoot(resource.Resource):
-    """``/kernel`` and everything under it."""
-
-    #: ``POST /kernel`` itself is KernelCreate's: what LimitedRequest asks before reading its body
-    takes_body = "json"
-    needs_token = True
-
-    def __init__(self, compat: SageCellCompat):
-        super().__init__()
-        self.compat = compat
-        self.policy = compat.policy
-
-    def render(self, request):
-        return KernelCreate(self.compat).render(request)
-
-    def getChild(self, name, request):
-        compat = self.compat
-        rest = [p.decode(errors="replace") for p in request.postpath]
-        if name == b"" and not rest:
-            return KernelCreate(compat)
-        kid = name.decode(errors="replace")
-        if not rest or rest == [""]:
-            return KernelOne(compat, kid)
-        if rest == ["channels"]:
-            if compat.policy.session_for(kid) is None and request.getHeader(b"upgrade") is None:
-                return NotFound(compat.policy)
-            return compat.ws
-        files = compat.api.files
-        if rest[0] == "files" and files is not None:
-            return files.resource_for(kid, rest[1:], request)
-        return NotFound(compat.policy)
 
 
 class KernelCreate(JsonResource):

@@ -10,6 +10,8 @@ from __future__ import annotations
 # imports this (~3 ms) on the first such request: import it at start instead.
 import email.policy  # noqa: F401
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.interfaces import IProtocolNegotiationFactory
@@ -20,6 +22,8 @@ from zope.interface import implementer
 
 from .. import SOURCE_ROOT
 from ..logs import access_log_line
+from . import api as jupyter
+from . import sagecell
 from .api import Api
 from .files import KernelFiles
 from .policy import LimitedRequest, NotFound, error_body, write_json
@@ -145,9 +149,19 @@ def _host(addr) -> str:
 
 
 class KernelSocketResource(WebSocketResource):
-    """Autobahn's resource, for connections counted per client, and without the HTTP idle timeout."""
+    """
+    Autobahn's resource for one kernel's WebSocket, as its route names it; for
+    connections counted per client, and without the HTTP idle timeout.
+    """
+
+    def __init__(self, factory, policy, kernel_id: str, sagecell: bool):
+        super().__init__(_BoundFactory(factory, kernel_id, sagecell))
+        self.policy = policy
+        self.kernel_id = kernel_id
 
     def render(self, request):
+        if request.getHeader(b"upgrade") is None and self.policy.session_for(self.kernel_id) is None:
+            return NotFound(self.policy).render(request)  # a plain GET for a kernel that is not there
         channel = request.channel
         if isinstance(channel.transport, _Counted):
             channel.transport = channel.transport.hand_over()
@@ -157,6 +171,22 @@ class KernelSocketResource(WebSocketResource):
         return super().render(request)
 
 
+class _BoundFactory:
+    """The site's WebSocket factory, handing its protocol the kernel id and framing of the route."""
+
+    def __init__(self, factory, kernel_id: str, sagecell: bool):
+        self.factory = factory
+        self.kernel_id = kernel_id
+        self.sagecell = sagecell
+
+    def buildProtocol(self, addr):
+        protocol = self.factory.buildProtocol(addr)
+        if protocol is not None:
+            protocol.kernel_id = self.kernel_id
+            protocol.sagecell = self.sagecell
+        return protocol
+
+
 def default_permalink_db() -> str:
     if os.geteuid() == 0:
         return "/var/lib/sagecell/permalinks.sqlite3"
@@ -164,22 +194,128 @@ def default_permalink_db() -> str:
     return os.path.join(data, "sagecell_tw", "permalinks.sqlite3")
 
 
-class Root(resource.Resource):
-    """``/``: the demo page, and the first segment of every other path looked up in ``routes``."""
+class Route(NamedTuple):
+    """
+    One path the daemon serves. ``path`` names its variable segments in
+    braces; ``{rest...}`` at the end takes every segment left (a file's
+    path). ``serve`` is called with those segments, by name, as text, and
+    returns the resource that answers; methods, token, CORS and errors are
+    the resource's, through its policy.
+    """
 
-    def __init__(self, api: Api, routes: dict):
+    path: str
+    serve: Callable[..., resource.Resource]
+
+
+def routes(api: Api, compat: SageCellCompat, sockets, files: KernelFiles, permalinks, static_dir, health, metrics):
+    """Every path the daemon serves, in the order they are tried."""
+    policy, credentialed = api.policy, compat.policy
+    index = static.File(os.path.join(STATIC, "index.html"), defaultType="text/html")
+    embed = StaticFiles(os.path.join(STATIC, "embed.js"), defaultType="application/javascript")
+    return [
+        Route("/", lambda: index),
+        # Jupyter Server's REST API and kernel WebSockets
+        Route("/api", lambda: jupyter.ApiInfo(policy)),
+        Route("/api/status", lambda: jupyter.Status(api)),
+        Route("/api/kernelspecs", lambda: jupyter.KernelSpecs(api)),
+        Route("/api/kernelspecs/{name}", lambda name: jupyter.KernelSpec(api, name)),
+        Route("/api/kernels", lambda: jupyter.Kernels(api)),
+        Route("/api/kernels/{kernel_id}", lambda kernel_id: jupyter.KernelOne(api, kernel_id)),
+        Route(
+            "/api/kernels/{kernel_id}/channels",
+            lambda kernel_id: KernelSocketResource(sockets, policy, kernel_id, False),
+        ),
+        Route(
+            "/api/kernels/{kernel_id}/interrupt", lambda kernel_id: jupyter.KernelAction(api, kernel_id, "interrupt")
+        ),
+        Route("/api/kernels/{kernel_id}/restart", lambda kernel_id: jupyter.KernelAction(api, kernel_id, "restart")),
+        Route(
+            "/api/kernels/{kernel_id}/files/{rest...}",
+            lambda kernel_id, rest: files.resource_for(kernel_id, rest, files.api_prefix),
+        ),
+        Route("/api/sessions", lambda: jupyter.Sessions(api, None)),
+        Route("/api/sessions/{session_id}", lambda session_id: jupyter.Sessions(api, session_id)),
+        # SageMathCell's endpoints, with its credentialed CORS
+        Route("/kernel", lambda: sagecell.KernelCreate(compat)),
+        Route("/kernel/{kernel_id}", lambda kernel_id: sagecell.KernelOne(compat, kernel_id)),
+        Route(
+            "/kernel/{kernel_id}/channels",
+            lambda kernel_id: KernelSocketResource(sockets, credentialed, kernel_id, True),
+        ),
+        Route(
+            "/kernel/{kernel_id}/files/{rest...}",
+            lambda kernel_id, rest: files.resource_for(kernel_id, rest, files.sagecell_prefix),
+        ),
+        Route("/kernel/{rest...}", lambda rest: NotFound(credentialed)),
+        Route("/service", lambda: sagecell.Service(compat)),
+        Route("/permalink", lambda: permalinks),
+        # the widget, for any origin to load
+        Route("/embedded_sagecell.js", lambda: embed),
+        Route("/static/{rest...}", lambda rest: static_dir),
+        # the operator's
+        Route("/healthz", lambda: health.resource("ready")),
+        Route("/healthz/ready", lambda: health.resource("ready")),
+        Route("/healthz/live", lambda: health.resource("live")),
+        Route("/metrics", lambda: metrics),
+    ]
+
+
+class Root(resource.Resource):
+    """
+    Finds the route a request's path matches and hands over to its resource:
+    the whole path is matched here at once, so no resource below parses a
+    path of its own (but the static tree, which walks what is left of it).
+    A trailing slash is the same path without it; what matches no route is
+    a JSON 404.
+    """
+
+    def __init__(self, table: list[Route], policy):
         super().__init__()
-        self.api = api
-        self.routes = routes
-        self.index = static.File(os.path.join(STATIC, "index.html"), defaultType="text/html")
+        self.table = [(_segments(route.path), route.serve) for route in table]
+        self.policy = policy
 
     def getChild(self, name, request):
-        if name == b"" and not request.postpath:
-            return self.index
-        child = self.routes.get(name)
-        if child is not None:
-            return child
-        return NotFound(self.api.policy)
+        path = [name] + request.postpath
+        for pattern, serve in self.table:
+            found = _match(pattern, path)
+            if found is None:
+                continue
+            values, rest = found
+            # what is left stays for the resource to walk (the static tree); JSON resources are leaves
+            request.prepath += path[: len(path) - len(rest)]
+            request.postpath = rest
+            return serve(**values)
+        return NotFound(self.policy)
+
+
+def _segments(path: str) -> list[str]:
+    return [p for p in path.strip("/").split("/") if p]
+
+
+def _match(pattern: list[str], path: list[bytes]) -> tuple[dict, list[bytes]] | None:
+    """(the named segments as text, the segments a ``{rest...}`` leaves), or None."""
+    tail = bool(pattern) and pattern[-1] == "{rest...}"
+    fixed = pattern[:-1] if tail else pattern
+    if not tail:
+        if path[-1:] == [b""]:
+            path = path[:-1]  # "/api/kernels/" is "/api/kernels"
+        if len(path) != len(fixed):
+            return None
+    elif len(path) < len(fixed):
+        return None
+    values = {}
+    for want, got in zip(fixed, path):
+        text = got.decode(errors="replace")
+        if want.startswith("{"):
+            if not text:
+                return None
+            values[want.strip("{}")] = text
+        elif text != want:
+            return None
+    rest = path[len(fixed) :]
+    if tail:
+        values["rest"] = [p.decode(errors="replace") for p in rest]
+    return values, rest
 
 
 class _NoSuchFile(resource.Resource):
@@ -220,32 +356,23 @@ def build_site(svc, config, reactor) -> server.Site:
     from .permalinks import PermalinkResource, RateLimit
 
     api = Api(svc.sessions, config, reactor)
-    ws_factory = KernelWebSocketFactory(svc.sessions, config, reactor=reactor, policy=api.policy)
-    ws_resource = KernelSocketResource(ws_factory)
+    sockets = KernelWebSocketFactory(svc.sessions, config, reactor=reactor, policy=api.policy)
     api.files = KernelFiles(svc.sessions, config, reactor, api.policy)
     db = config.permalink_db or default_permalink_db()
     os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)
     store = PermalinkStore(db, reactor, max_bytes=config.permalink_db_max_size)
     static_dir = StaticFiles(STATIC)
     static_dir.indexNames = []
-    permalinks = PermalinkResource(
-        store,
-        max_code_bytes=min(config.max_message_size, 1 << 20),
-        rate=RateLimit(reactor, config.permalinks_per_minute),
+    compat = SageCellCompat(api, reactor)
+    permalinks = compat.with_cors(
+        PermalinkResource(
+            store,
+            max_code_bytes=min(config.max_message_size, 1 << 20),
+            rate=RateLimit(reactor, config.permalinks_per_minute),
+        )
     )
-    compat = SageCellCompat(api, ws_resource, reactor)
-    #: the first segment of a path -> what serves it ("/" itself is the demo page)
-    routes = {
-        b"api": api.resource(ws_resource),  # Jupyter Server's REST API and kernel WebSockets
-        b"kernel": compat.kernel_resource(),  # SageMathCell: POST /kernel, its WebSockets and files
-        b"service": compat.service_resource(),  # SageMathCell: POST /service, run code once
-        b"permalink": compat.with_cors(permalinks),  # SageMathCell: permalinks, with its CORS
-        b"static": static_dir,  # the widget's files, for any origin
-        b"embedded_sagecell.js": StaticFiles(os.path.join(STATIC, "embed.js"), defaultType="application/javascript"),
-        b"healthz": svc.health.resource(),  # the operator's: alive, ready
-        b"metrics": svc.metrics.resource(),  # the operator's: Prometheus text
-    }
-    site = server.Site(Root(api, routes), timeout=config.http_idle_timeout, logFormatter=access_log_line)
+    table = routes(api, compat, sockets, api.files, permalinks, static_dir, svc.health, svc.metrics.resource())
+    site = server.Site(Root(table, api.policy), timeout=config.http_idle_timeout, logFormatter=access_log_line)
     site.displayTracebacks = False
     limits = {"json": config.max_message_size, "upload": config.max_upload_size}
     request_factory = type("Request", (LimitedRequest,), {"body_limits": limits})

@@ -29,26 +29,15 @@ from .policy import Policy, token_matches
 log = Logger()
 
 
-def kernel_id_from_path(path: str) -> str | None:
-    """``/api/kernels/{id}/channels`` or ``/kernel/{id}/channels`` -> id."""
-    parts = [p for p in urlsplit(path).path.split("/") if p]
-    if len(parts) >= 3 and parts[-1] == "channels":
-        if parts[-3:-2] == ["kernels"] or parts[-3:-2] == ["kernel"]:
-            return parts[-2]
-    return None
-
-
-def is_sagecell_path(path: str) -> bool:
-    """``/kernel/{id}/channels``: SageMathCell's socket, not Jupyter's."""
-    parts = [p for p in urlsplit(path).path.split("/") if p]
-    return len(parts) >= 3 and parts[-1] == "channels" and parts[-3] == "kernel"
-
-
 class KernelWebSocket(WebSocketServerProtocol):
     """One browser connection to one session."""
 
     session = None
     framing = "default"
+    #: set by the route (``site.KernelSocketResource``): the kernel id in the path, and
+    #: whether it is SageMathCell's path (``/kernel/{id}/channels``) rather than Jupyter's
+    kernel_id: str | None = None
+    sagecell = False
 
     def onConnect(self, request):
         factory = self.factory
@@ -60,12 +49,14 @@ class KernelWebSocket(WebSocketServerProtocol):
             query = (request.params.get("token") or [""])[0]
             if not token_matches(config.token, request.headers.get("authorization"), query):
                 raise ConnectionDeny(403, "a valid token is required")
-        kernel_id = kernel_id_from_path(request.path)
+        kernel_id = self.kernel_id
         session = factory.policy.session_for(kernel_id)
         if session is None:
             raise ConnectionDeny(404, f"no kernel {str(kernel_id)[:64]}")
         if len(session.connections) >= config.max_sockets_per_session:
-            raise ConnectionDeny(429, f"session {kernel_id} already has {config.max_sockets_per_session} WebSockets open")
+            raise ConnectionDeny(
+                429, f"session {kernel_id} already has {config.max_sockets_per_session} WebSockets open"
+            )
         self.session = session
         self.client = getattr(self.transport.getPeer(), "host", None) or "?"
         self.client_sessions: set[str] = set()
@@ -76,7 +67,7 @@ class KernelWebSocket(WebSocketServerProtocol):
         if messages.V1_SUBPROTOCOL in request.protocols:
             self.framing = "v1"
             return messages.V1_SUBPROTOCOL
-        if is_sagecell_path(request.path):
+        if self.sagecell:
             self.framing = "sagecell"
         return None
 
