@@ -1,9 +1,9 @@
 # -*- test-case-name: tests.test_permalinks -*-
 """
-Tests for L{sagecell_tw.core.permalinks} and L{sagecell_tw.web.permalinks}.
+Tests for ``sagecell_tw.core.permalinks`` and ``sagecell_tw.web.permalinks``.
 
 Storage runs on real SQLite files in a temporary directory; the HTTP tests run
-a real L{Site} on C{tcp:0} and talk to it with L{Agent}, so form parsing,
+a real ``Site`` on ``tcp:0`` and talk to it with ``Agent``, so form parsing,
 status codes and headers are what a browser would see.
 """
 
@@ -103,9 +103,7 @@ class PermalinkStoreTests(StoreTestsMixin, TestCase):
 
         reopened = self.make_store()
         row = yield reopened.fetch(ident)
-        self.assertEqual(
-            (row["code"], row["language"], row["interacts"]), ("x = 1", "sage", "[]")
-        )
+        self.assertEqual((row["code"], row["language"], row["interacts"]), ("x = 1", "sage", "[]"))
 
     @defer.inlineCallbacks
     def test_last_access_follows_injected_clock(self):
@@ -125,9 +123,7 @@ class PermalinkStoreTests(StoreTestsMixin, TestCase):
         conn = sqlite3.connect(self.path)
         self.addCleanup(conn.close)
         self.assertEqual(
-            conn.execute(
-                "SELECT last_access, requested FROM permalinks WHERE id = ?", (ident,)
-            ).fetchone(),
+            conn.execute("SELECT last_access, requested FROM permalinks WHERE id = ?", (ident,)).fetchone(),
             (1_700_003_660, 2),
         )
 
@@ -153,9 +149,7 @@ class PermalinkStoreTests(StoreTestsMixin, TestCase):
     @defer.inlineCallbacks
     def test_ids_are_unguessable(self):
         store = self.make_store()
-        ids = yield defer.gatherResults(
-            [store.store(f"print({i})", "python", "[]") for i in range(200)]
-        )
+        ids = yield defer.gatherResults([store.store(f"print({i})", "python", "[]") for i in range(200)])
         self.assertEqual(len(set(ids)), 200)
         for ident in ids:
             # 128 random bits: 21 full base64 characters and 2 bits of a 22nd.
@@ -207,9 +201,7 @@ class PermalinkStoreTests(StoreTestsMixin, TestCase):
         self.assertIn("newer", str(error))
         # Operations fail the same clear way instead of touching the file.
         yield self.assertFailure(store.store("1", "python", "[]"), SchemaVersionError)
-        yield self.assertFailure(
-            store.fetch("AAAAAAAAAAAAAAAAAAAAAA"), SchemaVersionError
-        )
+        yield self.assertFailure(store.fetch("AAAAAAAAAAAAAAAAAAAAAA"), SchemaVersionError)
         yield store.close()
         self.assertEqual(_user_version(self.path), SCHEMA_VERSION + 1)
         self.flushLoggedErrors()
@@ -261,12 +253,8 @@ class PermalinkStoreTests(StoreTestsMixin, TestCase):
             cursor.execute("CREATE TABLE new_things (x)")
             raise RuntimeError("step failed")
 
-        self.assertRaises(
-            RuntimeError, migrate, conn.cursor(), (*MIGRATIONS, half_done)
-        )
-        self.assertEqual(
-            conn.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION
-        )
+        self.assertRaises(RuntimeError, migrate, conn.cursor(), (*MIGRATIONS, half_done))
+        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
         names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
         self.assertNotIn("new_things", names)
         self.assertFalse(conn.in_transaction)
@@ -279,9 +267,7 @@ class PermalinkStoreTests(StoreTestsMixin, TestCase):
         ident = yield stored
         yield closed
         self.assertTrue(ident)
-        yield self.assertFailure(
-            store.store("late", "python", "[]"), PermalinkStoreClosed
-        )
+        yield self.assertFailure(store.store("late", "python", "[]"), PermalinkStoreClosed)
         yield self.assertFailure(store.fetch(ident), PermalinkStoreClosed)
 
     @defer.inlineCallbacks
@@ -300,7 +286,7 @@ class PermalinkStoreTests(StoreTestsMixin, TestCase):
 
 
 class ZipTests(TestCase):
-    """The C{?z=} format: SageMathCell's, and safe to decode."""
+    """The ``?z=`` format: SageMathCell's, and safe to decode."""
 
     def test_matches_sagemathcell(self):
         # base64.urlsafe_b64encode(zlib.compress(b"1+1")), padding kept.
@@ -335,9 +321,7 @@ class ZipTests(TestCase):
 
     def test_size_limit_is_exact(self):
         self.assertEqual(decode_zip(encode_zip("a" * 100), max_bytes=100), "a" * 100)
-        error = self.assertRaises(
-            ValueError, decode_zip, encode_zip("a" * 101), max_bytes=100
-        )
+        error = self.assertRaises(ValueError, decode_zip, encode_zip("a" * 101), max_bytes=100)
         self.assertIn("100-byte limit", str(error))
         # The limit counts UTF-8 bytes, not characters.
         self.assertRaises(ValueError, decode_zip, encode_zip("é" * 51), max_bytes=100)
@@ -432,9 +416,7 @@ class WebTestsMixin:
 
     def post_form(self, fields: dict[str, Any]):
         body = urlencode(fields).encode("ascii")
-        return self.request(
-            b"POST", b"/permalink", body, b"application/x-www-form-urlencoded"
-        )
+        return self.request(b"POST", b"/permalink", body, b"application/x-www-form-urlencoded")
 
     def post_json(self, obj: Any):
         body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
@@ -472,9 +454,7 @@ class PermalinkResourceTests(StoreTestsMixin, WebTestsMixin, TestCase):
         self.assertEqual(body["zip"], encode_zip(code))
         self.assertEqual(decode_zip(body["interacts"]), interacts)
 
-        status, headers, got = yield self.request(
-            b"GET", b"/permalink?q=" + body["query"].encode()
-        )
+        status, headers, got = yield self.request(b"GET", b"/permalink?q=" + body["query"].encode())
         self.assertEqual(status, 200)
         self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
         self.assertEqual(got, [code, "sage", interacts])
@@ -487,15 +467,11 @@ class PermalinkResourceTests(StoreTestsMixin, WebTestsMixin, TestCase):
         self.assertEqual(body["zip"], "eJwz1DYEAAEdAI4=")
         self.assertEqual(decode_zip(body["interacts"]), "[]")
         row = yield self.store.fetch(body["query"])
-        self.assertEqual(
-            (row["code"], row["language"], row["interacts"]), ("1+1", "python", "[]")
-        )
+        self.assertEqual((row["code"], row["language"], row["interacts"]), ("1+1", "python", "[]"))
 
     @defer.inlineCallbacks
     def test_json_post_accepts_interacts_as_array(self):
-        status, _, body = yield self.post_json(
-            {"code": "x", "interacts": [{"state": {}}], "n": 7}
-        )
+        status, _, body = yield self.post_json({"code": "x", "interacts": [{"state": {}}], "n": 7})
         self.assertEqual(status, 200)
         self.assertEqual(body["n"], 7)
         row = yield self.store.fetch(body["query"])
@@ -504,10 +480,7 @@ class PermalinkResourceTests(StoreTestsMixin, WebTestsMixin, TestCase):
     @defer.inlineCallbacks
     def test_multipart_post(self):
         boundary = b"XyZzY"
-        body = (
-            b'--XyZzY\r\nContent-Disposition: form-data; name="code"\r\n\r\n'
-            b"print(2)\r\n--XyZzY--\r\n"
-        )
+        body = b'--XyZzY\r\nContent-Disposition: form-data; name="code"\r\n\r\nprint(2)\r\n--XyZzY--\r\n'
         status, _, answer = yield self.request(
             b"POST", b"/permalink", body, b"multipart/form-data; boundary=" + boundary
         )
@@ -531,9 +504,7 @@ class PermalinkResourceTests(StoreTestsMixin, WebTestsMixin, TestCase):
     def test_get_without_q_is_400(self):
         self.assertJSONError((yield self.request(b"GET", b"/permalink")), 400, "q")
         self.assertJSONError((yield self.request(b"GET", b"/permalink?q=")), 400, "q")
-        self.assertJSONError(
-            (yield self.request(b"GET", b"/permalink?q=%FF")), 400, "UTF-8"
-        )
+        self.assertJSONError((yield self.request(b"GET", b"/permalink?q=%FF")), 400, "UTF-8")
 
     @defer.inlineCallbacks
     def test_post_errors_are_json_and_store_nothing(self):
@@ -566,15 +537,11 @@ class PermalinkResourceTests(StoreTestsMixin, WebTestsMixin, TestCase):
         yield self.store.close()
         conn = sqlite3.connect(self.path)
         self.addCleanup(conn.close)
-        self.assertEqual(
-            conn.execute("SELECT count(*) FROM permalinks").fetchone(), (0,)
-        )
+        self.assertEqual(conn.execute("SELECT count(*) FROM permalinks").fetchone(), (0,))
 
     @defer.inlineCallbacks
     def test_oversize_is_413(self):
-        self.assertJSONError(
-            (yield self.post_form({"code": "x" * 1001})), 413, "code", "1000-byte limit"
-        )
+        self.assertJSONError((yield self.post_form({"code": "x" * 1001})), 413, "code", "1000-byte limit")
         # UTF-8 bytes count, not characters.
         self.assertJSONError((yield self.post_json({"code": "é" * 501})), 413, "code")
         self.assertJSONError(
@@ -629,9 +596,7 @@ class PermalinkResourceFailureTests(WebTestsMixin, TestCase):
     def test_backend_gets_validated_fields(self):
         yield self.post_form({"code": "c", "language": "r", "interacts": "[1]"})
         yield self.request(b"GET", b"/permalink?q=legacy")
-        self.assertEqual(
-            self.backend.calls, [("store", "c", "r", "[1]"), ("fetch", "legacy")]
-        )
+        self.assertEqual(self.backend.calls, [("store", "c", "r", "[1]"), ("fetch", "legacy")])
 
 
 class DisconnectTests(TestCase):
@@ -645,9 +610,7 @@ class DisconnectTests(TestCase):
         request.method = b"POST"
         request.args = {b"code": [b"1+1"]}
         request.content = BytesIO(b"code=1%2B1")
-        request.requestHeaders.addRawHeader(
-            b"content-type", b"application/x-www-form-urlencoded"
-        )
+        request.requestHeaders.addRawHeader(b"content-type", b"application/x-www-form-urlencoded")
         self.assertIs(resource.render(request), NOT_DONE_YET)
         request.processingFailed(Failure(ConnectionError("client went away")))
         backend.result.callback("ID")
@@ -656,9 +619,7 @@ class DisconnectTests(TestCase):
 
     def test_dummy_request_answer(self):
         backend = RecordingBackend()
-        backend.result = defer.succeed(
-            {"id": "abc", "code": "c", "language": "python", "interacts": "[]"}
-        )
+        backend.result = defer.succeed({"id": "abc", "code": "c", "language": "python", "interacts": "[]"})
         request = DummyRequest([])
         request.args = {b"q": [b"abc"]}
         resource = PermalinkResource(backend)
@@ -669,7 +630,7 @@ class DisconnectTests(TestCase):
 
 
 class RateLimitTests(TestCase):
-    """The token bucket per client address, on a L{Clock}."""
+    """The token bucket per client address, on a ``Clock``."""
 
     def test_burst_then_one_every_interval(self):
         clock = Clock()

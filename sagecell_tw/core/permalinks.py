@@ -4,9 +4,9 @@ Permalink storage: code, language and interact state kept in SQLite under an
 unguessable id, so a shared link (``/?q=ID``) outlives the kernel that ran it.
 
 All SQLite access happens on the one worker thread of a
-L{twisted.enterprise.adbapi.ConnectionPool}, so the reactor never waits for the
-disk. Time comes from an injected L{IReactorTime}, so tests drive it with
-L{twisted.internet.task.Clock}.
+``twisted.enterprise.adbapi.ConnectionPool``, so the reactor never waits for the
+disk. Time comes from an injected ``IReactorTime``, so tests drive it with
+``twisted.internet.task.Clock``.
 
 Identical (code, language, interacts) triples share one id: the JS client asks
 for a permalink every time the permalink box opens, and deduplication keeps
@@ -14,8 +14,8 @@ those repeats from growing the database. Because ids are random (not derived
 from the content), knowing the content gives no more than the id of that same
 content.
 
-The database has a size cap (C{max_bytes}): a new permalink that would take
-it past the cap fails with L{PermalinkStoreFull}; repeats of stored content
+The database has a size cap (``max_bytes``): a new permalink that would take
+it past the cap fails with ``PermalinkStoreFull``; repeats of stored content
 still answer, and nothing already stored is touched.
 """
 
@@ -74,11 +74,11 @@ class SchemaVersionError(PermalinkStoreError):
 
 
 class PermalinkStoreClosed(PermalinkStoreError):
-    """An operation was attempted after L{PermalinkStore.close}."""
+    """An operation was attempted after ``PermalinkStore.close``."""
 
 
 def is_valid_id(ident: str) -> bool:
-    """Say whether C{ident} could be a permalink id, so junk never hits SQL."""
+    """Say whether ``ident`` could be a permalink id, so junk never hits SQL."""
     return isinstance(ident, str) and _ID_RE.fullmatch(ident) is not None
 
 
@@ -100,8 +100,8 @@ def _create_v1(cursor: Any) -> None:
     )
 
 
-#: Upgrade steps: C{MIGRATIONS[n]} takes a database from version C{n} to
-#: C{n + 1}. Append a step (never edit one) to change the schema.
+#: Upgrade steps: ``MIGRATIONS[n]`` takes a database from version ``n`` to
+#: ``n + 1``. Append a step (never edit one) to change the schema.
 MIGRATIONS: tuple[Callable[[Any], None], ...] = (_create_v1,)
 
 #: The schema version this code reads and writes.
@@ -113,15 +113,15 @@ def migrate(
     steps: Sequence[Callable[[Any], None]] = MIGRATIONS,
 ) -> tuple[int, int]:
     """
-    Bring the database up to C{len(steps)}, atomically, and return
-    C{(old_version, new_version)}.
+    Bring the database up to ``len(steps)``, atomically, and return
+    ``(old_version, new_version)``.
 
-    The version lives in C{PRAGMA user_version}, which SQLite changes inside
+    The version lives in ``PRAGMA user_version``, which SQLite changes inside
     the same transaction as the tables, so a failed step leaves the file
-    exactly as it was. A version newer than C{len(steps)} raises
-    L{SchemaVersionError}: old code must not write a newer layout it does not
-    understand. C{cursor} must be on a connection in autocommit mode
-    (C{isolation_level=None}), because this function runs its own
+    exactly as it was. A version newer than ``len(steps)`` raises
+    ``SchemaVersionError``: old code must not write a newer layout it does not
+    understand. ``cursor`` must be on a connection in autocommit mode
+    (``isolation_level=None``), because this function runs its own
     transaction.
     """
     target = len(steps)
@@ -136,9 +136,7 @@ def migrate(
                 f"sagecell_tw or point it at another database file"
             )
         if version == 0:
-            cursor.execute(
-                "SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
-            )
+            cursor.execute("SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")
             (objects,) = cursor.fetchone()
             if objects:
                 raise SchemaVersionError(
@@ -186,8 +184,8 @@ class PermalinkStore:
 
     Construct it anywhere (even before the reactor runs): the schema check is
     queued first on the pool's single thread and every later operation waits
-    for it. L{ready} fires with the store once the schema is usable, or fails
-    with L{SchemaVersionError}/L{PermalinkStoreError}; operations made after a
+    for it. ``ready`` fires with the store once the schema is usable, or fails
+    with ``SchemaVersionError``/``PermalinkStoreError``; operations made after a
     failed check fail with the same error.
     """
 
@@ -201,13 +199,13 @@ class PermalinkStore:
         max_bytes: int | None = None,
     ) -> None:
         """
-        @param path: the SQLite file (created if missing).
-        @param max_bytes: most bytes the database may fill (pages in use);
+        :param path: the SQLite file (created if missing).
+        :param max_bytes: most bytes the database may fill (pages in use);
             None for no cap.
-        @param reactor: provides the threads the pool uses (L{IReactorThreads},
-            L{IReactorCore}); only the tap should pass the global reactor.
-        @param clock: where timestamps come from; defaults to C{reactor}.
-        @param migrations: schema steps; tests pass their own.
+        :param reactor: provides the threads the pool uses (``IReactorThreads``,
+            ``IReactorCore``); only the tap should pass the global reactor.
+        :param clock: where timestamps come from; defaults to ``reactor``.
+        :param migrations: schema steps; tests pass their own.
         """
         self.path = path
         self.max_bytes = max_bytes
@@ -235,9 +233,7 @@ class PermalinkStore:
     # -- lifecycle ---------------------------------------------------------
 
     @classmethod
-    def open(
-        cls, path: str, reactor: Any, clock: IReactorTime | None = None
-    ) -> defer.Deferred[PermalinkStore]:
+    def open(cls, path: str, reactor: Any, clock: IReactorTime | None = None) -> defer.Deferred[PermalinkStore]:
         """Make a store and fire with it once the schema is usable."""
         return cls(path, reactor, clock).ready()
 
@@ -269,7 +265,7 @@ class PermalinkStore:
         Save a permalink and fire with its id.
 
         Saving content that is already stored returns the existing id and
-        counts as an access (its C{last_access} moves to now).
+        counts as an access (its ``last_access`` moves to now).
         """
         for name, value in (
             ("code", code),
@@ -277,19 +273,17 @@ class PermalinkStore:
             ("interacts", interacts),
         ):
             if not isinstance(value, str):
-                return defer.fail(
-                    TypeError(f"{name} must be str, not {type(value).__name__}")
-                )
+                return defer.fail(TypeError(f"{name} must be str, not {type(value).__name__}"))
         now = self._clock.seconds()
         return self._run(self._store, code, language, interacts, now)
 
     def fetch(self, ident: str) -> defer.Deferred[dict[str, Any] | None]:
         """
-        Fire with the permalink C{ident} (and record the access), or with
-        C{None} if there is no such id.
+        Fire with the permalink ``ident`` (and record the access), or with
+        ``None`` if there is no such id.
 
-        The dict has C{id}, C{code}, C{language}, C{interacts}, C{created},
-        C{last_access} (this access) and C{requested} (times fetched).
+        The dict has ``id``, ``code``, ``language``, ``interacts``, ``created``,
+        ``last_access`` (this access) and ``requested`` (times fetched).
         """
         if not is_valid_id(ident):
             return defer.succeed(None)
@@ -299,7 +293,7 @@ class PermalinkStore:
     # -- plumbing ----------------------------------------------------------
 
     def _track(self, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
-        """Count C{d} as pending until it fires, so L{close} can wait for it."""
+        """Count ``d`` as pending until it fires, so ``close`` can wait for it."""
         self._pending += 1
 
         def done(result: object) -> object:
@@ -319,9 +313,7 @@ class PermalinkStore:
         if isinstance(result, Failure):
             error = result.value
             if not isinstance(error, PermalinkStoreError):
-                error = PermalinkStoreError(
-                    f"cannot open permalink database {self.path!r}: {error}"
-                )
+                error = PermalinkStoreError(f"cannot open permalink database {self.path!r}: {error}")
                 error.__cause__ = result.value
             self._schema_error = error
             log.error(
@@ -358,7 +350,7 @@ class PermalinkStore:
         return d
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        """Run C{fn(connection, *args)} on the pool once the schema is usable."""
+        """Run ``fn(connection, *args)`` on the pool once the schema is usable."""
         if self._closed:
             return defer.fail(PermalinkStoreClosed("permalink store is closed"))
         d = self._when_ready()
@@ -367,9 +359,7 @@ class PermalinkStore:
 
     # The methods below run on the pool's thread, never in the reactor.
 
-    def _migrate(
-        self, conn: sqlite3.Connection, migrations: Sequence[Callable[[Any], None]]
-    ) -> tuple[int, int]:
+    def _migrate(self, conn: sqlite3.Connection, migrations: Sequence[Callable[[Any], None]]) -> tuple[int, int]:
         return migrate(conn.cursor(), migrations)
 
     def _store(
@@ -402,7 +392,7 @@ class PermalinkStore:
         return ident
 
     def _check_room(self, cur: sqlite3.Cursor, code: str, language: str, interacts: str) -> None:
-        """Raise L{PermalinkStoreFull} unless the new row fits under C{max_bytes}."""
+        """Raise ``PermalinkStoreFull`` unless the new row fits under ``max_bytes``."""
         if self.max_bytes is None:
             return
         values = {}
@@ -440,23 +430,19 @@ class PermalinkStore:
         raise PermalinkStoreError("could not allocate a unique permalink id")
 
     @staticmethod
-    def _fetch(
-        conn: sqlite3.Connection, ident: str, now: float
-    ) -> dict[str, Any] | None:
+    def _fetch(conn: sqlite3.Connection, ident: str, now: float) -> dict[str, Any] | None:
         cur = conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
             cur.execute(
-                "UPDATE permalinks SET last_access = ?, requested = requested + 1"
-                " WHERE id = ?",
+                "UPDATE permalinks SET last_access = ?, requested = requested + 1 WHERE id = ?",
                 (now, ident),
             )
             if cur.rowcount == 0:
                 cur.execute("ROLLBACK")
                 return None
             cur.execute(
-                "SELECT id, code, language, interacts, created, last_access,"
-                " requested FROM permalinks WHERE id = ?",
+                "SELECT id, code, language, interacts, created, last_access, requested FROM permalinks WHERE id = ?",
                 (ident,),
             )
             row = cur.fetchone()

@@ -126,16 +126,15 @@ def _make_master_shell(app):
     """
     The kernels' IPython shell, made once in the master; None if that failed.
 
-    DESIGN.md had the master make no InteractiveShell, for fear of what it
-    starts. With history off (``DummyDB``, no saving thread) it starts
+    With history off (``DummyDB``, no saving thread) making it starts
     nothing: no thread, no zmq context or socket, no event loop
-    (tests/test_forkserver.py checks this master). Made in each kernel,
-    it was the bulk of the kernel's start-up (7 to 12 ms of ~40), and it
-    copied ~2.7 MiB of the master's pages into each kernel. What it learnt
-    of this process (its dirs, its ``__main__``, the environment it set)
-    each kernel puts right in ``_adopt_shell``; the zmq parts (display
-    publisher, display hook) get their session and sockets from the
-    kernel, as always.
+    (tests/test_forkserver.py checks this master), so the master may make
+    it before forking. Made in each kernel, it would be the bulk of the
+    kernel's start-up (7 to 12 ms of ~40) and copy ~2.7 MiB of the
+    master's pages into each kernel. What it learnt of this process (its
+    dirs, its ``__main__``, the environment it set) each kernel puts right
+    in ``_adopt_shell``; the zmq parts (display publisher, display hook)
+    get their session and sockets from the kernel.
     """
     import atexit
 
@@ -159,7 +158,7 @@ def _make_master_shell(app):
         )
         _inline_matplotlib()
         _first_format(shell)
-    except Exception:  # each kernel makes its own, as before
+    except Exception:  # then each kernel makes its own
         traceback.print_exc()
         _SHELL_CLASS.clear_instance()  # no half-made shell for a kernel to adopt
         return None

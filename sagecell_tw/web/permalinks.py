@@ -3,21 +3,21 @@
 SageMathCell's permalink endpoints, so pages and clients written for it work
 against us unchanged:
 
-- C{POST /permalink} with C{code}, C{language}, C{interacts} and C{n}
+- ``POST /permalink`` with ``code``, ``language``, ``interacts`` and ``n``
   (form-encoded, as SageMathCell's own client sends them, or a JSON object)
-  answers C{{"zip": Z, "query": ID, "interacts": I}} (plus C{"n"} when given,
-  which the client checks before using the answer). C{Z} and C{I} are the
-  C{?z=} and C{&interacts=} forms: URL-safe base64, with padding, of the
+  answers ``{"zip": Z, "query": ID, "interacts": I}`` (plus ``"n"`` when given,
+  which the client checks before using the answer). ``Z`` and ``I`` are the
+  ``?z=`` and ``&interacts=`` forms: URL-safe base64, with padding, of the
   zlib-compressed UTF-8 text.
-- C{GET /permalink?q=ID} answers C{[code, language, interacts]}: SageMathCell
+- ``GET /permalink?q=ID`` answers ``[code, language, interacts]``: SageMathCell
   JSON-dumps the tuple its database returns, and its web-database adapter
   unpacks exactly that.
 
-Every error is a JSON C{{"error": "..."}} with a status a client can act on;
+Every error is a JSON ``{"error": "..."}`` with a status a client can act on;
 a bad request stores nothing. A client address may make at most so many
-permalinks a minute (L{RateLimit}; beyond that 429 with C{Retry-After}), and
+permalinks a minute (``RateLimit``; beyond that 429 with ``Retry-After``), and
 a full store answers 507. CORS and the token are left to whoever mounts this
-resource (C{sagecell.WithCors}).
+resource (``sagecell.WithCors``).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from sagecell_tw import messages
-from sagecell_tw.core.permalinks import PermalinkStoreError, PermalinkStoreFull, is_valid_id
-from sagecell_tw.web.policy import client_address
+from .. import messages
+from ..core.permalinks import PermalinkStoreError, PermalinkStoreFull, is_valid_id
+from .policy import client_address
 
 __all__ = [
     "DEFAULT_LANGUAGE",
@@ -72,7 +72,7 @@ _BODY_SLACK = 4096
 
 
 class PermalinkBackend(Protocol):
-    """What the resource needs from storage (L{PermalinkStore} provides it)."""
+    """What the resource needs from storage (``PermalinkStore`` provides it)."""
 
     def store(self, code: str, language: str, interacts: str) -> defer.Deferred[str]:
         """Save and fire with the id."""
@@ -83,8 +83,8 @@ class PermalinkBackend(Protocol):
 
 def encode_zip(code: str) -> str:
     """
-    Encode text the way SageMathCell's C{?z=} links carry it: URL-safe base64
-    (with C{=} padding, as SageMathCell emits it) of zlib-compressed UTF-8.
+    Encode text the way SageMathCell's ``?z=`` links carry it: URL-safe base64
+    (with ``=`` padding, as SageMathCell emits it) of zlib-compressed UTF-8.
     """
     if not isinstance(code, str):
         raise TypeError(f"code must be str, not {type(code).__name__}")
@@ -92,18 +92,18 @@ def encode_zip(code: str) -> str:
 
 
 def _max_encoded_chars(max_bytes: int) -> int:
-    """A generous bound on the base64 size of a stream inflating to C{max_bytes}."""
+    """A generous bound on the base64 size of a stream inflating to ``max_bytes``."""
     compressed = 2 * max_bytes + 1024
     return 4 * (compressed // 3 + 1)
 
 
 def decode_zip(z: str, max_bytes: int = DEFAULT_MAX_CODE_BYTES) -> str:
     """
-    Decode a C{?z=}/C{&interacts=} value back to text, refusing anything
-    malformed or inflating past C{max_bytes} (a zip bomb never gets further
-    than C{max_bytes + 1} bytes of output).
+    Decode a ``?z=``/``&interacts=`` value back to text, refusing anything
+    malformed or inflating past ``max_bytes`` (a zip bomb never gets further
+    than ``max_bytes + 1`` bytes of output).
 
-    Padding may be missing, as SageMathCell allows. Raises L{ValueError} with
+    Padding may be missing, as SageMathCell allows. Raises ``ValueError`` with
     a message fit for a user.
     """
     if not isinstance(z, str):
@@ -142,10 +142,10 @@ def decode_zip(z: str, max_bytes: int = DEFAULT_MAX_CODE_BYTES) -> str:
 
 class RateLimit:
     """
-    A token bucket per client address: C{per_minute} a minute, in bursts of at
-    most as many. Time comes from C{clock} (L{task.Clock} in tests). A bucket
+    A token bucket per client address: ``per_minute`` a minute, in bursts of at
+    most as many. Time comes from ``clock`` (``task.Clock`` in tests). A bucket
     that has filled up again is as good as none, and is forgotten when the
-    table grows past C{max_clients}: it holds only the recently busy.
+    table grows past ``max_clients``: it holds only the recently busy.
     """
 
     def __init__(self, clock: Any, per_minute: int, max_clients: int = 10_000) -> None:
@@ -160,7 +160,7 @@ class RateLimit:
         self._prune_at = max_clients
 
     def take(self, client: str) -> float:
-        """0 if C{client} may go ahead now (counted), else the seconds until it may."""
+        """0 if ``client`` may go ahead now (counted), else the seconds until it may."""
         now = self.clock.seconds()
         left, then = self.buckets.get(client, (self.capacity, now))
         left = min(self.capacity, left + max(0.0, now - then) * self.rate)
@@ -221,9 +221,9 @@ def _error(request: Any, status: int, message: str) -> bytes:
 
 class PermalinkResource(Resource):
     """
-    C{/permalink}: POST stores, GET C{?q=} looks up (see the module doc).
+    ``/permalink``: POST stores, GET ``?q=`` looks up (see the module doc).
 
-    Mount it with C{root.putChild(b"permalink", PermalinkResource(store))}.
+    The site serves it as ``/permalink`` (``site.routes``), inside SageMathCell's CORS.
     """
 
     isLeaf = True
@@ -241,30 +241,23 @@ class PermalinkResource(Resource):
         rate: RateLimit | None = None,
     ) -> None:
         """
-        @param store: where permalinks live.
-        @param max_code_bytes: largest code (UTF-8 bytes) accepted; more is 413.
-        @param max_interacts_bytes: largest interact state; defaults to
-            C{max_code_bytes}.
-        @param default_language: stored when a request names no language.
-        @param rate: how many permalinks a client address may make; None for
+        :param store: where permalinks live.
+        :param max_code_bytes: largest code (UTF-8 bytes) accepted; more is 413.
+        :param max_interacts_bytes: largest interact state; defaults to
+            ``max_code_bytes``.
+        :param default_language: stored when a request names no language.
+        :param rate: how many permalinks a client address may make; None for
             no limit.
         """
         super().__init__()
         if _LANGUAGE_RE.fullmatch(default_language) is None:
-            raise ValueError(
-                f"default_language {default_language!r} is not a language name"
-            )
+            raise ValueError(f"default_language {default_language!r} is not a language name")
         self.store = store
         self.max_code_bytes = max_code_bytes
-        self.max_interacts_bytes = (
-            max_code_bytes if max_interacts_bytes is None else max_interacts_bytes
-        )
+        self.max_interacts_bytes = max_code_bytes if max_interacts_bytes is None else max_interacts_bytes
         self.default_language = default_language
         self.rate = rate
-        self.max_body_bytes = (
-            _BODY_EXPANSION * (self.max_code_bytes + self.max_interacts_bytes)
-            + _BODY_SLACK
-        )
+        self.max_body_bytes = _BODY_EXPANSION * (self.max_code_bytes + self.max_interacts_bytes) + _BODY_SLACK
 
     def render(self, request: Any) -> bytes | int:
         """Answer every method and stray sub-path in JSON, not Twisted's HTML."""
@@ -278,7 +271,7 @@ class PermalinkResource(Resource):
     # -- GET ---------------------------------------------------------------
 
     def render_GET(self, request: Any) -> bytes | int:
-        """Look up C{?q=ID}; answer C{[code, language, interacts]} or 404."""
+        """Look up ``?q=ID``; answer ``[code, language, interacts]`` or 404."""
         values = request.args.get(b"q")
         if not values or not values[-1]:
             return _error(request, http.BAD_REQUEST, "missing query parameter q")
@@ -309,7 +302,7 @@ class PermalinkResource(Resource):
     # -- POST --------------------------------------------------------------
 
     def render_POST(self, request: Any) -> bytes | int:
-        """Store the posted code; answer SageMathCell's C{{zip, query, ...}}."""
+        """Store the posted code; answer SageMathCell's ``{zip, query, ...}``."""
         try:
             fields = self._parse_post(request)
             code, language, interacts, n = self._validate(fields)
@@ -336,9 +329,7 @@ class PermalinkResource(Resource):
         return NOT_DONE_YET
 
     @staticmethod
-    def _stored(
-        ident: str, reply: _Reply, code: str, interacts: str, n: int | None
-    ) -> None:
+    def _stored(ident: str, reply: _Reply, code: str, interacts: str, n: int | None) -> None:
         answer: dict[str, object] = {
             "zip": encode_zip(code),
             "query": ident,
@@ -370,9 +361,7 @@ class PermalinkResource(Resource):
             except UnicodeDecodeError:
                 raise _BadRequest(http.BAD_REQUEST, "JSON body is not UTF-8") from None
             except ValueError as e:
-                raise _BadRequest(
-                    http.BAD_REQUEST, f"malformed JSON body: {e}"
-                ) from None
+                raise _BadRequest(http.BAD_REQUEST, f"malformed JSON body: {e}") from None
             if not isinstance(parsed, dict):
                 raise _BadRequest(http.BAD_REQUEST, "JSON body must be an object")
             return parsed
@@ -439,12 +428,8 @@ class PermalinkResource(Resource):
                 {"error": "the permalink store is full: no new permalinks can be made for now"},
             )
         elif failure.check(PermalinkStoreError):
-            log.failure(
-                "Permalink {what} failed: database unavailable", failure, what=what
-            )
-            reply.send(
-                http.SERVICE_UNAVAILABLE, {"error": "permalink database unavailable"}
-            )
+            log.failure("Permalink {what} failed: database unavailable", failure, what=what)
+            reply.send(http.SERVICE_UNAVAILABLE, {"error": "permalink database unavailable"})
         else:
             log.failure("Permalink {what} failed", failure, what=what)
             reply.send(
@@ -459,7 +444,7 @@ def _log_unexpected(failure: Failure) -> None:
 
 
 def _check_size(name: str, value: str, limit: int) -> None:
-    """413 for text over C{limit} UTF-8 bytes, 400 for text UTF-8 cannot hold."""
+    """413 for text over ``limit`` UTF-8 bytes, 400 for text UTF-8 cannot hold."""
     try:
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError:
