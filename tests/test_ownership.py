@@ -378,3 +378,22 @@ def test_static_files_still_served(anon):
     status, data, headers = anon.request("GET", "/static/embed.js")
     assert status == 200 and len(data) > 1000
     assert headers["Access-Control-Allow-Origin"] == "*"
+
+
+# -- the route table: what it does not name is a JSON 404 -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/nope", "/api/nope", "/api/kernelspecs/python3/extra", "/metrics/x", "/healthz/x", "/kernel/{id}/nope"],
+)
+def test_a_path_no_route_names_is_a_json_404(anon, victim, path):
+    status, body, headers = anon.request("GET", path.format(id=victim["kernel"]))
+    assert status == 404 and isinstance(body, dict) and body["status"] == 404, (status, body)
+    assert headers["Content-Type"] == "application/json"
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/healthz"])
+def test_the_operator_routes_answer_other_methods_in_json(anon, path):
+    status, body, headers = anon.request("DELETE", path)
+    assert status == 405 and body["status"] == 405 and headers["Allow"] == "GET, HEAD", (status, body)

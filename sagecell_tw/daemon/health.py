@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from twisted.web import resource
 
-from ..web.policy import write_json
+from ..web.policy import error_body, write_json
 
 
 class Health:
@@ -69,7 +69,7 @@ class HealthResource(resource.Resource):
     def render(self, request):
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
-            write_json(request, 405, {"message": "GET only"})
+            write_json(request, 405, error_body(405, "GET only"))
             return b""
         state = self.health.state()
         write_json(request, 200 if self.kind == "live" or state["ready"] else 503, state)

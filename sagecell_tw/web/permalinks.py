@@ -38,7 +38,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from .. import messages
 from ..core.permalinks import PermalinkStoreError, PermalinkStoreFull, is_valid_id
-from .policy import client_address
+from .policy import client_address, write_json
 
 __all__ = [
     "DEFAULT_LANGUAGE",
@@ -202,21 +202,14 @@ class _Reply:
     def send(self, status: int, body: object) -> None:
         if self.gone:
             return
-        self.request.write(_json_response(self.request, status, body))
+        write_json(self.request, status, body)
         self.request.finish()
 
 
-def _json_response(request: Any, status: int, body: object) -> bytes:
-    """Set status and JSON headers, and return the encoded body."""
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", b"application/json")
-    request.setHeader(b"X-Content-Type-Options", b"nosniff")
-    request.setHeader(b"Cache-Control", b"no-store")
-    return json.dumps(body).encode("ascii")
-
-
 def _error(request: Any, status: int, message: str) -> bytes:
-    return _json_response(request, status, {"error": message})
+    """An error in SageMathCell's shape, ``{"error": message}``, written as every JSON answer of ours is."""
+    write_json(request, status, {"error": message})
+    return b""
 
 
 class PermalinkResource(Resource):

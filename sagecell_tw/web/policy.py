@@ -51,6 +51,7 @@ def write_json(request, status: int, body) -> None:
     data = json_bytes(body)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
+    request.setHeader(b"x-content-type-options", b"nosniff")
     request.setHeader(b"content-length", str(len(data)).encode())
     if request.method != b"HEAD":
         request.write(data)
@@ -124,8 +125,13 @@ class Policy:
     capability in the same way.
     """
 
-    def __init__(self, config, sessions=None, notebooks: dict | None = None):
+    def __init__(self, config, sessions=None, notebooks: dict | None = None, credentialed: bool = False):
         self.config = config
+        #: SageMathCell's client sends ``withCredentials``, and browsers refuse a
+        #: credentialed answer that allows origin ``*``: for its routes we echo the
+        #: (allowed) origin and allow credentials, as its server does. We keep no
+        #: cookies, so this grants a page nothing more than ``*`` does.
+        self.credentialed = credentialed
         #: the session manager whose kernels ``session_for`` hands out
         self.sessions = sessions
         #: notebook-session id -> model (``api.NotebookSessions.models``), for ``notebook_for``
@@ -136,12 +142,31 @@ class Policy:
         origin = request.getHeader("origin")  # str: origin_allowed compares str
         if origin is None:
             return True
-        if not self.config.origin_allowed(origin):
+        if not self.origin_ok(origin):
             return False
-        request.setHeader(b"access-control-allow-origin", origin.encode() if "*" not in self.config.allow_origin else b"*")
-        request.setHeader(b"vary", b"Origin")
-        request.setHeader(b"access-control-expose-headers", EXPOSED_HEADERS.encode())
+        for name, value in self.cors_headers(origin):
+            request.setHeader(name, value)
         return True
+
+    def origin_ok(self, origin: str | None) -> bool:
+        """Whether a page from ``origin`` may call us (HTTP and WebSocket alike); no origin: not a browser's page."""
+        return origin is None or self.config.origin_allowed(origin)
+
+    def cors_headers(self, origin: str) -> list[tuple[bytes, bytes]]:
+        """The CORS headers of an answer to an allowed ``origin``."""
+        if self.credentialed:
+            return [
+                (b"access-control-allow-origin", origin.encode()),
+                (b"access-control-allow-credentials", b"true"),
+                (b"vary", b"Origin"),
+                (b"access-control-expose-headers", (EXPOSED_HEADERS + ", Jupyter-Kernel-ID").encode()),
+            ]
+        allow = b"*" if "*" in self.config.allow_origin else origin.encode()
+        return [
+            (b"access-control-allow-origin", allow),
+            (b"vary", b"Origin"),
+            (b"access-control-expose-headers", EXPOSED_HEADERS.encode()),
+        ]
 
     def preflight(self, request, methods: str) -> bytes:
         if not self.apply_cors(request):
@@ -153,11 +178,14 @@ class Policy:
         return b""
 
     def token_ok(self, request) -> bool:
-        token = self.config.token
-        if not token:
-            return True
+        """Whether an HTTP request carries the token (or none is needed)."""
         query = (request.args.get(b"token") or [b""])[0].decode(errors="replace")
-        return token_matches(token, request.getHeader("authorization"), query)
+        return self.token_given(request.getHeader("authorization"), query)
+
+    def token_given(self, authorization: str | None, query_token: str | None) -> bool:
+        """The one token check, for HTTP requests and WebSocket handshakes alike."""
+        token = self.config.token
+        return not token or token_matches(token, authorization, query_token)
 
     def may_list(self) -> bool:
         """
@@ -415,9 +443,9 @@ class LimitedRequest(server.Request):
             headers.setRawHeaders(name, [value])
         origin = self.getHeader("origin")
         policy = getattr(resource, "policy", None)
-        if origin is not None and policy is not None and policy.config.origin_allowed(origin):
-            headers.setRawHeaders(b"access-control-allow-origin", [origin.encode()])
-            headers.setRawHeaders(b"vary", [b"Origin"])
+        if origin is not None and policy is not None and policy.origin_ok(origin):
+            for name, value in policy.cors_headers(origin):
+                headers.setRawHeaders(name, [value])
         reason = http.RESPONSES.get(status, b"Error")
         channel = self.channel
         channel.writeHeaders(channel._version or b"HTTP/1.1", str(status).encode(), reason, headers)

@@ -41,7 +41,6 @@ from zope.interface import implementer
 from .. import messages
 from ..messages import DAEMON_SESSION, Message
 from .policy import (
-    EXPOSED_HEADERS,
     HTTPError,
     JsonResource,
     Policy,
@@ -134,27 +133,6 @@ def ws_base(request, base_url: str = "") -> str:
     return f"{'wss' if secure else 'ws'}://{host}/" + (prefix + "/" if prefix else "")
 
 
-class CredentialedPolicy(Policy):
-    """
-    SageMathCell's client sends ``withCredentials``, and browsers refuse a
-    credentialed answer that allows origin ``*``: echo the (allowed) origin
-    and allow credentials, as its server does. We keep no cookies, so this
-    grants a page nothing more than ``*`` does.
-    """
-
-    def apply_cors(self, request) -> bool:
-        origin = request.getHeader("origin")
-        if origin is None:
-            return True
-        if not self.config.origin_allowed(origin):
-            return False
-        request.setHeader(b"access-control-allow-origin", origin.encode())
-        request.setHeader(b"access-control-allow-credentials", b"true")
-        request.setHeader(b"vary", b"Origin")
-        request.setHeader(b"access-control-expose-headers", (EXPOSED_HEADERS + ", Jupyter-Kernel-ID").encode())
-        return True
-
-
 class WithCors(resource.Resource):
     """
     CORS (credentialed, preflight included) and the token around a resource
@@ -193,7 +171,7 @@ class SageCellCompat:
         self.api = api
         self.sessions = api.sessions
         self.config = api.config
-        self.policy = CredentialedPolicy(api.config, api.sessions)
+        self.policy = Policy(api.config, api.sessions, credentialed=True)
         self.clock = clock
         #: CellSessionID -> ids of the kernels that page opened with POST /kernel
         self.pages: dict[str, set[str]] = {}

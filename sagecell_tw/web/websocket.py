@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from .. import messages
 from ..messages import BadMessage, Message
-from .policy import Policy, token_matches
+from .policy import Policy
 
 log = Logger()
 
@@ -42,15 +42,14 @@ class KernelWebSocket(WebSocketServerProtocol):
     def onConnect(self, request):
         factory = self.factory
         config = factory.config
+        policy = factory.policy
         origin = request.headers.get("origin")
-        if origin and not config.origin_allowed(origin):
+        if origin and not policy.origin_ok(origin):
             raise ConnectionDeny(403, f"origin {origin} is not allowed")
-        if config.token:
-            query = (request.params.get("token") or [""])[0]
-            if not token_matches(config.token, request.headers.get("authorization"), query):
-                raise ConnectionDeny(403, "a valid token is required")
+        if not policy.token_given(request.headers.get("authorization"), (request.params.get("token") or [""])[0]):
+            raise ConnectionDeny(403, "a valid token is required")
         kernel_id = self.kernel_id
-        session = factory.policy.session_for(kernel_id)
+        session = policy.session_for(kernel_id)
         if session is None:
             raise ConnectionDeny(404, f"no kernel {str(kernel_id)[:64]}")
         if len(session.connections) >= config.max_sockets_per_session:
