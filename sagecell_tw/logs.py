@@ -42,7 +42,7 @@ from __future__ import annotations
 import sys
 from urllib.parse import unquote_plus
 
-from twisted.logger import ILogObserver, Logger, jsonFileLogObserver
+from twisted.logger import ILogObserver, jsonFileLogObserver
 from twisted.web import http
 from twisted.web.iweb import IAccessLogFormatter
 from zope.interface import provider
@@ -51,27 +51,10 @@ from zope.interface import provider
 SECRET_PARAMS = frozenset({"token"})
 REDACTED = "REDACTED"
 
-log = Logger()
-
 
 def json_observer() -> ILogObserver:
     """A twistd ``--logger`` factory: JSON lines on standard output (no record separator)."""
     return jsonFileLogObserver(sys.stdout, recordSeparator="")
-
-
-class SessionEvents:
-    """Logs the session manager's events that it does not log itself."""
-
-    def __init__(self, sessions):
-        self.sessions = sessions
-
-    def attach(self) -> None:
-        self.sessions.observers.append(self)
-
-    def __call__(self, event: str, session, detail: str) -> None:
-        sid = session.id if session is not None else None
-        if event == "limit":
-            log.info("limit hit: {kind} (session {session})", event="limit_hit", kind=detail, session=sid)
 
 
 def redact_uri(uri) -> str:

@@ -886,9 +886,9 @@ def test_metrics_text():
         observer("ready", ready)
         observer("died", ready)
     for observer in svc.sessions.observers:
-        observer("start", None, "")
-        observer("limit", None, "exec_timeout")
-        observer("limit", None, "exec_timeout")
+        observer.session_started(None)
+        observer.limit_hit(None, "exec_timeout")
+        observer.limit_hit(None, "exec_timeout")
     text = m.render().decode()
     assert metric(text, "sagecell_pool_ready") == 2
     assert metric(text, "sagecell_kernels_running") == 3

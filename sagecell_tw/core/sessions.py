@@ -128,6 +128,29 @@ class Execution:
         self.capped = False
 
 
+class SessionObserver:
+    """
+    What the session manager tells those who keep state per session or
+    count its events (notebook sessions, files, SageMathCell's pages, logs,
+    metrics). Each overrides what it needs; the rest do nothing.
+    """
+
+    def session_started(self, session: WebSession) -> None:
+        pass
+
+    def session_ended(self, session: WebSession, reason: str) -> None:
+        """The session is gone (shut down, culled, timed out): forget what is kept for it."""
+
+    def kernel_assigned(self, session: WebSession, kernel_id: str) -> None:
+        pass
+
+    def kernel_died(self, session: WebSession, reason: str) -> None:
+        pass
+
+    def limit_hit(self, session: WebSession | None, kind: str) -> None:
+        """A limit refused something; ``kind`` names the option (``max_kernels``, ``exec_timeout``, ...)."""
+
+
 class SessionManager:
     """Creates, routes and ends web sessions."""
 
@@ -138,8 +161,9 @@ class SessionManager:
         self.routes = Routes()
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = clock
-        #: observers called with (event, session, detail) for logs and metrics
-        self.observers: list[Callable[[str, WebSession, str], None]] = []
+        #: who keeps state per session, or counts: told of each session's start and end, its
+        #: kernels, and the limits it hits (``SessionObserver``)
+        self.observers: list[SessionObserver] = []
         #: messages and bytes relayed, for metrics: plain ints, cheap on the hot path
         self.msgs_to_kernels = self.bytes_to_kernels = 0
         self.msgs_from_kernels = self.bytes_from_kernels = 0
@@ -169,18 +193,18 @@ class SessionManager:
         if self._sweeper.running:
             self._sweeper.stop()
 
-    def _event(self, event: str, session: WebSession, detail: str = "") -> None:
+    def _tell(self, call: Callable[[SessionObserver], None]) -> None:
         for observer in list(self.observers):
-            observer(event, session, detail)
+            call(observer)
 
     # -- creating and ending ------------------------------------------------
 
     def create(self, client: str, name: str = "python3") -> WebSession:
         if len(self.routes) >= self.config.max_kernels:
-            self._event("limit", None, "max_kernels")
+            self._tell(lambda o: o.limit_hit(None, "max_kernels"))
             raise LimitExceeded(f"the server runs its maximum of {self.config.max_kernels} kernels; try again later", 503)
         if self.routes.count_for(client) >= self.config.max_kernels_per_client:
-            self._event("limit", None, "max_kernels_per_client")
+            self._tell(lambda o: o.limit_hit(None, "max_kernels_per_client"))
             raise LimitExceeded(
                 f"you already have {self.config.max_kernels_per_client} kernels, the most one client may have; "
                 "shut one down first"
@@ -190,7 +214,7 @@ class SessionManager:
         session = WebSession(secrets.token_hex(16), client, name, now, now, disconnected_since=now)
         self.routes.add(session)
         log.info("session {session} started for {client}", event="session_start", session=session.id, client=client)
-        self._event("start", session)
+        self._tell(lambda o: o.session_started(session))
         self._ensure_kernel(session).addErrback(lambda _f: None)
         return session
 
@@ -214,7 +238,7 @@ class SessionManager:
         for conn in list(session.connections):
             conn.close_for(reason)
         log.info("session {session} ended: {reason}", event="session_stop", session=session.id, reason=reason)
-        self._event("stop", session, reason)
+        self._tell(lambda o: o.session_ended(session, reason))
         if kernel is None:
             return defer.succeed(None)
         kernel.on_message = kernel.on_death = None
@@ -283,7 +307,7 @@ class SessionManager:
             kernel=kernel.id,
             pid=kernel.pid,
         )
-        self._event("kernel", session, kernel.id)
+        self._tell(lambda o: o.kernel_assigned(session, kernel.id))
         if session.execution_state in ("starting", "restarting", "dead"):
             session.execution_state = "idle"
             self._broadcast(session, messages.status("idle", DAEMON_SESSION))
@@ -319,7 +343,7 @@ class SessionManager:
         log.info(
             "the kernel of session {session} died: {reason}", event="session_kernel_died", session=session.id, reason=reason
         )
-        self._event("kernel_died", session, reason)
+        self._tell(lambda o: o.kernel_died(session, reason))
         self._broadcast(session, messages.stream(f"\n[sagecell] The kernel died: {reason}.\n", DAEMON_SESSION))
         self._broadcast(session, messages.status("dead", DAEMON_SESSION))
 
@@ -374,7 +398,7 @@ class SessionManager:
             wait = self.client_restarts.wait(client)
             what = f"at most {self.client_restarts.count} a minute for one client"
         if wait:
-            self._event("limit", session, "max_restarts_per_minute")
+            self._tell(lambda o: o.limit_hit(session, "max_restarts_per_minute"))
             raise LimitExceeded(f"too many kernel restarts ({what}); try again in {max(1, round(wait))} s")
         self.restarts.record(session.id)
         self.client_restarts.record(client)
@@ -577,7 +601,7 @@ class SessionManager:
         ex.output_bytes = cap
         if kept is not None:
             self._broadcast(session, kept)
-        self._event("limit", session, "max_output_bytes")
+        self._tell(lambda o: o.limit_hit(session, "max_output_bytes"))
         what = "interrupted" if self.config.interrupt_on_output_cap else "still running; its further output is not shown"
         notice = f"\n[sagecell] Output truncated at {cap} bytes (the limit per computation); the computation is {what}.\n"
         self._broadcast(session, messages.stream(notice, DAEMON_SESSION, parent or None))
@@ -655,7 +679,7 @@ class SessionManager:
         for ex in list(session.executions.values()):
             if ex.interrupted_at is None and now - ex.started >= limit:
                 ex.interrupted_at = now
-                self._event("limit", session, "exec_timeout")
+                self._tell(lambda o: o.limit_hit(session, "exec_timeout"))
                 parent = {"msg_id": ex.msg_id, "msg_type": "execute_request"}
                 self._broadcast(
                     session,

@@ -34,6 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.web import resource
 
+from ..core.sessions import SessionObserver
 from ..web.policy import error_body, write_json
 
 SPAWN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -58,17 +59,11 @@ class Metrics:
 
     def attach(self) -> None:
         svc = self.svc
-        svc.sessions.observers.append(self._session_event)
+        svc.sessions.observers.append(_SessionCounts(self))
         svc.kernels.observers.append(self._kernel_event)
 
     def attach_control(self, control) -> None:
         control.observers.append(lambda event, _spawner: event == "lost" and self.spawners_lost.inc())
-
-    def _session_event(self, event: str, _session, detail: str) -> None:
-        if event == "start":
-            self.sessions_started.inc()
-        elif event == "limit":
-            self.limits.labels(kind=detail or "unknown").inc()
 
     def _kernel_event(self, event: str, kernel) -> None:
         if event == "ready":
@@ -84,6 +79,19 @@ class Metrics:
 
     def resource(self) -> resource.Resource:
         return MetricsResource(self)
+
+
+class _SessionCounts(SessionObserver):
+    """Counts the sessions started and the limits hit."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def session_started(self, session) -> None:
+        self.metrics.sessions_started.inc()
+
+    def limit_hit(self, session, kind: str) -> None:
+        self.metrics.limits.labels(kind=kind or "unknown").inc()
 
 
 class _Live:

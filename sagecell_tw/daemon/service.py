@@ -23,12 +23,19 @@ from twisted.logger import Logger
 from ..control import spawners
 from ..control.transport import ZmqContext
 from ..core.kernels import KernelManager
-from ..core.sessions import SessionManager
-from ..logs import SessionEvents
+from ..core.sessions import SessionManager, SessionObserver
 from .health import Health
 from .metrics import Metrics
 
 log = Logger()
+
+
+class LimitLog(SessionObserver):
+    """Logs the limits sessions hit (the session manager logs the rest of its events itself)."""
+
+    def limit_hit(self, session, kind: str) -> None:
+        sid = session.id if session is not None else None
+        log.info("limit hit: {kind} (session {session})", event="limit_hit", kind=kind, session=sid)
 
 
 class SageCellService(service.MultiService):
@@ -49,7 +56,7 @@ class SageCellService(service.MultiService):
         self.metrics = Metrics(self)
         self.metrics.attach()
         self.health = Health(self)
-        SessionEvents(self.sessions).attach()
+        self.sessions.observers.append(LimitLog())
 
     # -- start ------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import sys
 from datetime import UTC, datetime
 
 from .. import __version__
-from ..core.sessions import LimitExceeded
+from ..core.sessions import LimitExceeded, SessionObserver
 from .policy import HTTPError, JsonResource, Policy, Response, client_address, read_json
 
 KERNEL_NAME = "python3"
@@ -79,12 +79,12 @@ class Api:
             )
 
 
-class NotebookSessions:
+class NotebookSessions(SessionObserver):
     """
     Jupyter's notebook sessions (``/api/sessions``): a path and a name
     pointing at a kernel. Each is freed with its kernel's web session
     (shut down, culled, ended for any reason: the session manager's
-    ``stop`` event), and one client holds at most ``limit`` of them, as many
+    ``session_ended``), and one client holds at most ``limit`` of them, as many
     as it may hold kernels. The ids are capabilities, like kernel ids
     (``Policy.notebook_for`` checks them).
     """
@@ -95,7 +95,7 @@ class NotebookSessions:
         self.models: dict[str, dict] = {}
         #: client address -> its notebook-session ids
         self.by_client: dict[str, set[str]] = {}
-        sessions.observers.append(self._observe)
+        sessions.observers.append(self)
 
     def check_room(self, client: str) -> None:
         """429 if ``client`` holds its limit of notebook sessions (checked before a kernel is made for one)."""
@@ -137,10 +137,9 @@ class NotebookSessions:
                 del self.by_client[model["client"]]
         return model
 
-    def _observe(self, event: str, session, detail: str) -> None:
-        if event == "stop":
-            for sid in list(session.notebook_sessions):
-                self.remove(sid)
+    def session_ended(self, session, reason: str) -> None:
+        for sid in list(session.notebook_sessions):
+            self.remove(sid)
 
     def model(self, sid: str) -> dict:
         """The Jupyter Server session model."""

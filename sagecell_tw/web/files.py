@@ -71,6 +71,7 @@ from twisted.web import resource, server, static
 
 from .. import messages
 from ..control import files as remote_files
+from ..core.sessions import SessionObserver
 from ..files.model import file_model, listing
 from ..files.store import (
     FileError,
@@ -332,7 +333,7 @@ def scan_workdir(workdir: str, owner: int) -> dict | None:
     return found
 
 
-class KernelFiles:
+class KernelFiles(SessionObserver):
     """Kernel files over HTTP, and the ``sagecell.files`` news after each execution."""
 
     def __init__(self, sessions, config, reactor, policy):
@@ -353,7 +354,7 @@ class KernelFiles:
         #: threads for the scans after executions, started when first needed
         self._pool: ThreadPool | None = None
         sessions.on_execute_done.append(self.execute_done)
-        sessions.observers.append(self._observe)
+        sessions.observers.append(self)
 
     def resource_for(self, kernel_id: str, segments: list[str], prefix: str) -> resource.Resource:
         """The resource for ``{prefix}/{kernel_id}/files/{segments}``."""
@@ -479,7 +480,6 @@ class KernelFiles:
             "iopub", "sagecell.files", {"files": changes}, parent, session=messages.DAEMON_SESSION
         )
 
-    def _observe(self, event: str, session, detail: str) -> None:
-        if event == "stop":
-            self.snapshots.pop(session.id, None)
-            self.locks.pop(session.id, None)
+    def session_ended(self, session, reason: str) -> None:
+        self.snapshots.pop(session.id, None)
+        self.locks.pop(session.id, None)

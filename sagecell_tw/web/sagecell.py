@@ -39,6 +39,7 @@ from twisted.web import resource
 from zope.interface import implementer
 
 from .. import messages
+from ..core.sessions import SessionObserver
 from ..messages import DAEMON_SESSION, Message
 from .policy import (
     HTTPError,
@@ -164,7 +165,7 @@ class WithCors(resource.Resource):
         return self.wrapped.render(request)
 
 
-class SageCellCompat:
+class SageCellCompat(SessionObserver):
     """The state SageMathCell's endpoints keep beyond the session manager's."""
 
     def __init__(self, api, clock):
@@ -181,7 +182,7 @@ class SageCellCompat:
         self.timeouts: dict[str, float] = {}
         #: kernel id -> the pending call that ends it once idle
         self._enders: dict = {}
-        self.sessions.observers.append(self._observe)
+        self.sessions.observers.append(self)
         self.sessions.on_execute_done.append(self._execute_done)
         #: output all /service runs hold at once, while they run
         self.service_output = OutputBudget(max(SERVICE_OUTPUT_BUDGET, self.config.max_output_bytes))
@@ -206,9 +207,7 @@ class SageCellCompat:
         self.timeouts[session.id] = min(timeout, self.config.idle_timeout)
         return session
 
-    def _observe(self, event: str, session, detail: str) -> None:
-        if event != "stop":
-            return
+    def session_ended(self, session, reason: str) -> None:
         self.timeouts.pop(session.id, None)
         call = self._enders.pop(session.id, None)
         if call is not None and call.active():
