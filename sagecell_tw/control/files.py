@@ -185,7 +185,7 @@ class RemoteFiles:
 
         return self.call(kernel, "list", path=parts).addCallback(answered)
 
-    def scan(self, kernel, timeout: float | None = None) -> defer.Deferred:
+    def scan(self, kernel, timeout: float = SCAN_TIMEOUT) -> defer.Deferred:
         """Every file in the kernel's ``work/`` (as a listing): path -> RemoteStat."""
         return self.call(kernel, "scan", timeout=timeout).addCallback(lambda result: _entries(result[0]))
 

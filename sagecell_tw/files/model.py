@@ -6,6 +6,7 @@ daemon's host or on a worker host: a file's model and a directory's listing.
 
 from __future__ import annotations
 
+from typing import Protocol
 from urllib.parse import quote
 
 
@@ -23,3 +24,20 @@ def listing(prefix: str, kernel_id: str, dir_parts: list[str], found: dict, trun
     base = "/".join(dir_parts)
     base = base + "/" if base else ""
     return {"files": [file_model(prefix, kernel_id, base + p, st) for p, st in found.items()], "truncated": truncated}
+
+
+class KernelDirs(Protocol):
+    """
+    A kernel's ``work/``, wherever it is: on the daemon's host
+    (``web.files.LocalFiles``) or on a worker host (``control.files.RemoteFiles``).
+    Errors a client caused are ``FileError``; results may come as Deferreds.
+    """
+
+    def get(self, kernel, parts: list[str], prefix: str, kernel_id: str):
+        """A directory's listing (``listing``), or the file to send."""
+
+    def upload(self, kernel, parts: list[str], body, boundary: bytes | None, max_upload: int, quota: int):
+        """Store a raw body (``boundary`` None) or a multipart form's file: ``(parts, stat)``."""
+
+    def scan(self, kernel):
+        """Every file in ``work/``: path -> stat (``st_size``, ``st_mtime_ns``); None if it cannot be read."""

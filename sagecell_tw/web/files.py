@@ -61,6 +61,7 @@ import errno
 import os
 import pwd
 import re
+from collections.abc import Callable
 from urllib.parse import quote
 
 from twisted.internet import defer
@@ -72,7 +73,7 @@ from twisted.web import resource, server, static
 from .. import messages
 from ..control import files as remote_files
 from ..core.sessions import SessionObserver
-from ..files.model import file_model, listing
+from ..files.model import KernelDirs, file_model, listing
 from ..files.store import (
     FileError,
     boundary_of,
@@ -264,9 +265,7 @@ class FilesResource(JsonResource):
                 if is_dir:
                     return {"files": [], "truncated": False}
                 raise HTTPError(404, f"no file {'/'.join(parts)}: the kernel is not running")
-            if not is_local(kernel):
-                return self.files.remote.get(kernel, parts, self.prefix, self.kernel_id)
-            return self._get(request, kernel, parts)
+            return self.files.side(kernel).get(kernel, parts, self.prefix, self.kernel_id)
         if kernel is None:
             raise HTTPError(503, "the kernel is not running; try again in a moment")
         ctype = request.getHeader(b"content-type") or b""
@@ -276,16 +275,6 @@ class FilesResource(JsonResource):
         if is_dir:
             raise HTTPError(400, "name the file in the URL, or POST multipart/form-data with a 'file' field")
         return self.files.upload(session, kernel, parts, request.content, None, self.prefix)
-
-    def _get(self, request, kernel, parts: list[str]):
-        owner = self.files.kernel_uid
-        with opened(kernel.workdir, owner, parts) as target:
-            if target.is_dir:
-                found, truncated = scan(target.fd)
-                return listing(self.prefix, self.kernel_id, target.parts, found, truncated)
-            check_servable(target.st, owner, parts)
-            fd, target.fd = target.fd, -1
-            return OpenedFile(target.parts[-1], fd, target.st)
 
     def _respond(self, request, result) -> bytes:
         if isinstance(result, OpenedFile):
@@ -333,6 +322,51 @@ def scan_workdir(workdir: str, owner: int) -> dict | None:
     return found
 
 
+class LocalFiles:
+    """
+    Files of kernels on this host, read and written here by descriptors
+    (``files.store``): the same calls as ``control.files.RemoteFiles``
+    makes for kernels on worker hosts (``files.model.KernelDirs``).
+    """
+
+    def __init__(self, reactor, owner: int, scan_pool: Callable[[], ThreadPool]):
+        self.reactor = reactor
+        #: who owns kernel dirs and may own the files we serve
+        self.owner = owner
+        self._scan_pool = scan_pool
+
+    def get(self, kernel, parts: list[str], prefix: str, kernel_id: str):
+        """A listing (dict), or an ``OpenedFile`` for ``FilesResource`` to send."""
+        with opened(kernel.workdir, self.owner, parts) as target:
+            if target.is_dir:
+                found, truncated = scan(target.fd)
+                return listing(prefix, kernel_id, target.parts, found, truncated)
+            check_servable(target.st, self.owner, parts)
+            fd, target.fd = target.fd, -1
+            return OpenedFile(target.parts[-1], fd, target.st)
+
+    def upload(self, kernel, parts: list[str], body, boundary: bytes | None, max_upload: int, quota: int):
+        """Store a raw body, or a form's file, in a thread of the reactor's pool: ``(parts, stat)``."""
+        pool = self.reactor.getThreadPool()
+        if boundary is None:
+            d = deferToThreadPool(
+                self.reactor, pool, store_body, kernel.workdir, self.owner, parts, body, max_upload, quota
+            )
+            return d.addCallback(lambda st: (parts, st))
+        work = (store_multipart, kernel.workdir, self.owner, parts, body, boundary, max_upload, quota)
+        return deferToThreadPool(self.reactor, pool, *work)
+
+    def scan(self, kernel) -> defer.Deferred:
+        """
+        Every file in the kernel's ``work/``: path -> stat, or None if the dir
+        cannot be opened. In a thread of a small pool, as a worker host scans
+        on its own: ten thousand files take the reactor long enough to slow
+        every other session's round trip. Bounded in entries and time.
+        """
+        d = deferToThreadPool(self.reactor, self._scan_pool(), scan_workdir, kernel.workdir, self.owner)
+        return d.addTimeout(SCAN_SECONDS + SCAN_QUEUE_SECONDS, self.reactor)
+
+
 class KernelFiles(SessionObserver):
     """Kernel files over HTTP, and the ``sagecell.files`` news after each execution."""
 
@@ -349,12 +383,17 @@ class KernelFiles(SessionObserver):
         self.snapshots: dict[str, tuple[str, dict[str, tuple[int, int]]]] = {}
         #: session id -> lock: one upload at a time per kernel, so quotas hold
         self.locks: dict[str, defer.DeferredLock] = {}
-        #: files of kernels on worker hosts, over their spawners' control links
+        #: files of kernels on this host, and on worker hosts over their spawners' control links
+        self.local = LocalFiles(reactor, self.kernel_uid, self._scan_pool)
         self.remote = remote_files.RemoteFiles(reactor)
         #: threads for the scans after executions, started when first needed
         self._pool: ThreadPool | None = None
         sessions.on_execute_done.append(self.execute_done)
         sessions.observers.append(self)
+
+    def side(self, kernel) -> KernelDirs:
+        """Where ``kernel``'s files are reached: here, or through its worker host."""
+        return self.local if is_local(kernel) else self.remote
 
     def resource_for(self, kernel_id: str, segments: list[str], prefix: str) -> resource.Resource:
         """The resource for ``{prefix}/{kernel_id}/files/{segments}``."""
@@ -365,26 +404,7 @@ class KernelFiles(SessionObserver):
     def upload(self, session, kernel, parts: list[str], body, boundary: bytes | None, prefix: str) -> defer.Deferred:
         cfg = self.config
         lock = self.locks.setdefault(session.id, defer.DeferredLock())
-        if not is_local(kernel):
-            # On a worker host: streamed there in chunks over the control link.
-            d = lock.run(self.remote.upload, kernel, parts, body, boundary, cfg.max_upload_size, cfg.disk_quota)
-            if boundary is None:
-                d.addCallback(lambda stored: stored[1])
-        else:
-            if boundary is None:
-                work = (store_body, kernel.workdir, self.kernel_uid, parts, body, cfg.max_upload_size, cfg.disk_quota)
-            else:
-                work = (
-                    store_multipart,
-                    kernel.workdir,
-                    self.kernel_uid,
-                    parts,
-                    body,
-                    boundary,
-                    cfg.max_upload_size,
-                    cfg.disk_quota,
-                )
-            d = lock.run(deferToThreadPool, self.reactor, self.reactor.getThreadPool(), *work)
+        d = lock.run(self.side(kernel).upload, kernel, parts, body, boundary, cfg.max_upload_size, cfg.disk_quota)
 
         def full(failure):
             failure.trap(OSError)
@@ -393,10 +413,7 @@ class KernelFiles(SessionObserver):
             return failure
 
         def stored(result):
-            if boundary is None:
-                path, st = parts, result
-            else:
-                path, st = result
+            path, st = result
             self._remember(session, kernel, "/".join(path), st)
             log.info(
                 "upload of {size} bytes to {path} in session {session}",
@@ -421,27 +438,14 @@ class KernelFiles(SessionObserver):
     def execute_done(self, session, parent: dict) -> defer.Deferred | None:
         """
         Tell the session's connections which files the execution created or
-        changed. For a kernel on a worker host the scan is made there: a
-        Deferred of the message, which the session sends before "idle".
+        changed. The scan is made where the kernel's dir is (in a thread
+        here, or on its worker host): a Deferred of the message, which the
+        session sends before "idle".
         """
         kernel = session.kernel
         if kernel is None:
             return None
-        if not is_local(kernel):
-            d = self.remote.scan(kernel, remote_files.SCAN_TIMEOUT)
-
-            def scanned(found):
-                return self._report(session, kernel, parent, found) if session.kernel is kernel else None
-
-            def failed(failure):
-                log.info("no file news from kernel {kernel}: {why}", kernel=kernel.id, why=failure.getErrorMessage())
-
-            return d.addCallbacks(scanned, failed)
-        # In a thread of a small pool, as a worker host scans on its own:
-        # ten thousand files take the reactor long enough to slow every
-        # other session's round trip. Bounded in entries and time.
-        d = deferToThreadPool(self.reactor, self._scan_pool(), scan_workdir, kernel.workdir, self.kernel_uid)
-        d.addTimeout(SCAN_SECONDS + SCAN_QUEUE_SECONDS, self.reactor)
+        d = self.side(kernel).scan(kernel)
 
         def scanned(found):
             if found is None or session.kernel is not kernel:
