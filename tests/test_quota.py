@@ -1,8 +1,12 @@
 """The disk accounting: inotify (DiskQuota), and the fork server's full counts; real files in a temp dir, no kernels."""
 
+import io
 import os
 
+import pytest
+
 from sagecell_tw.files.quota import DiskQuota
+from sagecell_tw.files.store import TooLarge, store_body
 from sagecell_tw.worker.forkserver import deleted_usage, dir_usage
 
 MiB = 1 << 20
@@ -103,3 +107,28 @@ def test_deleted_files_held_open_are_counted(tmp_path):
         finally:
             os.close(again)
     assert deleted_usage(os.getpid(), dev) == before
+
+
+def test_the_upload_check_counts_what_the_quota_counts(tmp_path):
+    """
+    Many small files fill more blocks than their bytes: the upload check
+    counts the blocks, as the quota does, so an upload it lets in does not
+    then take the kernel over quota (and get it killed).
+    """
+    work = tmp_path / "work"
+    work.mkdir()
+    for i in range(200):
+        (work / f"small{i}").write_bytes(b"x")  # 200 bytes, ~800 KiB of blocks
+    quota = MiB
+    with pytest.raises(TooLarge):
+        store_body(str(work), os.getuid(), ["big"], io.BytesIO(b"y" * (500 << 10)), MiB, quota)
+    assert dir_usage(str(work), 1 << 40) <= quota
+
+
+def test_a_sparse_file_counts_what_it_holds(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    with open(work / "sparse", "wb") as f:
+        f.truncate(100 * MiB)  # 100 MiB long, nothing written
+    st = store_body(str(work), os.getuid(), ["new.txt"], io.BytesIO(b"z" * 1000), MiB, 50 * MiB)
+    assert st.st_size == 1000 and dir_usage(str(work), 1 << 40) < 50 * MiB

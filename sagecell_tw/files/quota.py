@@ -20,7 +20,7 @@ import errno
 import os
 import struct
 
-from .store import UPLOAD_TEMP
+from .store import UPLOAD_TEMP, disk_use
 
 IN_MODIFY = 0x00000002
 IN_CLOSE_WRITE = 0x00000008
@@ -133,7 +133,7 @@ class DiskQuota:
         except OSError:
             tree.forget(path)
             return
-        tree.set(path, st.st_blocks * 512)
+        tree.set(path, disk_use(st))
         if is_dir:
             self._add_dir(tree, path)
 

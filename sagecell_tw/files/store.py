@@ -419,6 +419,17 @@ class Upload:
             pass
 
 
+def disk_use(st: os.stat_result) -> int:
+    """
+    The bytes a file takes on the disk: its blocks. The one measure of the
+    quota (``quota.DiskQuota``, the fork server's counts) and of the upload
+    check, so that an upload the check lets in is not what then takes its
+    kernel over quota: a sparse file counts what it holds, not its length,
+    and a small file the blocks it fills.
+    """
+    return st.st_blocks * 512
+
+
 def _over_upload_limit(max_upload: int) -> str:
     return f"the file is {{size}} bytes or more, over the upload limit of {max_upload} bytes"
 
@@ -434,7 +445,7 @@ def room_for(root_fd: int, parts: list[str], max_upload: int, quota: int, ignore
         found, _ = scan(root_fd, QUOTA_SCAN_ENTRIES, 64, hidden=True)
         found.pop("/".join(parts), None)
         found.pop(ignore, None)
-        used = sum(st.st_size for st in found.values())
+        used = sum(disk_use(st) for st in found.values())
         left = quota - used
         if left < limit:
             limit = max(left, 0)

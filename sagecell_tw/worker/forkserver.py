@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 from .. import SOURCE_ROOT
 from ..files.quota import DiskQuota
-from ..files.store import UPLOAD_TEMP
+from ..files.store import UPLOAD_TEMP, disk_use
 from ..kernel import child as kernel_child
 from ..kernel import ipython as ipython_kernel
 from ..kernel import sandbox
@@ -274,7 +274,7 @@ def dir_usage(path: str, stop_above: int) -> int:
                 if not upload_skipped and UPLOAD_TEMP.fullmatch(entry.name):
                     upload_skipped = True  # the daemon's upload in progress, see store.UPLOAD_TEMP
                     continue
-                total += st.st_blocks * 512
+                total += disk_use(st)
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(entry.path)
                 if total > stop_above:
@@ -312,7 +312,7 @@ def deleted_usage(pid: int, dev: int) -> int:
                 continue
             if st.st_dev == dev and stat.S_ISREG(st.st_mode) and st.st_ino not in seen:
                 seen.add(st.st_ino)
-                total += st.st_blocks * 512
+                total += disk_use(st)
     return total
 
 
