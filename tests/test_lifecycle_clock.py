@@ -14,7 +14,9 @@ from twisted.trial import unittest
 from sagecell_tw import config as configmod
 from sagecell_tw import messages
 from sagecell_tw.core.kernels import NUDGE_INTERVAL, NUDGE_TRIES, KernelManager, NoKernelAvailable
-from sagecell_tw.core.sessions import KILL_AFTER_INTERRUPT, MAX_EARLY_DEATHS, LimitExceeded, SessionManager
+from sagecell_tw.core.limits import KILL_AFTER_INTERRUPT, Execution, Lifetimes, OutputCap
+from sagecell_tw.core.sessions import MAX_EARLY_DEATHS, LimitExceeded, SessionManager
+from sagecell_tw.messages import Message
 
 
 def info(n):
@@ -27,8 +29,21 @@ class Base(unittest.TestCase):
         self.clock = task.Clock()
         self.zmq = FakeZmq()
         self.spawner = FakeSpawner()
-        self.config = configmod.build({}, {"exec_timeout": "10", "idle_timeout": "100", "disconnect_timeout": "30", "max_lifetime": "1000", "max_kernels_per_client": "2", "max_kernels": "3", "pool_size": "1"})
-        self.kernels = KernelManager(self.zmq, self.clock, self.config.max_kernels, shutdown_grace=1.0, wait_timeout=5.0)
+        self.config = configmod.build(
+            {},
+            {
+                "exec_timeout": "10",
+                "idle_timeout": "100",
+                "disconnect_timeout": "30",
+                "max_lifetime": "1000",
+                "max_kernels_per_client": "2",
+                "max_kernels": "3",
+                "pool_size": "1",
+            },
+        )
+        self.kernels = KernelManager(
+            self.zmq, self.clock, self.config.max_kernels, shutdown_grace=1.0, wait_timeout=5.0
+        )
         self.sessions = SessionManager(self.kernels, self.config, self.clock)
 
     def ready(self, n):
@@ -304,3 +319,53 @@ class SessionTimingTests(Base):
         kernel = self.ready(2)
         self.assertIs(session.kernel, kernel)
         self.assertEqual(conn.states()[-1], "idle")
+
+
+# -- the limits as plain decisions (core/limits.py) ------------------------------------------------
+
+
+def _stream(text: str, parent_id: str) -> Message:
+    return Message.build("iopub", "stream", {"name": "stdout", "text": text}, {"msg_id": parent_id})
+
+
+def test_output_cap_passes_cuts_then_drops():
+    cap, outputs = OutputCap(100), {}
+    cap.started(outputs, Execution("e1", 0.0))
+    assert cap.judge(outputs, _stream("x" * 10, "e1"), {"msg_id": "e1"}).passes
+    crossing = cap.judge(outputs, _stream("y" * 200, "e1"), {"msg_id": "e1"})
+    assert not crossing.passes and crossing.crossed and crossing.kept is not None
+    assert len(crossing.kept.content) <= 100
+    after = cap.judge(outputs, _stream("z", "e1"), {"msg_id": "e1"})
+    assert not after.passes and not after.crossed
+    status = Message.build("iopub", "status", {"execution_state": "idle"}, {"msg_id": "e1"})
+    assert cap.judge(outputs, status, {"msg_id": "e1"}).passes  # its state still reaches the browser
+    assert outputs["e1"].dropped_bytes > 0
+
+
+def test_output_with_no_known_parent_counts_against_the_latest_execution():
+    cap, outputs = OutputCap(50), {}
+    cap.started(outputs, Execution("old", 0.0))
+    cap.started(outputs, Execution("new", 1.0))
+    assert not cap.judge(outputs, _stream("q" * 80, "?"), {}).passes
+    assert outputs["new"].capped and not outputs["old"].capped
+
+
+def test_lifetimes_at_a_given_now():
+    config = configmod.build(
+        options={"idle-timeout": 10, "max-lifetime": 100, "disconnect-timeout": 5, "exec-timeout": 3}
+    )
+    lifetimes = Lifetimes(config)
+    session = type("S", (), {"created": 0.0, "last_activity": 0.0, "disconnected_since": None, "executions": {}})()
+    assert lifetimes.end_reason(session, 9.9) is None
+    assert "idle" in lifetimes.end_reason(session, 10.0)
+    session.executions = {"e": Execution("e", 0.0)}
+    assert lifetimes.end_reason(session, 50.0) is None  # running code is not idle
+    assert "lifetime" in lifetimes.end_reason(session, 100.0)
+    session.disconnected_since = 1.0
+    assert "browser" in lifetimes.end_reason(session, 6.0)
+    ex = session.executions["e"]
+    assert not lifetimes.must_interrupt(ex, 2.9) and lifetimes.must_interrupt(ex, 3.0)
+    ex.interrupted_at = 3.0
+    assert not lifetimes.must_interrupt(ex, 4.0)
+    assert not lifetimes.must_restart(ex, 3.0 + KILL_AFTER_INTERRUPT - 0.1)
+    assert lifetimes.must_restart(ex, 3.0 + KILL_AFTER_INTERRUPT)

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from .. import messages
 from ..messages import DAEMON_SESSION, Message
 from .kernels import KernelManager, NoKernelAvailable
+from .limits import Execution, Lifetimes, OutputCap
 from .router import Routes, WebSession
 
 log = Logger()
@@ -36,19 +37,10 @@ MAX_HELD = 1000
 MAX_HELD_BYTES = 16 << 20
 
 MAX_PENDING = 64
-#: how many recent executions keep counting output against the cap
-OUTPUT_ACCOUNTS = 16
-#: iopub messages of a kernel that the output cap does not count: they say
-#: what state it is in, nothing more. Everything else a kernel publishes
-#: (stream, error, display_data, execute_result, clear_output, comm_msg, ...)
-#: is counted, whatever its type; the daemon's own notices are not the kernel's.
-UNCAPPED = frozenset({"status"})
 #: a session's kernel replaced (restart, or a new one after its death) at most
 #: --max-restarts-per-minute times a minute; a client address's, this many times that
 RESTART_WINDOW = 60.0
 CLIENT_RESTARTS_FACTOR = 3
-#: after an interrupt for the time limit, how long before the kernel is killed
-KILL_AFTER_INTERRUPT = 5.0
 #: how many kernels in a row a session swaps silently for ones that died before running its code
 MAX_EARLY_DEATHS = 3
 
@@ -58,18 +50,6 @@ def _size(msg: Message) -> int:
     if msg.buffers:
         n += sum(map(len, msg.buffers))
     return n
-
-
-def _cut_stream(msg: Message, room: int) -> Message | None:
-    """The first ``room`` bytes (or so) of a stream message's text, or None if not a stream."""
-    if msg.msg_type != "stream" or room <= 0:
-        return None
-    content = msg.content_dict()
-    text = content.get("text")
-    if not isinstance(text, str):
-        return None
-    content["text"] = text.encode()[: max(0, room - 40)].decode(errors="ignore")
-    return Message(msg.channel, msg.header, msg.parent, msg.metadata, messages.dumps(content), [], msg._h, msg._p)
 
 
 class LimitExceeded(Exception):
@@ -115,19 +95,6 @@ class RateLimit:
             del self.events[key]
 
 
-class Execution:
-    """One execute_request, for its wall-clock limit and output cap."""
-
-    def __init__(self, msg_id: str, started: float):
-        self.msg_id = msg_id
-        self.started = started
-        self.interrupted_at: float | None = None
-        #: output bytes passed on, and dropped once over the cap
-        self.output_bytes = 0
-        self.dropped_bytes = 0
-        self.capped = False
-
-
 class SessionObserver:
     """
     What the session manager tells those who keep state per session or
@@ -159,6 +126,8 @@ class SessionManager:
         self.config = config
         self.clock = clock
         self.routes = Routes()
+        self.output_cap = OutputCap(config.max_output_bytes)
+        self.lifetimes = Lifetimes(config)
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = clock
         #: who keeps state per session, or counts: told of each session's start and end, its
@@ -495,9 +464,7 @@ class SessionManager:
         if msg.msg_type == "execute_request":
             ex = Execution(msg.msg_id, self.clock.seconds())
             session.executions[msg.msg_id] = ex
-            session.outputs[msg.msg_id] = ex
-            while len(session.outputs) > OUTPUT_ACCOUNTS:
-                del session.outputs[next(iter(session.outputs))]
+            self.output_cap.started(session.outputs, ex)
             if self.config.log_code:
                 log.info("session {session} runs: {code}", event="code", session=session.id, code=msg.content_dict().get("code"))
         self.msgs_to_kernels += 1
@@ -532,10 +499,12 @@ class SessionManager:
             self._proven(session, kernel, msg, parent)
         if msg.channel == "iopub":
             msg_type = msg.msg_type
-            if msg_type not in UNCAPPED and self.config.max_output_bytes:
-                if self._over_cap(session, msg, parent):
-                    return
-            elif msg_type == "status":
+            verdict = self.output_cap.judge(session.outputs, msg, parent)
+            if not verdict.passes:
+                if verdict.crossed:
+                    self._capped(session, verdict.kept, parent)
+                return
+            if msg_type == "status":
                 state = msg.content_dict().get("execution_state")
                 if isinstance(state, str):
                     session.execution_state = state
@@ -574,40 +543,17 @@ class SessionManager:
                 msg_type=msg.msg_type[:64],
             )
 
-    def _over_cap(self, session: WebSession, msg: Message, parent: dict) -> bool:
-        """
-        Count the output against its execution's ``max_output_bytes``;
-        True if it must not be passed on. The message that crosses the cap is
-        cut (a stream) or dropped, followed by a notice; later output of that
-        execution is dropped, while its status, error and reply still pass.
-        Output with no known parent counts against the latest execution.
-        """
-        ex = session.outputs.get(parent.get("msg_id"))
-        if ex is None:
-            if not session.outputs:
-                return False
-            ex = session.outputs[next(reversed(session.outputs))]
-        size = len(msg.content) + (sum(map(len, msg.buffers)) if msg.buffers else 0)
-        if ex.capped:
-            ex.dropped_bytes += size
-            return True
-        cap = self.config.max_output_bytes
-        if ex.output_bytes + size <= cap:
-            ex.output_bytes += size
-            return False
-        ex.capped = True
-        kept = _cut_stream(msg, cap - ex.output_bytes)
-        ex.dropped_bytes += size - (len(kept.content) if kept is not None else 0)
-        ex.output_bytes = cap
+    def _capped(self, session: WebSession, kept: Message | None, parent: dict) -> None:
+        """An execution's output crossed the cap: what is left of the message, a notice, perhaps an interrupt."""
         if kept is not None:
             self._broadcast(session, kept)
         self._tell(lambda o: o.limit_hit(session, "max_output_bytes"))
+        cap = self.output_cap.cap
         what = "interrupted" if self.config.interrupt_on_output_cap else "still running; its further output is not shown"
         notice = f"\n[sagecell] Output truncated at {cap} bytes (the limit per computation); the computation is {what}.\n"
         self._broadcast(session, messages.stream(notice, DAEMON_SESSION, parent or None))
         if self.config.interrupt_on_output_cap:
             self.interrupt(session)
-        return True
 
     def broadcast(self, session: WebSession, msg: Message) -> None:
         """Send a daemon-made message to every connection of the session."""
@@ -657,7 +603,6 @@ class SessionManager:
 
     def sweep(self) -> None:
         now = self.clock.seconds()
-        cfg = self.config
         self.restarts.prune()
         self.client_restarts.prune()
         for kernel_id in [k for k in self.forged if k not in self.kernels.kernels]:
@@ -665,19 +610,16 @@ class SessionManager:
         for session in self.routes:
             if session.closed:
                 continue
-            if session.disconnected_since is not None and now - session.disconnected_since >= cfg.disconnect_timeout:
-                self.shutdown(session, f"no browser was connected for {cfg.disconnect_timeout:g} s")
-            elif now - session.created >= cfg.max_lifetime:
-                self.shutdown(session, f"it reached the maximum session lifetime of {cfg.max_lifetime:g} s")
-            elif not session.executions and now - session.last_activity >= cfg.idle_timeout:
-                self.shutdown(session, f"it was idle for {cfg.idle_timeout:g} s")
+            reason = self.lifetimes.end_reason(session, now)
+            if reason is not None:
+                self.shutdown(session, reason)
             else:
                 self._check_executions(session, now)
 
     def _check_executions(self, session: WebSession, now: float) -> None:
         limit = self.config.exec_timeout
         for ex in list(session.executions.values()):
-            if ex.interrupted_at is None and now - ex.started >= limit:
+            if self.lifetimes.must_interrupt(ex, now):
                 ex.interrupted_at = now
                 self._tell(lambda o: o.limit_hit(session, "exec_timeout"))
                 parent = {"msg_id": ex.msg_id, "msg_type": "execute_request"}
@@ -690,7 +632,7 @@ class SessionManager:
                     ),
                 )
                 self.interrupt(session)
-            elif ex.interrupted_at is not None and now - ex.interrupted_at >= KILL_AFTER_INTERRUPT:
+            elif self.lifetimes.must_restart(ex, now):
                 parent = {"msg_id": ex.msg_id, "msg_type": "execute_request"}
                 self._broadcast(
                     session,
