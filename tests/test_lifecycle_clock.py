@@ -13,6 +13,7 @@ from twisted.trial import unittest
 
 from sagecell_tw import config as configmod
 from sagecell_tw import messages
+from sagecell_tw.core.hold import MAX_HELD_BYTES, IopubHold
 from sagecell_tw.core.kernels import NUDGE_INTERVAL, NUDGE_TRIES, KernelManager, NoKernelAvailable
 from sagecell_tw.core.limits import KILL_AFTER_INTERRUPT, Execution, Lifetimes, OutputCap
 from sagecell_tw.core.sessions import MAX_EARLY_DEATHS, LimitExceeded, SessionManager
@@ -369,3 +370,21 @@ def test_lifetimes_at_a_given_now():
     assert not lifetimes.must_interrupt(ex, 4.0)
     assert not lifetimes.must_restart(ex, 3.0 + KILL_AFTER_INTERRUPT - 0.1)
     assert lifetimes.must_restart(ex, 3.0 + KILL_AFTER_INTERRUPT)
+
+
+def test_iopub_hold_keeps_order_and_lets_a_late_batch_go_once():
+    hold = IopubHold()
+    idle = _stream("idle", "e1")
+    assert not hold.keep(idle, 10)  # not holding: send it
+    batch = hold.begin(idle, 10)
+    after = _stream("after", "e2")
+    assert hold.keep(after, 10) and hold.holding
+    assert hold.release(batch) == [idle, after] and not hold.holding
+    assert hold.release(batch) == []  # already out: nothing twice
+
+
+def test_iopub_hold_lets_everything_go_past_its_bound():
+    hold = IopubHold()
+    batch = hold.begin(_stream("idle", "e1"), 10)
+    assert not hold.keep(_stream("big", "e1"), MAX_HELD_BYTES)
+    assert len(hold.let_go()) == 1 and hold.release(batch) == []

@@ -426,9 +426,9 @@ def test_iopub_waits_for_the_news_from_a_worker_then_gets_it_first():
     note = messages.Message.build("iopub", "sagecell.files", {"files": []}, parent, session="sagecell-daemon")
     news[0].callback(note)
     assert [m.msg_type for m in conn.got[-3:]] == ["sagecell.files", "status", "stream"]
-    assert session.held is None
+    assert not session.hold.holding
     # a failed scan (a timeout) lets it all go, without news
     sessions.send(session, req, conn)
     publish(kernel, messages.status("idle", "k", parent))
     news[1].errback(RuntimeError("no answer"))
-    assert conn.got[-1].msg_type == "status" and session.held is None
+    assert conn.got[-1].msg_type == "status" and not session.hold.holding

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import UTC
 from typing import Any
 
+from .hold import IopubHold
+
 
 @dataclass(eq=False)
 class WebSession:
@@ -45,10 +47,9 @@ class WebSession:
     #: connections whose browser is behind: while any is, the kernel's
     #: output is not read (backpressure)
     paused: set = field(default_factory=set)
-    #: iopub messages held back (from an execution's "idle" on) until the
-    #: news of its files, which comes from a worker host, is out; None: none
-    held: list | None = None
-    held_bytes: int = 0
+    #: iopub held back (from an execution's "idle" on) until the news of its
+    #: files, which comes from a worker host, is out
+    hold: IopubHold = field(default_factory=IopubHold)
 
     def model(self) -> dict:
         """The Jupyter Server kernel model."""

@@ -31,11 +31,6 @@ from .router import Routes, WebSession
 
 log = Logger()
 
-#: iopub messages of one session held back at most (count, bytes) while
-#: the news of an execution's files is on its way from a worker host
-MAX_HELD = 1000
-MAX_HELD_BYTES = 16 << 20
-
 MAX_PENDING = 64
 #: a session's kernel replaced (restart, or a new one after its death) at most
 #: --max-restarts-per-minute times a minute; a client address's, this many times that
@@ -560,13 +555,11 @@ class SessionManager:
         self._broadcast(session, msg)
 
     def _broadcast(self, session: WebSession, msg: Message) -> None:
-        if session.held is not None:
-            size = _size(msg)
-            if len(session.held) < MAX_HELD and session.held_bytes + size <= MAX_HELD_BYTES:
-                session.held.append(msg)
-                session.held_bytes += size
+        hold = session.hold
+        if hold.holding:
+            if hold.keep(msg, _size(msg)):
                 return
-            self._release(session, session.held, [])  # too much to hold: the news will come late
+            self._deliver(session, hold.let_go())  # too much to hold: the news will come late
         self._deliver(session, [msg])
 
     def _deliver(self, session: WebSession, msgs: list[Message]) -> None:
@@ -579,25 +572,13 @@ class SessionManager:
         Hold ``idle`` and the iopub after it until ``waits`` fire (each with a
         message or None; the hooks bound their time), then send those first.
         """
-        if session.held is None:  # else still holding for an earlier execution: in line behind it
-            session.held, session.held_bytes = [], 0
-        held = session.held
-        held.append(idle)
-        session.held_bytes += _size(idle)
+        batch = session.hold.begin(idle, _size(idle))
 
         def release(results) -> None:
             news = [m for ok, m in results if ok and isinstance(m, Message)]
-            self._release(session, held, news)
+            self._deliver(session, [*news, *session.hold.release(batch)])
 
         defer.DeferredList(waits, consumeErrors=True).addCallback(release)
-
-    def _release(self, session: WebSession, held: list, news: list[Message]) -> None:
-        if session.held is held:
-            session.held = None
-            session.held_bytes = 0
-        else:
-            held = []  # already let go
-        self._deliver(session, [*news, *held])
 
     # -- time limits ------------------------------------------------------------
 
