@@ -32,6 +32,7 @@ from sagecell_tw.core.kernels import KernelManager
 from sagecell_tw.core.sessions import DAEMON_SESSION, SessionManager
 from sagecell_tw.messages import Message
 from sagecell_tw.worker import forkserver
+from sagecell_tw.worker.pool import BUSY, MAX_BACKOFF, START_TIMEOUT, Pool
 
 
 class Base(unittest.TestCase):
@@ -306,14 +307,14 @@ class ForkServerPoolTests(unittest.TestCase):
             self.fs._take(kid)
         self.fs._fill_pool()
         self.assertEqual(self.forked, 5, "busy, nobody waiting: one fork for the pool")
-        self.fs.demand = 10
+        self.fs.pool.demand = 10
         self.fs._fill_pool()
         self.assertEqual(self.forked, 6, "sessions wait: a fork per core")
         self.set_ready(2)
         self.fs._fill_pool()
         self.assertEqual(self.forked, 8)
-        self.fs.demand = 0
-        self.clock.now += forkserver.BUSY
+        self.fs.pool.demand = 0
+        self.clock.now += BUSY
         self.set_ready(2)
         self.fs._fill_pool()
         # 4 ready now: the pool is full, nothing more to fork
@@ -516,3 +517,44 @@ def _bench_dir() -> str:
     import os
 
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+# -- the pool as decisions given now (worker/pool.py) ----------------------------------------
+
+
+def test_pool_forks_towards_its_target_a_core_at_a_time():
+    pool = Pool(pool_size=4, parallel_forks=2, max_kernels=50)
+    assert pool.forks(ready=0, starting=0, children=0, now=100.0) == 2
+    assert pool.forks(ready=0, starting=2, children=2, now=100.0) == 0  # both cores busy forking
+    assert pool.forks(ready=3, starting=0, children=3, now=100.0) == 1
+    assert pool.forks(ready=4, starting=0, children=4, now=100.0) == 0
+    assert pool.forks(ready=0, starting=0, children=50, now=100.0) == 0  # max_kernels
+
+
+def test_pool_after_a_take_forks_one_by_one_unless_sessions_wait():
+    pool = Pool(pool_size=4, parallel_forks=2, max_kernels=50)
+    pool.took(100.0)
+    assert pool.forks(ready=0, starting=0, children=4, now=100.0 + BUSY / 2) == 1
+    pool.wanted_by(10)
+    assert pool.forks(ready=0, starting=0, children=4, now=100.0 + BUSY / 2) == 2
+    assert pool.forks(ready=0, starting=0, children=4, now=100.0 + BUSY) == 2
+    pool.wanted_by("junk")
+    assert pool.demand == 0
+
+
+def test_pool_backs_off_after_deaths_while_starting():
+    pool = Pool(pool_size=1, parallel_forks=1, max_kernels=5)
+    pool.died_starting(100.0)
+    pool.died_starting(100.0)
+    assert pool.forks(0, 0, 0, now=100.0 + 0.39) == 0
+    assert pool.forks(0, 0, 0, now=100.0 + 0.4) == 1
+    for _ in range(20):
+        pool.died_starting(200.0)
+    assert pool.next_fork == 200.0 + MAX_BACKOFF
+    pool.ready()
+    assert pool.failures == 0
+
+
+def test_pool_says_when_a_start_is_overdue():
+    assert not Pool.overdue(10.0, 10.0 + START_TIMEOUT)
+    assert Pool.overdue(10.0, 10.0 + START_TIMEOUT + 0.01)

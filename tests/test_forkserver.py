@@ -127,7 +127,7 @@ class ReadyPipeTests(unittest.TestCase):
         self.fs._reap()
         [dead] = self.events("dead")
         self.assertIn("exited with status 1", dead["reason"])
-        self.assertEqual(self.fs.failures, 1)
+        self.assertEqual(self.fs.pool.failures, 1)
         self.assertFalse(os.path.exists(self.kdir))
 
     def test_a_child_dying_before_its_pid_is_said_is_buried_at_eof(self):
@@ -144,7 +144,7 @@ class ReadyPipeTests(unittest.TestCase):
         self.fs._hear(self.child)
         self.assertEqual(self.fs.children, {})
         self.assertEqual(self.events("dead"), [])
-        self.assertEqual(self.fs.failures, 1)
+        self.assertEqual(self.fs.pool.failures, 1)
 
     def test_names_that_are_not_ids_or_pids_change_nothing(self):
         for bad in (b"Ixyz k\n", b"I../../etc k\n", b"I%s\n" % KID.encode(), b"P1\n", b"P0\n", b"Pxyz\n"):

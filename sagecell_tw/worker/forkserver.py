@@ -54,15 +54,10 @@ from ..kernel import child as kernel_child
 from ..kernel import ipython as ipython_kernel
 from ..kernel import sandbox
 from . import records, zygote
+from .pool import Pool
 
-#: How long a kernel may take from fork to bound sockets before it is killed.
-START_TIMEOUT = 60.0
 #: Longest wait in one turn of the loop: bounds how late a death is noticed.
 TICK = 0.1
-#: While kernels were taken this recently, the pool is refilled one fork at a
-#: time: the cores go to the kernels sessions wait for and to their first
-#: cells, not to kernels nobody has asked for yet.
-BUSY = 0.25
 
 
 @dataclass
@@ -350,15 +345,8 @@ class ForkServer:
         #: the front went away without a shutdown (it crashed): leave the
         #: kernels in use running for the next spawner to adopt
         self.abandoned = False
-        #: consecutive kernels that died before they were ready, and when the
-        #: next fork may happen: a broken setup must not fork in a tight loop.
-        self.failures = 0
-        self.next_fork = 0.0
-        #: sessions the daemon has waiting for a kernel (its last "demand"):
-        #: the pool grows by that many, so a burst is served by parallel forks
-        #: instead of one refill per take
-        self.demand = 0
-        self.last_take = 0.0
+        #: how many kernels to fork, and when (``pool.Pool``)
+        self.pool = Pool(config.pool_size, config.parallel_forks, config.max_kernels)
         #: the zygote kernels are forked from (started in ``serve``)
         self.zygote: Zygote | None = None
         #: this manager, as the owner in its kernels' records
@@ -442,7 +430,7 @@ class ForkServer:
             self._sync({str(k) for k in keep} if isinstance(keep, list) else set())
         elif cmd == "demand":
             waiting = msg.get("waiting")
-            self.demand = max(0, min(int(waiting), self.config.max_kernels)) if isinstance(waiting, int) else 0
+            self.pool.wanted_by(waiting)
         elif cmd == "shutdown":
             return False
         elif cmd == "status":
@@ -465,30 +453,15 @@ class ForkServer:
         return states.count("ready"), states.count("starting"), states.count("taken")
 
     def _fill_pool(self) -> None:
-        """
-        Fork towards ``pool_size`` ready kernels plus one per waiting session:
-        as many at once as sessions wait, up to a core each; one at a time
-        for the pool alone while sessions are being served (``BUSY``).
-        """
+        """Fork as many kernels as the pool wants now (``Pool.forks``)."""
         ready, starting, _taken = self._counts()
-        now = time.monotonic()
-        if now < self.next_fork:
-            return
-        target = self.config.pool_size + self.demand
-        parallel = self.config.parallel_forks
-        if now - self.last_take < BUSY:
-            parallel = min(parallel, max(1, self.demand))
-        while (
-            ready + starting < target
-            and starting < parallel
-            and len(self.children) < self.config.max_kernels
-            and not self.stopping
-        ):
+        for _ in range(self.pool.forks(ready, starting, len(self.children), time.monotonic())):
+            if self.stopping:
+                break
             self._fork()
             # A fork of this big process takes a while: a kernel filling the
             # disk must not get to write on while we fork several.
             self._drain_quota()
-            starting += 1
 
     def _fork(self) -> None:
         """Have the zygote fork a kernel; it says who it is on its ready pipe."""
@@ -554,7 +527,7 @@ class ForkServer:
                 self._kill(child.id, "it did not say which kernel it is")
                 return
             child.state = "ready"
-            self.failures = 0
+            self.pool.ready()
             info = child.info(self.config)
             info["spawn_seconds"] = round(time.monotonic() - child.started, 4)
             try:
@@ -650,7 +623,7 @@ class ForkServer:
     def _expire_starting(self) -> None:
         now = time.monotonic()
         for child in list(self.children.values()):
-            if child.state == "starting" and now - child.started > START_TIMEOUT:
+            if child.state == "starting" and Pool.overdue(child.started, now):
                 self._kill(child.id, "did not start in time")
 
     # -- the pool ------------------------------------------------------------
@@ -661,7 +634,7 @@ class ForkServer:
             self._send({"event": "dead", "id": kid, "status": None, "reason": "no such ready kernel"})
             return
         child.state = "taken"
-        self.last_take = time.monotonic()
+        self.pool.took(time.monotonic())
         self._announce_pool()
 
     def _announce_pool(self) -> None:
@@ -775,8 +748,7 @@ class ForkServer:
         self.children.pop(child.id, None)
         reason = child.reason or _describe(status)
         if child.state == "starting":
-            self.failures += 1
-            self.next_fork = time.monotonic() + min(0.1 * 2**self.failures, 30.0)
+            self.pool.died_starting(time.monotonic())
             sys.stderr.write(f"sagecell fork server: a kernel died while starting: {reason}\n")
         if named:
             self._send({"event": "dead", "id": child.id, "status": status, "reason": reason})
