@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from twisted.web import resource
 
-from ..web.policy import error_body, write_json
+from ..web.policy import ReadOnly, write_json
 
 
 class Health:
@@ -58,19 +58,13 @@ class Health:
         return HealthResource(self, kind)
 
 
-class HealthResource(resource.Resource):
-    isLeaf = True
-
+class HealthResource(ReadOnly):
     def __init__(self, health: Health, kind: str):
         super().__init__()
         self.health = health
         self.kind = kind
 
-    def render(self, request):
-        if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"allow", b"GET, HEAD")
-            write_json(request, 405, error_body(405, "GET only"))
-            return b""
+    def read(self, request):
         state = self.health.state()
         write_json(request, 200 if self.kind == "live" or state["ready"] else 503, state)
         return b""

@@ -35,7 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.web import resource
 
 from ..core.sessions import SessionObserver
-from ..web.policy import error_body, write_json
+from ..web.policy import ReadOnly
 
 SPAWN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -125,21 +125,12 @@ class _Live:
         yield CounterMetricFamily("sagecell_spawner_restarts", "Embedded spawner restarts", value=restarts)
 
 
-class MetricsResource(resource.Resource):
-    isLeaf = True
-
+class MetricsResource(ReadOnly):
     def __init__(self, metrics: Metrics):
         super().__init__()
         self.metrics = metrics
 
-    def render(self, request):
-        if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"allow", b"GET, HEAD")
-            write_json(request, 405, error_body(405, "GET only"))
-            return b""
-        return super().render(request)
-
-    def render_GET(self, request):
+    def read(self, request):
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         request.setHeader(b"cache-control", b"no-store")
         return self.metrics.render()

@@ -303,6 +303,22 @@ class JsonResource(resource.Resource):
         raise NotImplementedError
 
 
+class ReadOnly(resource.Resource):
+    """A resource that answers GET and HEAD (its ``read``), and any other method with the JSON 405 every route gives."""
+
+    isLeaf = True
+
+    def render(self, request):
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            write_json(request, 405, error_body(405, "GET only"))
+            return b""
+        return self.read(request)
+
+    def read(self, request) -> bytes:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
 class Response:
     """A JSON reply with a status other than 200, or extra headers."""
 
