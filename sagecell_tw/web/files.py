@@ -5,7 +5,7 @@ Kernel files over HTTP: uploads in, downloads out, and news of what changed.
 ``/api/kernels/{id}/files/{path}`` (and SageMathCell's ``/kernel/{id}/files/{path}``):
 
 - ``GET``/``HEAD`` a file: streamed by ``twisted.web.static.File`` (ranges,
-  ``Content-Type`` from the extension; ``remote_files.RemoteDownload`` for a
+  ``Content-Type`` from the extension; ``control.files.RemoteDownload`` for a
   kernel on a worker host). ``Content-Disposition`` is
   ``attachment`` unless ``?inline=1``, or the file is a raster image
   (png, jpeg, gif, webp, bmp, avif, ico) and not ``?download=1``. Every file
