@@ -32,7 +32,8 @@ from twisted.trial import unittest
 from sagecell_tw import config as configmod
 from sagecell_tw import messages
 from sagecell_tw.core.kernels import KernelManager
-from sagecell_tw.core.sessions import DAEMON_SESSION, LimitExceeded, RateLimit, SessionManager
+from sagecell_tw.core.limits import RateLimit
+from sagecell_tw.core.sessions import DAEMON_SESSION, LimitExceeded, SessionManager
 from sagecell_tw.messages import BadMessage, Message
 from sagecell_tw.web import files, websocket
 from sagecell_tw.web.sagecell import OutputBudget, ServiceRun, fit, reply_size

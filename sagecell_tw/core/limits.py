@@ -1,8 +1,9 @@
 # -*- test-case-name: tests.test_lifecycle_clock,tests.test_bounds -*-
 """
 A session's limits as plain decisions: what output of an execution passes
-under ``max_output_bytes``, and which wall-clock limit (disconnection, idle,
-lifetime, execution time) ends a session or an execution at a given ``now``.
+under ``max_output_bytes``, which wall-clock limit (disconnection, idle,
+lifetime, execution time) ends a session or an execution at a given ``now``,
+and how often a key may do something (``RateLimit``: restarts).
 
 The session manager acts on them (notices, interrupts, restarts, ends); these
 only count and compare, so a test drives them with plain numbers for time.
@@ -10,6 +11,7 @@ only count and compare, so a test drives them with plain numbers for time.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import NamedTuple
 
 from ..messages import Message, dumps
@@ -128,3 +130,38 @@ class Lifetimes:
     def must_restart(self, ex: Execution, now: float) -> bool:
         """The execution did not stop within KILL_AFTER_INTERRUPT of its interrupt."""
         return ex.interrupted_at is not None and now - ex.interrupted_at >= KILL_AFTER_INTERRUPT
+
+
+class RateLimit:
+    """
+    At most ``count`` events in any ``window`` seconds for each key; time from ``clock``.
+    Keys with nothing in their window are forgotten (``prune``), so the
+    table holds only keys active in the last window.
+    """
+
+    def __init__(self, count: int, window: float, clock):
+        self.count = count
+        self.window = window
+        self.clock = clock
+        #: key -> times of its recent events, oldest first
+        self.events: dict[str, deque] = {}
+
+    def wait(self, key: str) -> float:
+        """Seconds until ``key`` may have another event (0: now)."""
+        times = self.events.get(key)
+        if times is None:
+            return 0.0
+        now = self.clock.seconds()
+        while times and now - times[0] >= self.window:
+            times.popleft()
+        if len(times) < self.count:
+            return 0.0
+        return times[0] + self.window - now
+
+    def record(self, key: str) -> None:
+        self.events.setdefault(key, deque()).append(self.clock.seconds())
+
+    def prune(self) -> None:
+        now = self.clock.seconds()
+        for key in [k for k, times in self.events.items() if not times or now - times[-1] >= self.window]:
+            del self.events[key]

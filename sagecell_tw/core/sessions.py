@@ -15,7 +15,6 @@ timeouts: no browser connected, idle, lifetime, and per-execution wall clock.
 from __future__ import annotations
 
 import secrets
-from collections import deque
 from collections.abc import Callable
 
 from twisted.internet import defer
@@ -26,7 +25,7 @@ from twisted.python.failure import Failure
 from .. import messages
 from ..messages import DAEMON_SESSION, Message
 from .kernels import KernelManager, NoKernelAvailable
-from .limits import Execution, Lifetimes, OutputCap
+from .limits import Execution, Lifetimes, OutputCap, RateLimit
 from .router import Routes, WebSession
 
 log = Logger()
@@ -53,41 +52,6 @@ class LimitExceeded(Exception):
     def __init__(self, message: str, status: int = 429):
         super().__init__(message)
         self.status = status
-
-
-class RateLimit:
-    """
-    At most ``count`` events in any ``window`` seconds for each key; time from ``clock``.
-    Keys with nothing in their window are forgotten (``prune``), so the
-    table holds only keys active in the last window.
-    """
-
-    def __init__(self, count: int, window: float, clock):
-        self.count = count
-        self.window = window
-        self.clock = clock
-        #: key -> times of its recent events, oldest first
-        self.events: dict[str, deque] = {}
-
-    def wait(self, key: str) -> float:
-        """Seconds until ``key`` may have another event (0: now)."""
-        times = self.events.get(key)
-        if times is None:
-            return 0.0
-        now = self.clock.seconds()
-        while times and now - times[0] >= self.window:
-            times.popleft()
-        if len(times) < self.count:
-            return 0.0
-        return times[0] + self.window - now
-
-    def record(self, key: str) -> None:
-        self.events.setdefault(key, deque()).append(self.clock.seconds())
-
-    def prune(self) -> None:
-        now = self.clock.seconds()
-        for key in [k for k, times in self.events.items() if not times or now - times[-1] >= self.window]:
-            del self.events[key]
 
 
 class SessionObserver:
