@@ -47,7 +47,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import ipython_kernel, kernel_child, records, sandbox, zygote
+from . import ipython_kernel, kernel_child, records, sage_kernel, sandbox, zygote
 from .quota import UPLOAD_TEMP, DiskQuota
 
 #: How long a kernel may take from fork to bound sockets before it is killed.
@@ -132,9 +132,11 @@ class Child:
         }
 
 
-def preload(modules: tuple[str, ...]) -> list[str]:
+def preload(modules: tuple[str, ...], kernel_name: str = "python3") -> list[str]:
     """
     Import ``modules`` and whatever kernel start-up will import; return failures.
+    For Sage kernels (``kernel_name`` "sagemath"), Sage first, and a warm-up
+    once the shell is made (``sage_kernel``).
 
     Memory: every page a kernel writes to after the fork becomes its own, so
     the master imports with the cyclic GC off (no freed holes for the
@@ -142,9 +144,12 @@ def preload(modules: tuple[str, ...]) -> list[str]:
     (``gc.freeze``: no collection in a child walks, and so writes to, the
     master's objects). See bench/bench_output.py for the PSS this buys.
     """
+    sage = kernel_name == sage_kernel.KERNEL_NAME
+    gc.disable()
+    if sage:
+        sage_kernel.prepare()
     import ipykernel.kernelapp  # noqa: F401
 
-    gc.disable()
     failed = []
     for name in modules:
         try:
@@ -164,6 +169,11 @@ def preload(modules: tuple[str, ...]) -> list[str]:
                 retry.append(name)
         pending = retry
     ipython_kernel.prepare_master()
+    if sage:
+        if ipython_kernel.MASTER_SHELL is None:
+            failed.append("the Sage shell (each kernel makes its own, slower)")
+        else:
+            failed += sage_kernel.warm(ipython_kernel.MASTER_SHELL)
     gc.freeze()
     gc.enable()
     return failed

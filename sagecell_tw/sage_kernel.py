@@ -1,0 +1,242 @@
+# -*- test-case-name: tests.test_sage -*-
+"""
+Sage kernels: passagemath's Jupyter kernel, made ready once in the master.
+
+passagemath's own kernel (``sage.repl.ipython_kernel.kernel.SageKernel``)
+is ipykernel's with a shell that preparses (``2^10`` is 1024, ``1/2`` a
+Rational, ``f(x) = x^2`` works), shows results through Sage's rich output
+backend for Jupyter (plots as PNG, ``show`` as HTML with LaTeX), and knows
+the ``%gp``, ``%gap``, ``%maxima``, ``%singular``... magics; its
+``pre_handler_hook`` gives SIGINT to cysignals, so an interrupt stops PARI,
+Maxima or GAP in the middle of a computation. Here the same shell and
+kernel are built on ``ipython_kernel``'s tuned ones.
+
+In the master, once (``prepare`` before anything is imported, ``warm``
+once the shell is made): Sage's globals, its magics and transformers, and
+a first factorisation, integral, plot and typeset formula, so a session's
+first cell does not pay for them (Maxima's start alone is ~1 s). In each
+kernel (``in_kernel``): what must be the kernel's own, not the master's.
+Nothing here imports the daemon's Twisted side.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+#: the name passagemath's kernelspec has, which Jupyter clients ask for
+KERNEL_NAME = "sagemath"
+
+#: Set before Sage loads its libraries: each would otherwise start threads
+#: in the master, and a fork copies a thread's locks but not the thread.
+#: OpenBLAS starts a thread per core when loaded; ECL's Boehm GC starts
+#: parallel marker threads at its init unless ``GC_MARKERS`` is 1 (then it
+#: marks on the allocating thread); OpenMP code starts its pool on first use.
+SINGLE_THREADED = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "GC_MARKERS": "1"}
+
+#: Sage's per-user dir (logs of its interfaces, GAP's workspace): relative,
+#: so in each kernel it is in that kernel's own working dir. Sage modules
+#: copy it when imported, in the master.
+DOT_SAGE = ".sage"
+
+#: What Sage put in the environment as it was imported (where Maxima's
+#: images, ECL's libraries and PARI's data are), and the variables above:
+#: each kernel starts with a fresh environment (kernel_child), plus these.
+SAGE_ENVIRON: dict[str, str] = {}
+
+#: what the master imports: Sage's command-line globals and its Jupyter kernel
+MODULES = ("sage.all_cmdline", "sage.repl.ipython_kernel.all_jupyter", "sage.repl.ipython_kernel.kernel")
+
+
+def available() -> bool:
+    """Whether passagemath's full library (``sage.all_cmdline``) is installed."""
+    try:
+        return importlib.util.find_spec("sage.all_cmdline") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def version() -> str:
+    """passagemath's version, without importing Sage."""
+    from importlib import metadata
+
+    for dist in ("passagemath-standard", "passagemath-repl"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return ""
+
+
+def kernelspec(python: str = sys.executable) -> dict:
+    """What ``/api/kernelspecs`` says of Sage kernels: passagemath's own spec."""
+    return {
+        "name": KERNEL_NAME,
+        "spec": {
+            "argv": [python, "-m", "sage.repl.ipython_kernel", "-f", "{connection_file}"],
+            "env": {},
+            "display_name": f"passagemath {version()}".strip(),
+            "language": "sage",
+            "interrupt_mode": "message",
+            "metadata": {"debugger": False},
+        },
+        "resources": {},
+    }
+
+
+def prepare() -> None:
+    """
+    In the master, before anything else is imported: no library may start a
+    thread, and the kernel classes must be Sage's before any shell is made.
+    """
+    os.environ.update(SINGLE_THREADED)
+    os.environ["DOT_SAGE"] = DOT_SAGE
+    from . import ipython_kernel
+
+    before = dict(os.environ)
+    for name in MODULES:
+        importlib.import_module(name)
+    SAGE_ENVIRON.update({k: v for k, v in os.environ.items() if before.get(k) != v})
+    SAGE_ENVIRON.update(SINGLE_THREADED, DOT_SAGE=DOT_SAGE)
+    kernel, shell = kernel_classes()
+    ipython_kernel.use_kernel_classes(kernel, shell, in_kernel)
+    _contain_subprocesses()
+
+
+def kernel_classes():
+    """
+    passagemath's ``SageKernel`` and ``SageZMQInteractiveShell``, made on
+    ``ipython_kernel``'s kernel and shell (each tuning of those applies).
+    """
+    from cysignals import init_cysignals
+    from sage.env import SAGE_VERSION
+    from sage.repl.interpreter import SageNotebookInteractiveShell
+    from sage.repl.ipython_kernel.kernel import SageKernel
+    from traitlets import Type
+
+    from . import ipython_kernel
+
+    base_kernel = ipython_kernel._kernel_class()
+    base_shell = ipython_kernel._SHELL_CLASS
+
+    class Shell(SageNotebookInteractiveShell, base_shell):
+        """Sage's notebook shell (preparser, rich output) on ours."""
+
+    class Kernel(base_kernel):
+        implementation = "sage"
+        implementation_version = SAGE_VERSION
+        shell_class = Type(Shell)
+        banner = SageKernel.banner
+        help_links = SageKernel.help_links
+
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            customize(self.shell)
+
+        def pre_handler_hook(self) -> None:
+            """SIGINT goes to cysignals while a request runs: it interrupts PARI, Maxima, GAP."""
+            self.saved_sigint_handler = init_cysignals()
+
+    return Kernel, Shell
+
+
+def customize(shell) -> None:
+    """
+    Sage's magics, preparser and globals in ``shell``, once: in the master
+    for its shell, so each kernel has them ready (the globals are ~2,000
+    names), or in a kernel that had to make its own shell.
+    """
+    if getattr(shell, "_sage_customized", False):
+        return
+    from sage.repl.ipython_extension import SageJupyterCustomizations
+
+    SageJupyterCustomizations(shell)
+    shell._sage_customized = True
+
+
+#: What a session's first cell most likely touches, each run once in the
+#: master: the preparser, PARI, Maxima (its start is ~1 s), FLINT and linear
+#: algebra, symbolic calculus, LaTeX, and a plot rendered through the
+#: Jupyter backend to PNG (matplotlib, fonts).
+WARM_UP = """\
+_ = factor(2^64 - 1)
+_ = integrate(sin(x)^2, x)
+_ = integrate(x^2, x, 0, 1)
+_ = diff(x^3 * cos(x), x).simplify_full()
+_ = solve(x^2 - 2 == 0, x)
+_ = matrix(QQ, [[1, 2], [3, 4]]).det()
+_ = latex(sqrt(x) / 2)
+_ = is_prime(2^61 - 1)
+_ = QQ['y']([1, 2, 1]).factor()
+"""
+
+WARM_UP_DISPLAY = ("plot(sin(x), (x, 0, pi))", "sqrt(x) / 2")
+
+
+def warm(shell) -> list[str]:
+    """
+    In the master, its shell made: Sage's customizations, then the warm-up.
+    Returns what failed (the kernels work without it, only slower).
+
+    The warm-up runs in a scratch namespace, not the visitors', and its
+    displays are formatted (rendered) but published nowhere.
+    """
+    failed = []
+    customize(shell)
+    ns = dict(shell.user_ns)
+    try:
+        exec(compile(shell.transform_cell(WARM_UP), "<sagecell warm-up>", "exec"), ns)  # noqa: S102
+    except Exception as e:
+        failed.append(f"warm-up ({e!r})")
+    for code in WARM_UP_DISPLAY:
+        try:
+            obj = eval(shell.transform_cell(code), ns)  # noqa: S307
+            shell.display_formatter.format(obj)
+        except Exception as e:
+            failed.append(f"{code} ({e!r})")
+    return failed
+
+
+def in_kernel() -> None:
+    """
+    In each kernel, in its working dir, before its app starts: what it must
+    not share with the master. Temporary files go to the kernel's own
+    ``TMPDIR``, not the dir Python chose in the master; Sage's per-user dir
+    (``DOT_SAGE``) is made.
+    """
+    import tempfile
+
+    tempfile.tempdir = None
+    os.environ.update(SAGE_ENVIRON)
+    os.makedirs(DOT_SAGE, mode=0o700, exist_ok=True)  # the pexpect interfaces log there
+
+
+def _contain_subprocesses() -> None:
+    """
+    Sage's pexpect interfaces (``gp(...)``, ``%maxima``, ``gap(...)``...)
+    run programs in a pty, each in a session of its own: outside the
+    kernel's process group, so ending the group would miss them. They get
+    SIGKILL when the kernel dies (``PR_SET_PDEATHSIG``), and run inside its
+    sandbox and rlimits, which they inherit.
+    """
+    try:
+        from sage.interfaces.sagespawn import SageSpawn
+    except ImportError:
+        return
+    from . import sandbox
+
+    spawn = SageSpawn._spawnpty
+
+    def _spawnpty(self, args, **kwargs):
+        inner = kwargs.get("preexec_fn")
+
+        def preexec() -> None:
+            sandbox.prctl(sandbox.PR_SET_PDEATHSIG, 9)
+            if inner is not None:
+                inner()
+
+        kwargs["preexec_fn"] = preexec
+        return spawn(self, args, **kwargs)
+
+    SageSpawn._spawnpty = _spawnpty
