@@ -70,6 +70,8 @@ class ForkConfig:
     #: most bytes a kernel's dir (work, log, state) may hold (0: no check)
     disk_quota: int = 0
     preload: tuple[str, ...] = ()
+    #: the kernels forked here ("python3", or "sagemath": Sage's master, see sage_kernel)
+    kernel_name: str = "python3"
     limits: sandbox.Limits = field(default_factory=sandbox.Limits)
     network: bool = False
     userns: bool = True
@@ -97,6 +99,7 @@ class ForkConfig:
             "userns": self.userns,
             "hide": [self.base_dir, *self.hide],
             "preload": list(self.preload),
+            "kernel_name": self.kernel_name,
         }
 
 
@@ -124,6 +127,7 @@ class Child:
         ipc = os.path.join(self.dir, "ipc", "k")
         return {
             "id": self.id,
+            "name": config.kernel_name,
             "pid": self.pid,
             "dir": self.dir,
             "workdir": os.path.join(self.dir, "work"),

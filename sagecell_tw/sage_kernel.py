@@ -21,9 +21,10 @@ Nothing here imports the daemon's Twisted side.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
-import sys
+import shutil
+import tempfile
 
 #: the name passagemath's kernelspec has, which Jupyter clients ask for
 KERNEL_NAME = "sagemath"
@@ -49,40 +50,32 @@ SAGE_ENVIRON: dict[str, str] = {}
 MODULES = ("sage.all_cmdline", "sage.repl.ipython_kernel.all_jupyter", "sage.repl.ipython_kernel.kernel")
 
 
-def available() -> bool:
-    """Whether passagemath's full library (``sage.all_cmdline``) is installed."""
-    try:
-        return importlib.util.find_spec("sage.all_cmdline") is not None
-    except (ImportError, ValueError):
-        return False
+def kernel_limits(limits):
+    """
+    ``limits`` (sandbox.Limits) for a kernel forked from this Sage master:
+    the address-space limit counts from what the kernel starts with.
+
+    Sage maps ~1.8 GB of address space before it computes anything (its
+    libraries, PARI's stack, ECL's heap, GAP's workspace), nearly all of it
+    never touched: an ``RLIMIT_AS`` of 1 GiB kills its kernels at once.
+    So the limit is this master's size plus the configured amount: a Sage
+    kernel may map ``address_space`` bytes more than it was born with, as a
+    Python kernel may map about that much in all.
+    """
+    import dataclasses
+
+    if not limits.address_space or limits.address_space <= 0:
+        return limits
+    return dataclasses.replace(limits, address_space=limits.address_space + mapped_bytes())
 
 
-def version() -> str:
-    """passagemath's version, without importing Sage."""
-    from importlib import metadata
-
-    for dist in ("passagemath-standard", "passagemath-repl"):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return ""
-
-
-def kernelspec(python: str = sys.executable) -> dict:
-    """What ``/api/kernelspecs`` says of Sage kernels: passagemath's own spec."""
-    return {
-        "name": KERNEL_NAME,
-        "spec": {
-            "argv": [python, "-m", "sage.repl.ipython_kernel", "-f", "{connection_file}"],
-            "env": {},
-            "display_name": f"passagemath {version()}".strip(),
-            "language": "sage",
-            "interrupt_mode": "message",
-            "metadata": {"debugger": False},
-        },
-        "resources": {},
-    }
+def mapped_bytes() -> int:
+    """This process's address space (VmSize), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def prepare() -> None:
@@ -95,8 +88,16 @@ def prepare() -> None:
     from . import ipython_kernel
 
     before = dict(os.environ)
-    for name in MODULES:
-        importlib.import_module(name)
+    # Sage makes DOT_SAGE as it is imported: in a scratch dir here.
+    cwd = os.getcwd()
+    scratch = tempfile.mkdtemp(prefix="sagecell-sage-master-")
+    os.chdir(scratch)
+    try:
+        for name in MODULES:
+            importlib.import_module(name)
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(scratch, ignore_errors=True)
     SAGE_ENVIRON.update({k: v for k, v in os.environ.items() if before.get(k) != v})
     SAGE_ENVIRON.update(SINGLE_THREADED, DOT_SAGE=DOT_SAGE)
     kernel, shell = kernel_classes()
@@ -205,8 +206,6 @@ def in_kernel() -> None:
     ``TMPDIR``, not the dir Python chose in the master; Sage's per-user dir
     (``DOT_SAGE``) is made.
     """
-    import tempfile
-
     tempfile.tempdir = None
     os.environ.update(SAGE_ENVIRON)
     os.makedirs(DOT_SAGE, mode=0o700, exist_ok=True)  # the pexpect interfaces log there

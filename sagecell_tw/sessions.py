@@ -252,7 +252,7 @@ class SessionManager:
         session.claim_waiters.append(waiter)
         if not session.claiming:
             session.claiming = True
-            d = self.kernels.take()
+            d = self.kernels.take(session.name)
             d.addCallbacks(self._attach, self._no_kernel, callbackArgs=(session,), errbackArgs=(session,))
         return waiter
 

@@ -42,6 +42,9 @@ class Daemon:
             os.path.join(self.tmp, "run"),
             *args,
         ]
+        # Python kernels unless a test asks for others: they start in
+        # milliseconds where Sage's master takes seconds.
+        options.setdefault("kernels", "python3")
         for key, value in options.items():
             self.args += [f"--{key.replace('_', '-')}", str(value)]
         self.env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
