@@ -44,9 +44,11 @@ def kernelspec(name: str) -> dict:
     if name == SAGE:
         argv = [sys.executable, "-m", "sage.repl.ipython_kernel", "-f", "{connection_file}"]
         display, language = f"passagemath {_version('passagemath-standard')}".strip(), "sage"
+        interrupt = "signal"  # what this server does to interrupt it (kernels.Kernel.interrupt)
     else:
         argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
         display, language = "Python 3 (ipykernel)", "python"
+        interrupt = "message"
     return {
         "name": name,
         "spec": {
@@ -54,7 +56,7 @@ def kernelspec(name: str) -> dict:
             "env": {},
             "display_name": display,
             "language": language,
-            "interrupt_mode": "message",
+            "interrupt_mode": interrupt,
             "metadata": {"debugger": False},
         },
         "resources": {},

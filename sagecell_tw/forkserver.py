@@ -17,6 +17,7 @@ a SOCK_SEQPACKET socket pair, one JSON object per packet:
 
 front -> here   {"cmd": "take", "id"}       a ready kernel now belongs to a session
                 {"cmd": "kill", "id"}       SIGKILL its process group, clean up
+                {"cmd": "interrupt", "id"}  SIGINT to a taken kernel (Sage's: see sage_kernel)
                 {"cmd": "sync", "keep"}     kernels in base_dir that are not ours: adopt
                                             those in ``keep`` (still in use), end the rest;
                                             end our taken ones not in ``keep``
@@ -128,6 +129,9 @@ class Child:
         return {
             "id": self.id,
             "name": config.kernel_name,
+            # Sage's C libraries compute holding the GIL: its kernel's control
+            # thread cannot take an interrupt_request until they are done.
+            "interrupt_mode": "signal" if config.kernel_name == sage_kernel.KERNEL_NAME else "message",
             "pid": self.pid,
             "dir": self.dir,
             "workdir": os.path.join(self.dir, "work"),
@@ -446,6 +450,8 @@ class ForkServer:
             self._take(str(msg.get("id")))
         elif cmd == "kill":
             self._kill(str(msg.get("id")), str(msg.get("reason", "killed")))
+        elif cmd == "interrupt":
+            self._interrupt(str(msg.get("id")))
         elif cmd == "sync":
             keep = msg.get("keep")
             self._sync({str(k) for k in keep} if isinstance(keep, list) else set())
@@ -729,6 +735,15 @@ class ForkServer:
                 self._bury(child, None)
 
     # -- deaths --------------------------------------------------------------
+
+    def _interrupt(self, kid: str) -> None:
+        """SIGINT to the kernel (only: not its process group, where Sage's pexpect programs get ^C from it)."""
+        child = self.children.get(kid)
+        if child is not None and child.state == "taken":
+            try:
+                os.kill(child.pid, signal.SIGINT)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def _kill(self, kid: str, reason: str) -> None:
         child = self.children.get(kid)

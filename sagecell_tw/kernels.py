@@ -39,6 +39,8 @@ class SpawnerLink(Protocol):
 
     def kill(self, kernel_id: str, reason: str) -> None: ...
 
+    def interrupt(self, kernel_id: str) -> None: ...
+
 
 #: how often, and how many times, a new kernel is nudged until its iopub answers
 NUDGE_INTERVAL = 0.02
@@ -218,6 +220,19 @@ class Kernel:
     def resume_reading(self) -> None:
         for channel in self.PAUSABLE:
             self.sockets[channel].resume()
+
+    def interrupt(self) -> bool:
+        """
+        Interrupt what the kernel runs: an ``interrupt_request`` on control,
+        or, for kernels whose ``interrupt_mode`` is "signal" (Sage's), a
+        SIGINT from its spawner.
+        """
+        if self.info.get("interrupt_mode") != "signal":
+            return self.send(Message.build("control", "interrupt_request", {}, session="sagecell-daemon"))
+        if self.state in ("dying", "dead"):
+            return False
+        self.spawner.interrupt(self.id)
+        return True
 
     def send(self, msg: Message) -> bool:
         """Sign and send a message to the kernel on its channel."""

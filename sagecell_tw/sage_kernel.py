@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import sys
 import tempfile
 
 #: the name passagemath's kernelspec has, which Jupyter clients ask for
@@ -45,6 +46,9 @@ DOT_SAGE = ".sage"
 #: images, ECL's libraries and PARI's data are), and the variables above:
 #: each kernel starts with a fresh environment (kernel_child), plus these.
 SAGE_ENVIRON: dict[str, str] = {}
+
+#: the scratch dir the master imported Sage in (``prepare``)
+SCRATCH: list[str] = []
 
 #: what the master imports: Sage's command-line globals and its Jupyter kernel
 MODULES = ("sage.all_cmdline", "sage.repl.ipython_kernel.all_jupyter", "sage.repl.ipython_kernel.kernel")
@@ -91,6 +95,7 @@ def prepare() -> None:
     # Sage makes DOT_SAGE as it is imported: in a scratch dir here.
     cwd = os.getcwd()
     scratch = tempfile.mkdtemp(prefix="sagecell-sage-master-")
+    SCRATCH[:] = [scratch]
     os.chdir(scratch)
     try:
         for name in MODULES:
@@ -172,6 +177,8 @@ _ = is_prime(2^61 - 1)
 _ = QQ['y']([1, 2, 1]).factor()
 """
 
+#: a Sage error, whose traceback is formatted once
+WARM_UP_ERROR = "factor(0)"
 WARM_UP_DISPLAY = ("plot(sin(x), (x, 0, pi))", "sqrt(x) / 2")
 
 
@@ -190,6 +197,11 @@ def warm(shell) -> list[str]:
         exec(compile(shell.transform_cell(WARM_UP), "<sagecell warm-up>", "exec"), ns)  # noqa: S102
     except Exception as e:
         failed.append(f"warm-up ({e!r})")
+    try:  # the first traceback reads and highlights source files: ~1 s
+        eval(shell.transform_cell(WARM_UP_ERROR), ns)  # noqa: S307
+    except Exception:
+        etype, value, tb = sys.exc_info()
+        shell.InteractiveTB.structured_traceback(etype, value, tb)
     for code in WARM_UP_DISPLAY:
         try:
             obj = eval(shell.transform_cell(code), ns)  # noqa: S307
@@ -208,7 +220,24 @@ def in_kernel() -> None:
     """
     tempfile.tempdir = None
     os.environ.update(SAGE_ENVIRON)
+    _interfaces_here()
     os.makedirs(DOT_SAGE, mode=0o700, exist_ok=True)  # the pexpect interfaces log there
+
+
+def _interfaces_here() -> None:
+    """
+    Sage's pexpect interfaces made in the master as Sage was imported
+    (``gp``, ``maxima``...) start their program in the dir they were made
+    in, the master's scratch dir: here, in the kernel's working dir.
+    """
+    quit = sys.modules.get("sage.interfaces.quit")
+    if quit is None or not SCRATCH:
+        return
+    here = os.getcwd()
+    for ref in quit.expect_objects:
+        interface = ref()
+        if interface is not None and getattr(interface, "_Expect__path", None) == SCRATCH[0]:
+            interface._Expect__path = here
 
 
 def _contain_subprocesses() -> None:

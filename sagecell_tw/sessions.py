@@ -412,8 +412,7 @@ class SessionManager:
     def interrupt(self, session: WebSession) -> bool:
         if session.kernel is None:
             return False
-        msg = Message.build("control", "interrupt_request", {}, session=DAEMON_SESSION)
-        return session.kernel.send(msg)
+        return session.kernel.interrupt()
 
     # -- connections ----------------------------------------------------------
 

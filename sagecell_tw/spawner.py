@@ -337,7 +337,7 @@ class Front:
         elif cmd == "files":
             reply, data = self.files.handle(msg, parts[1] if len(parts) == 2 else None)
             self._send_raw(json.dumps(reply).encode(), data)
-        elif cmd in ("take", "kill", "status", "sync", "demand"):
+        elif cmd in ("take", "kill", "interrupt", "status", "sync", "demand"):
             self.sock.send(json.dumps(msg).encode())
 
     def _stop_server(self) -> None:

@@ -112,6 +112,9 @@ class Spawner:
     def kill(self, kernel_id: str, reason: str = "killed") -> None:
         self.send({"cmd": "kill", "id": kernel_id, "reason": reason})
 
+    def interrupt(self, kernel_id: str) -> None:
+        self.send({"cmd": "interrupt", "id": kernel_id})
+
     def shutdown(self) -> None:
         self.send({"cmd": "shutdown"})
 
