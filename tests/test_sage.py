@@ -93,7 +93,9 @@ def test_new_kernels_are_sage_unless_asked_otherwise(daemon, asked, got):
 
 
 def test_sagemathcell_endpoints_run_sage(daemon):
-    status, body, _ = daemon.request("POST", "/service", raw=b"code=print(2%5E10)", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    status, body, _ = daemon.request(
+        "POST", "/service", raw=b"code=print(2%5E10)", headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
     assert status == 200, body
     assert body["success"] is True and body["stdout"].strip() == "1024"
 
@@ -175,7 +177,9 @@ def test_time_limit_ends_a_long_integral(daemon):
     # limit; the traceback of Maxima's deep stack takes a second or two to format.
     assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt", reply
     assert EXEC_TIMEOUT - 1 < took < EXEC_TIMEOUT + 6
-    assert "longer than the limit" in "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
+    assert "longer than the limit" in "".join(
+        m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream"
+    )
     assert plain(c, "integrate(x^2, x)") == "1/3*x^3"  # Maxima still works in this kernel
 
 
