@@ -194,6 +194,7 @@ def test_daemon_unit_execstart_serves_and_drops_root(tmp711):
     example["web"]["port"] = "tcp:0:interface=127.0.0.1"
     example["kernels"]["run_dir"] = str(tmp_path / "run")
     example["kernels"]["pool_size"] = 1
+    example["kernels"]["kernels"] = ["python3"]  # one spawner, whether or not Sage is installed
     example["storage"]["permalink_db"] = str(state / "permalinks.sqlite3")
     conf = tmp_path / "sagecell.toml"
     conf.write_text(

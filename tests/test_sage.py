@@ -2,7 +2,8 @@
 Sage kernels, for real: a daemon serving ``sagemath`` (the default) and
 ``python3`` kernels, each forked from its own warm master (sage_kernel.py).
 
-Skipped where passagemath is not installed (``./setup.sh --python-only``).
+The Sage tests skip where passagemath is not installed (``./setup.sh
+--python-only``); there, what a Python-only server offers is tested instead.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ from support import Client, Daemon, descendants
 
 from sagecell_tw import config as configmod
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not configmod.sage_available(), reason="passagemath is not installed"),
-]
+SAGE = configmod.sage_available()
+needs_sage = pytest.mark.skipif(not SAGE, reason="passagemath is not installed (./setup.sh --python-only)")
 
 #: the per-execution wall-clock limit of this module's daemon
 EXEC_TIMEOUT = 8
@@ -31,6 +30,8 @@ LONG_INTEGRAL = "integrate(sin(x)^7 * exp(x^3) / (1 + log(x)^2), x)"
 
 @pytest.fixture(scope="module")
 def daemon():
+    if not SAGE:
+        pytest.skip("passagemath is not installed (./setup.sh --python-only)")
     d = Daemon(kernels="sagemath,python3", pool_size=2, exec_timeout=EXEC_TIMEOUT, max_kernels_per_client=32)
     d.start(timeout=120)
     try:
@@ -69,6 +70,34 @@ def plain(c: Client, code: str, timeout: float = 30.0) -> str:
     reply, outputs = c.execute(code, timeout=timeout)
     assert reply["status"] == "ok", reply
     return result(outputs)["text/plain"]
+
+
+# -- a server without Sage ---------------------------------------------------------
+
+
+def test_sagemath_without_passagemath_is_a_clear_error_at_start(monkeypatch):
+    monkeypatch.setattr(configmod, "sage_available", lambda: False)
+    with pytest.raises(configmod.ConfigError, match="sagemath needs passagemath"):
+        configmod.build({}, {"kernels": "sagemath,python3"})
+    assert configmod.build({}, {}).kernel_names() == ("python3",)
+    monkeypatch.setattr(configmod, "sage_available", lambda: True)
+    assert configmod.build({}, {}).kernel_names() == ("sagemath", "python3")
+    assert configmod.build({}, {"kernels": "python3"}).kernel_names() == ("python3",)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SAGE, reason="passagemath is installed: this is the Python-only server's test")
+def test_python_only_server_offers_python_and_refuses_sage():
+    d = Daemon(kernels=None).start()
+    try:
+        status, body, _ = d.request("GET", "/api/kernelspecs")
+        assert status == 200 and body["default"] == "python3" and list(body["kernelspecs"]) == ["python3"]
+        status, body, _ = d.request("POST", "/api/kernels", {"name": "sagemath"})
+        assert status == 404 and "python3" in body["message"]
+        status, body, _ = d.request("POST", "/api/kernels", {})
+        assert status == 201 and body["name"] == "python3"
+    finally:
+        d.stop()
 
 
 # -- what Jupyter clients see -----------------------------------------------------
