@@ -468,6 +468,13 @@ class SessionManager:
             session.pending.append((msg, conn))
             self._ensure_kernel(session).addErrback(lambda _f: None)
             return
+        if msg.msg_type == "interrupt_request" and kernel.info.get("interrupt_mode") == "signal":
+            # Sage's kernel could not take it before its computation ends
+            # (kernels.Kernel.interrupt): the daemon interrupts, and answers.
+            kernel.interrupt()
+            if conn is not None:
+                conn.deliver(Message.build("control", "interrupt_reply", {"status": "ok"}, msg.header_dict, DAEMON_SESSION))
+            return
         if msg.msg_type == "execute_request":
             ex = Execution(msg.msg_id, self.clock.seconds())
             session.executions[msg.msg_id] = ex
