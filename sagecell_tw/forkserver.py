@@ -739,7 +739,7 @@ class ForkServer:
     def _interrupt(self, kid: str) -> None:
         """SIGINT to the kernel (only: not its process group, where Sage's pexpect programs get ^C from it)."""
         child = self.children.get(kid)
-        if child is not None and child.state == "taken":
+        if child is not None and child.state == "taken" and child.pid is not None:
             try:
                 os.kill(child.pid, signal.SIGINT)
             except (ProcessLookupError, PermissionError):
