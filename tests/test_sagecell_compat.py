@@ -90,7 +90,7 @@ class FakeKernels:
         self.deaf_for = 0.0
         self.shut: list[FakeKernel] = []
 
-    def take(self):
+    def take(self, name="python3"):
         return defer.succeed(FakeKernel(self.clock, self.answer, self.clock.seconds() + self.deaf_for))
 
     def shutdown(self, kernel, reason):
