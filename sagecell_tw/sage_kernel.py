@@ -54,6 +54,13 @@ SCRATCH: list[str] = []
 MODULES = ("sage.all_cmdline", "sage.repl.ipython_kernel.all_jupyter", "sage.repl.ipython_kernel.kernel")
 
 
+#: what the daemon's log says of Sage kernels' memory (kernel_child's notes)
+MEMORY_NOTE = (
+    "a limit on real memory (no memory cgroup of their own): Sage kernels are held by an "
+    "address-space limit counted from their master's size"
+)
+
+
 def kernel_limits(limits):
     """
     ``limits`` (sandbox.Limits) for a kernel forked from this Sage master:

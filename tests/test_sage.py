@@ -234,6 +234,8 @@ def test_memory_bomb_is_contained_and_normal_work_goes_on(daemon):
     assert plain(c, "factor(2^64 - 1)") == "3 * 5 * 17 * 257 * 641 * 65537 * 6700417"
     reply, outputs = c.execute("plot(sin(x), (x, 0, pi))")
     assert reply["status"] == "ok" and "image/png" in result(outputs)
+    # No memory cgroup of their own here: the log says how they are held instead.
+    assert "run WITHOUT these protections" in daemon.log() and "a limit on real memory" in daemon.log()
 
 
 def test_pexpect_subprocesses_die_with_their_kernel(daemon):

@@ -348,8 +348,8 @@ def test_service_runs_the_code_at_once_on_a_kernel_whose_iopub_is_live():
     w = World()
     take = w.kernels.take
 
-    def live_kernel():
-        kernel = take().result
+    def live_kernel(name="python3"):
+        kernel = take(name).result
         kernel.iopub_live = True
         return defer.succeed(kernel)
 
