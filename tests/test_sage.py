@@ -197,17 +197,17 @@ def test_interrupt_stops_a_long_factorisation(daemon):
     assert plain(c, "factor(2^64 - 1)") == "3 * 5 * 17 * 257 * 641 * 65537 * 6700417"  # the same kernel goes on
 
 
-def test_interrupt_request_on_the_websocket_stops_a_long_integral(daemon):
+def test_interrupt_request_on_the_websocket_stops_a_long_factorisation(daemon):
     """As clients that interrupt on the control channel do, not through REST."""
     _, c = new(daemon)
-    req = c.start_execute(LONG_INTEGRAL)
+    req = c.start_execute(LONG_FACTOR)
     time.sleep(1.5)
     started = time.monotonic()
     c.send(msg("interrupt_request", {}, channel="control"))
     reply, _ = c.outcome(req, timeout=15)
     assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt", reply
-    assert time.monotonic() - started < 6
-    assert plain(c, "integrate(x^2, x)") == "1/3*x^3"
+    assert time.monotonic() - started < 3
+    assert plain(c, "factor(2^64 - 1)") == "3 * 5 * 17 * 257 * 641 * 65537 * 6700417"
 
 
 def test_time_limit_ends_a_long_integral(daemon):
