@@ -8,7 +8,10 @@ Rational, ``f(x) = x^2`` works), shows results through Sage's rich output
 backend for Jupyter (plots as PNG, ``show`` as HTML with LaTeX), and knows
 the ``%gp``, ``%gap``, ``%maxima``, ``%singular``... magics; its
 ``pre_handler_hook`` gives SIGINT to cysignals, so an interrupt stops PARI,
-Maxima or GAP in the middle of a computation. Here the same shell and
+Maxima or GAP in the middle of a computation. That SIGINT comes from the
+kernel's spawner (``interrupt_mode`` "signal", kernels.Kernel.interrupt):
+PARI computes holding the GIL, so the kernel's control thread could not
+take an ``interrupt_request`` before it is done. Here the same shell and
 kernel are built on ``ipython_kernel``'s tuned ones.
 
 In the master, once (``prepare`` before anything is imported, ``warm``
@@ -38,8 +41,9 @@ KERNEL_NAME = "sagemath"
 SINGLE_THREADED = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "GC_MARKERS": "1"}
 
 #: Sage's per-user dir (logs of its interfaces, GAP's workspace): relative,
-#: so in each kernel it is in that kernel's own working dir. Sage modules
-#: copy it when imported, in the master.
+#: so in each kernel it is in that kernel's own working dir (a cell that
+#: changes dir takes it along). Sage modules copy it when imported, in the
+#: master, so no absolute path made there could be each kernel's.
 DOT_SAGE = ".sage"
 
 #: What Sage put in the environment as it was imported (where Maxima's
@@ -47,7 +51,9 @@ DOT_SAGE = ".sage"
 #: each kernel starts with a fresh environment (kernel_child), plus these.
 SAGE_ENVIRON: dict[str, str] = {}
 
-#: the scratch dir the master imported Sage in (``prepare``)
+#: the scratch dir the master imported Sage in (``prepare``), gone since: the
+#: pexpect interfaces Sage made there start in each kernel's dir instead
+#: (``_interfaces_here``)
 SCRATCH: list[str] = []
 
 #: what the master imports: Sage's command-line globals and its Jupyter kernel
