@@ -40,11 +40,12 @@ KERNEL_NAME = "sagemath"
 #: marks on the allocating thread); OpenMP code starts its pool on first use.
 SINGLE_THREADED = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "GC_MARKERS": "1"}
 
-#: Sage's per-user dir (logs of its interfaces, GAP's workspace): relative,
-#: so in each kernel it is in that kernel's own working dir (a cell that
-#: changes dir takes it along). Sage modules copy it when imported, in the
-#: master, so no absolute path made there could be each kernel's.
-DOT_SAGE = ".sage"
+#: Sage's per-user dir (logs of its interfaces, GAP's workspace), in each
+#: kernel's own state dir: its private /tmp (kernel_child._state_dir), out
+#: of the work dir, which holds the visitor's files only. Sage modules copy
+#: it as they are imported, in the master: it must be this one path for
+#: every kernel.
+DOT_SAGE = "/tmp/.kernel/sage"
 
 #: What Sage put in the environment as it was imported (where Maxima's
 #: images, ECL's libraries and PARI's data are), and the variables above:
@@ -105,7 +106,8 @@ def prepare() -> None:
     from . import ipython_kernel
 
     before = dict(os.environ)
-    # Sage makes DOT_SAGE as it is imported: in a scratch dir here.
+    made = [p for p in (os.path.dirname(DOT_SAGE), DOT_SAGE) if not os.path.exists(p)]
+    # Sage's pexpect interfaces remember the dir they were made in: a scratch dir.
     cwd = os.getcwd()
     scratch = tempfile.mkdtemp(prefix="sagecell-sage-master-")
     SCRATCH[:] = [scratch]
@@ -116,6 +118,8 @@ def prepare() -> None:
     finally:
         os.chdir(cwd)
         shutil.rmtree(scratch, ignore_errors=True)
+        if made:  # Sage made DOT_SAGE in the host's /tmp: each kernel has its own
+            shutil.rmtree(made[0], ignore_errors=True)
     SAGE_ENVIRON.update({k: v for k, v in os.environ.items() if before.get(k) != v})
     SAGE_ENVIRON.update(SINGLE_THREADED, DOT_SAGE=DOT_SAGE)
     kernel, shell = kernel_classes()
@@ -234,7 +238,16 @@ def in_kernel() -> None:
     tempfile.tempdir = None
     os.environ.update(SAGE_ENVIRON)
     _interfaces_here()
-    os.makedirs(DOT_SAGE, mode=0o700, exist_ok=True)  # the pexpect interfaces log there
+    state = os.path.dirname(os.environ.get("IPYTHONDIR", "")) or DOT_SAGE
+    if not DOT_SAGE.startswith(state + "/"):
+        # No private /tmp (no namespaces here): the state dir is in the
+        # kernel dir. Sage's own copies of DOT_SAGE, made in the master,
+        # still name /tmp: only what reads sage.env at run time moves.
+        env = sys.modules.get("sage.env")
+        os.environ["DOT_SAGE"] = os.path.join(state, "sage")
+        if env is not None:
+            env.DOT_SAGE = os.environ["DOT_SAGE"]
+    os.makedirs(os.environ["DOT_SAGE"], mode=0o700, exist_ok=True)  # the pexpect interfaces log there
 
 
 def _interfaces_here() -> None:
