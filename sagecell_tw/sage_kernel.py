@@ -57,8 +57,15 @@ SAGE_ENVIRON: dict[str, str] = {}
 #: (``_interfaces_here``)
 SCRATCH: list[str] = []
 
-#: what the master imports: Sage's command-line globals and its Jupyter kernel
-MODULES = ("sage.all_cmdline", "sage.repl.ipython_kernel.all_jupyter", "sage.repl.ipython_kernel.kernel")
+#: what the master imports: Sage's command-line globals and its Jupyter
+#: kernel, and pyplot, whatever else is preloaded: the master's shell sets
+#: up inline figures only for a pyplot it has (ipython_kernel._inline_matplotlib)
+MODULES = (
+    "sage.all_cmdline",
+    "sage.repl.ipython_kernel.all_jupyter",
+    "sage.repl.ipython_kernel.kernel",
+    "matplotlib.pyplot",
+)
 
 
 #: what the daemon's log says of Sage kernels' memory (kernel_child's notes)
