@@ -26,6 +26,9 @@ setup(
     ],
     extras_require={
         "scientific": ["numpy", "sympy", "matplotlib"],
+        # Sage kernels (sage_kernel.py): the whole Sage library, ~4.3 GB, ~2 min
+        # to install. kernel/sage.py adapts passagemath 10.8's Jupyter kernel.
+        "sage": ["passagemath-standard==10.8.*"],
         "test": ["pytest>=8", "pytest-timeout", "playwright", "websocket-client", "jupyter_client", "ruff"],
     },
     entry_points={

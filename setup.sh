@@ -5,11 +5,23 @@
 # pytest -q` works on a fresh machine (SAGECELL_TEST_PACKAGES=0: only what
 # the service needs).
 #
+# Sage (passagemath, ~4.3 GB, ~2 minutes) is installed too, and the server
+# then runs Sage kernels by default beside Python ones. For a Python-only
+# server: ./setup.sh --python-only (or SAGECELL_SAGE=0).
+#
 # As root the venv lives in /opt/sagecell_tw/venv (the unprivileged worker
 # account must be able to read the Python that kernels run on) and .venv
 # points at it; otherwise it is ./.venv. Set SAGECELL_VENV to choose.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+sage=${SAGECELL_SAGE:-1}
+for arg in "$@"; do
+    case "$arg" in
+        --python-only) sage=0 ;;
+        *) echo "setup.sh: unknown option $arg (the one option is --python-only)" >&2; exit 2 ;;
+    esac
+done
 
 # python3-venv: the virtualenv. For the tests: chromium (the widget in a
 # headless browser), curl (TLS as curl speaks it), iproute2 (network
@@ -62,7 +74,15 @@ if [ ! -x "$venv/bin/python" ]; then
     /usr/bin/python3 -m venv "$venv"
 fi
 "$venv/bin/pip" install -q --upgrade pip
-"$venv/bin/pip" install -q ".[scientific,test]"
+if [ "$sage" != 0 ]; then
+    "$venv/bin/pip" install -q ".[scientific,test,sage]"
+else
+    "$venv/bin/pip" install -q ".[scientific,test]"
+    # A venv that had Sage keeps it: the server would still run Sage kernels.
+    if "$venv/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('sage.all_cmdline') is None)" 2>/dev/null; then
+        echo "setup.sh: $venv still has passagemath from before; the server serves Sage kernels unless run with --kernels python3" >&2
+    fi
+fi
 if [ "$venv" != "$PWD/.venv" ]; then
     ln -sfn "$venv" .venv
 fi

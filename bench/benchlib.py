@@ -123,8 +123,8 @@ def http(port: int, method: str, path: str, body: dict | None = None, timeout: f
     return _parse_http(b"".join(chunks))
 
 
-def new_kernel(port: int) -> str:
-    status, body = http(port, "POST", "/api/kernels", {"name": "python3"})
+def new_kernel(port: int, name: str = "python3") -> str:
+    status, body = http(port, "POST", "/api/kernels", {"name": name})
     if status != 201:
         raise RuntimeError(f"POST /api/kernels: {status} {body}")
     return body["id"]
@@ -362,16 +362,16 @@ def new_session_to_reply(port: int) -> tuple[float, str]:
     return dt, kid
 
 
-async def a_new_session_to_reply(port: int) -> tuple[float, str | None, str]:
-    """The asyncio twin; (seconds, kernel id, error or '')."""
+async def a_new_session_to_reply(port: int, name: str = "python3", code: str = "1+1") -> tuple[float, str | None, str]:
+    """The asyncio twin, for a kernel ``name`` running ``code``; (seconds, kernel id, error or '')."""
     t0 = time.perf_counter()
     try:
-        status, body = await a_http(port, "POST", "/api/kernels", {"name": "python3"})
+        status, body = await a_http(port, "POST", "/api/kernels", {"name": name})
         if status != 201:
             return time.perf_counter() - t0, None, f"POST {status}: {body}"
         kid = body["id"]
         ws = await AsyncWS.connect(port, kid)
-        payload, mid = execute("1+1", ws.session)
+        payload, mid = execute(code, ws.session)
         ws.send(payload)
         reply = await ws.wait_reply(mid)
         dt = time.perf_counter() - t0
@@ -383,11 +383,14 @@ async def a_new_session_to_reply(port: int) -> tuple[float, str | None, str]:
         return time.perf_counter() - t0, None, repr(e)
 
 
-def burst(port: int, n: int, timeout: float = 120.0) -> tuple[list[float], list[str], list[str]]:
+def burst(
+    port: int, n: int, timeout: float = 120.0, name: str = "python3", code: str = "1+1"
+) -> tuple[list[float], list[str], list[str]]:
     """n new sessions at once from one asyncio loop; (seconds of each, kernel ids, errors)."""
 
     async def main():
-        return await asyncio.wait_for(asyncio.gather(*(a_new_session_to_reply(port) for _ in range(n))), timeout)
+        sessions = (a_new_session_to_reply(port, name, code) for _ in range(n))
+        return await asyncio.wait_for(asyncio.gather(*sessions), timeout)
 
     results = asyncio.run(main())
     times = [dt for dt, kid, err in results if not err]

@@ -43,6 +43,8 @@ class Config:
     # -- spawning kernels
     pool_size: int = 4
     preload: tuple[str, ...] | None = None  # None: whichever of numpy, sympy, matplotlib exist
+    #: the kernels served (KERNEL_NAMES), the default first; None: Sage where installed, and Python
+    kernels: tuple[str, ...] | None = None
     worker_user: str = "sagecell-worker"
     daemon_group: str = ""  # "" : the group twistd --gid gives us, where known
     run_dir: str = ""  # "" : a fresh private dir under $XDG_RUNTIME_DIR or /tmp
@@ -140,6 +142,30 @@ class Config:
             )
         if not self.port:
             raise ConfigError("--port must be a Twisted endpoint string such as tcp:8888")
+        if self.kernels is not None:
+            self._check_kernels()
+
+    def _check_kernels(self) -> None:
+        if not self.kernels:
+            raise ConfigError(f"--kernels must name at least one of {', '.join(KERNEL_NAMES)}")
+        for name in self.kernels:
+            if name not in KERNEL_NAMES:
+                raise ConfigError(
+                    f"--kernels: {name!r} is not a kernel this server runs; choose from {', '.join(KERNEL_NAMES)}"
+                )
+        if len(set(self.kernels)) != len(self.kernels):
+            raise ConfigError("--kernels names a kernel twice")
+        if SAGE in self.kernels and not sage_available():
+            raise ConfigError(
+                "--kernels: sagemath needs passagemath, which is not installed here "
+                "(./setup.sh installs it; or leave sagemath out)"
+            )
+
+    def kernel_names(self) -> tuple[str, ...]:
+        """The kernels served, the default first: ``kernels``, or Sage where installed and Python."""
+        if self.kernels is not None:
+            return self.kernels
+        return (SAGE, PYTHON) if sage_available() else (PYTHON,)
 
     def origin_allowed(self, origin: str | None) -> bool:
         """Whether a browser page at ``origin`` may use the API."""
@@ -158,6 +184,21 @@ class Config:
         }
 
 
+#: the kernels a server may run: Sage (passagemath's ``sagemath`` kernel) and Python
+SAGE, PYTHON = "sagemath", "python3"
+KERNEL_NAMES = (SAGE, PYTHON)
+
+
+def sage_available() -> bool:
+    """Whether passagemath's full Sage library is installed (found, not imported)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("sage.all_cmdline") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 #: option name (with dashes) -> field name
 OPTION_NAMES = {f.name.replace("_", "-"): f.name for f in fields(Config)}
 
@@ -172,7 +213,7 @@ def _coerce(name: str, value, current):
         if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"--{name.replace('_', '-')} must be true or false, not {value!r}")
-    if name in ("allow_origin", "preload"):
+    if name in ("allow_origin", "preload", "kernels"):
         if isinstance(value, str):
             return tuple(v.strip() for v in value.split(",") if v.strip())
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):

@@ -25,6 +25,7 @@ HELP = {
     "http_idle_timeout": "close an HTTP connection idle this long, seconds (WebSockets have their own pings)",
     "pool_size": "kernels kept forked and ready",
     "preload": "comma-separated modules the fork server imports once (default: numpy, sympy, matplotlib where installed)",
+    "kernels": "comma-separated kernels to serve, the default first: sagemath, python3 (default: both where Sage is installed)",
     "worker_user": "the unprivileged account kernels run as (when started as root)",
     "daemon_group": "the group the daemon drops to (twistd --gid): kernel dirs are made reachable by it",
     "run_dir": "directory for the control socket and kernel dirs (default: a fresh one in /tmp)",

@@ -104,12 +104,16 @@ class FakeSpawner:
     def __init__(self):
         self.taken: list[str] = []
         self.killed: list[tuple[str, str]] = []
+        self.interrupted: list[str] = []
 
     def take(self, kid: str) -> None:
         self.taken.append(kid)
 
     def kill(self, kid: str, reason: str = "killed") -> None:
         self.killed.append((kid, reason))
+
+    def interrupt(self, kid: str) -> None:
+        self.interrupted.append(kid)
 
 
 # -- a browser's connection -------------------------------------------------------------

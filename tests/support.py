@@ -42,8 +42,12 @@ class Daemon:
             os.path.join(self.tmp, "run"),
             *args,
         ]
+        # Python kernels unless a test asks for others: they start in
+        # milliseconds where Sage's master takes seconds. kernels=None: the default.
+        options.setdefault("kernels", "python3")
         for key, value in options.items():
-            self.args += [f"--{key.replace('_', '-')}", str(value)]
+            if value is not None:
+                self.args += [f"--{key.replace('_', '-')}", str(value)]
         self.env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
         self.proc: subprocess.Popen | None = None
         self.port = 0

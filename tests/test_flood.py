@@ -241,12 +241,12 @@ class DemandTests(Base):
             self.sessions.create(f"client-{len(told)}")
         self.assertEqual(told, [])
         self.clock.advance(0)
-        self.assertEqual(told, [3])
+        self.assertEqual(told, [{"python3": 3}])
         self.ready_kernel()  # goes to the first waiter
         self.clock.advance(0)
-        self.assertEqual(told, [3, 2])
+        self.assertEqual(told, [{"python3": 3}, {"python3": 2}])
         self.clock.advance(0)
-        self.assertEqual(told, [3, 2])  # unchanged: nothing sent
+        self.assertEqual(told, [{"python3": 3}, {"python3": 2}])  # unchanged: nothing sent
 
     def test_expired_waiters_stop_counting(self):
         told = []
@@ -255,7 +255,7 @@ class DemandTests(Base):
         self.clock.advance(0)
         self.clock.advance(self.kernels.wait_timeout)
         self.clock.advance(0)
-        self.assertEqual(told, [1, 0])
+        self.assertEqual(told, [{"python3": 1}, {}])
 
 
 class FakeClock:

@@ -196,6 +196,7 @@ def test_daemon_unit_execstart_serves_and_drops_root(tmp711):
     example["web"]["port"] = "tcp:0:interface=127.0.0.1"
     example["kernels"]["run_dir"] = str(tmp_path / "run")
     example["kernels"]["pool_size"] = 1
+    example["kernels"]["kernels"] = ["python3"]  # one spawner, whether or not Sage is installed
     example["storage"]["permalink_db"] = str(state / "permalinks.sqlite3")
     conf = tmp_path / "sagecell.toml"
     conf.write_text(
@@ -662,7 +663,7 @@ def test_spawner_dying_at_start_backs_off_and_health_says_why(monkeypatch):
     reactor = FakeReactor()
     sp = spawners.EmbeddedSpawner(reactor, ["spawner"], {}, "/", restart_max=8.0)
     svc = FakeSvc(1, 0)
-    svc.embedded = sp
+    svc.embedded = [sp]
     sp.start()
     waits = []
     for _ in range(6):
@@ -850,7 +851,7 @@ class FakeSvc:
         self.sessions = type("S", (), {"routes": [1, 2], "observers": []})()
         s = self.sessions
         s.msgs_to_kernels, s.bytes_to_kernels, s.msgs_from_kernels, s.bytes_from_kernels = 5, 500, 7, 7000
-        self.embedded = type("E", (), {"restarts": 2, "failed_starts": 0, "failure": ""})()
+        self.embedded = [type("E", (), {"restarts": 2, "failed_starts": 0, "failure": ""})()]
 
 
 @pytest.mark.parametrize(

@@ -91,7 +91,7 @@ class FakeKernels:
         self.deaf_for = 0.0
         self.shut: list[FakeKernel] = []
 
-    def take(self):
+    def take(self, name="python3"):
         return defer.succeed(FakeKernel(self.clock, self.answer, self.clock.seconds() + self.deaf_for))
 
     def shutdown(self, kernel, reason):
@@ -362,8 +362,8 @@ def test_service_runs_the_code_at_once_on_a_kernel_whose_iopub_is_live():
     w = World()
     take = w.kernels.take
 
-    def live_kernel():
-        kernel = take().result
+    def live_kernel(name="python3"):
+        kernel = take(name).result
         kernel.iopub_live = True
         return defer.succeed(kernel)
 

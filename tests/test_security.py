@@ -31,6 +31,7 @@ import uuid
 import pytest
 from support import ROOT, Client, Daemon, descendants, found_in_memory, msg, scan_memory, stdout_of
 
+from sagecell_tw import config as configmod
 from sagecell_tw.kernel import sandbox
 
 pytestmark = pytest.mark.slow
@@ -256,6 +257,17 @@ def local_addresses() -> list[str]:
     return [a for a in out.split() if not a.startswith(("127.", "fe80:")) and a != "::1"]
 
 
+def wait_pool_of(daemon: Daemon, name: str, timeout: float = 180.0) -> None:
+    """Until a kernel named ``name`` is pooled (Sage's master takes seconds to import and warm up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, body, _ = daemon.request("GET", "/healthz")
+        if isinstance(body, dict) and body.get("pools", {}).get(name):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no {name} kernel became ready:\n" + daemon.log()[-5000:])
+
+
 class Env:
     """One daemon under attack, what the tests know about it from outside, and a bystander session."""
 
@@ -263,7 +275,9 @@ class Env:
         self.variant = variant
         self.daemon = daemon
         self.kernel_uid = kernel_uid
-        self.base_dir = os.path.join(daemon.run_dir, "kernels")
+        #: the kernels attacked, and where their spawner makes their dirs (spawners.spawner_argv)
+        self.kernel_name = "sagemath" if variant == "sage" else "python3"
+        self.base_dir = os.path.join(daemon.run_dir, "kernels" if variant != "sage" else "kernels-sagemath")
         self.bystander = Session(self)
         self.cleanup: list[str] = []
 
@@ -309,8 +323,16 @@ class Session:
 
     def __init__(self, env: Env):
         self.env = env
-        self.id = env.daemon.new_kernel()
+        status, body, _ = env.daemon.request("POST", "/api/kernels", {"name": env.kernel_name})
+        assert status == 201, (status, body)
+        self.id = body["id"]
+        env.daemon.created.append(self.id)
         self.client = Client(env.daemon, self.id)
+        if env.kernel_name == "sagemath":
+            # The attacks are Python: Sage's preparser off (2**30 stays a
+            # Python int for ctypes); everything else is the Sage kernel's.
+            reply, _ = self.client.execute("preparser(False)")
+            assert reply["status"] == "ok", reply
 
     def run(self, code: str, timeout: float = 15.0):
         return self.client.execute(code, timeout=timeout)
@@ -370,13 +392,14 @@ def assert_contained(results: dict) -> None:
     assert not breaches(results), "not contained:\n" + "\n".join(f"  {k}: {v}" for k, v in breaches(results).items())
 
 
-#: the two deployments every attack runs against
-VARIANTS = [pytest.param("root", marks=pytest.mark.root), "unprivileged"]
+#: the deployments every attack runs against: "sage" is "root" serving Sage
+#: kernels, each attack run in one (with Sage's preparser off: plain Python)
+VARIANTS = [pytest.param("root", marks=pytest.mark.root), "unprivileged", pytest.param("sage", marks=pytest.mark.root)]
 
 
 @contextlib.contextmanager
 def attacked(variant: str, **overrides):
-    """A daemon of ``variant`` ("root" or "unprivileged") to attack, stopped at the end; ``overrides`` its options."""
+    """A daemon of ``variant`` ("root", "unprivileged" or "sage") to attack, stopped at the end; ``overrides`` its options."""
     options = dict(
         pool_size=3,
         exec_timeout=EXEC_TIMEOUT,
@@ -388,7 +411,11 @@ def attacked(variant: str, **overrides):
         preload="",
     )
     options.update(overrides)
-    if variant == "root":
+    if variant == "sage":
+        if not configmod.sage_available():
+            pytest.skip("passagemath is not installed (./setup.sh --python-only)")
+        options["kernels"] = "sagemath"
+    if variant in ("root", "sage"):
         if not AM_ROOT:
             pytest.skip("the root variant needs root: the daemon drops kernels to the worker account")
         try:
@@ -422,6 +449,8 @@ def attacked(variant: str, **overrides):
     daemon.start()
     e = None
     try:
+        if variant == "sage":
+            wait_pool_of(daemon, "sagemath")
         e = Env(variant, daemon, kernel_uid)
         yield e
         # The module-level check: after every attack, the daemon still serves.
@@ -531,7 +560,7 @@ _results["NoNewPrivs"] = "blocked: 1" if status_field("NoNewPrivs") == "1" else 
         )
     assert int(uid) != 0 and int(euid) != 0 and int(gid) != 0 and int(egid) != 0
     assert int(uid) == env.kernel_uid, f"kernel runs as uid {uid}, expected {env.kernel_uid}"
-    if env.variant == "root":
+    if env.variant in ("root", "sage"):
         assert int(uid) == pwd.getpwnam(WORKER).pw_uid
     assert_contained(results)
     env.assert_serving("privilege checks")

@@ -4,14 +4,19 @@
 import { AnsiUp } from "ansi_up";
 import renderMathInElement from "katex/contrib/auto-render";
 
-/** MIME types we show, best first; the first one present wins. */
+/**
+ * MIME types we show, best first; the first one present wins. LaTeX before
+ * HTML: what offers both (Sage's show() and typeset results: HTML with
+ * MathJax delimiters, for a notebook that runs MathJax) is typeset here with
+ * KaTeX; the sandboxed frame that shows HTML has no math renderer.
+ */
 export const MIME_PRIORITY = [
     "image/png",
     "image/jpeg",
     "image/gif",
     "image/svg+xml",
-    "text/html",
     "text/latex",
+    "text/html",
     "text/markdown",
     "text/plain",
 ];

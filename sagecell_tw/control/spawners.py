@@ -58,6 +58,9 @@ class Spawner:
         self.max_kernels: int | None = cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None
         self.last_heard = now
         self.pool = {"ready": 0, "starting": 0, "taken": 0}
+        #: the kernel names it forks (a spawner before kernel names: Python's)
+        kernels = hello.get("kernels")
+        self.kernels: tuple[str, ...] = tuple(kernels) if isinstance(kernels, list) and kernels else ("python3",)
         #: request number -> (Deferred of (reply, data frame or None), its timeout call)
         self.pending: dict[int, tuple[defer.Deferred, object]] = {}
 
@@ -111,6 +114,9 @@ class Spawner:
     def kill(self, kernel_id: str, reason: str = "killed") -> None:
         self.send({"cmd": "kill", "id": kernel_id, "reason": reason})
 
+    def interrupt(self, kernel_id: str) -> None:
+        self.send({"cmd": "interrupt", "id": kernel_id})
+
     def shutdown(self) -> None:
         self.send({"cmd": "shutdown"})
 
@@ -135,11 +141,18 @@ class ControlChannel:
         self.observers: list = []
         manager.on_demand.append(self._demand)
 
-    def _demand(self, waiting: int) -> None:
-        """Sessions are waiting for kernels: each spawner forks ahead for its share."""
+    def _demand(self, waiting: dict[str, int]) -> None:
+        """
+        Sessions are waiting for kernels: each spawner forks ahead for its
+        share, of each kernel name (``names``) and in all (``waiting``).
+        """
         spawners = list(self.spawners.values())
-        share = -(-waiting // len(spawners)) if spawners else 0
         for spawner in spawners:
+            share = 0
+            for name, n in waiting.items():
+                serving = sum(1 for s in spawners if name in s.kernels)
+                if name in spawner.kernels:
+                    share += -(-n // serving)
             spawner.send({"cmd": "demand", "waiting": share})
 
     def listen(self) -> None:
@@ -440,8 +453,14 @@ class EmbeddedSpawner:
         return proc.ended
 
 
-def spawner_argv(config, run_dir: str, control: str, daemon_group: str | None) -> list[str]:
-    """The command line of the embedded spawner."""
+def spawner_argv(
+    config, run_dir: str, control: str, daemon_group: str | None, kernel_name: str = "python3"
+) -> list[str]:
+    """
+    The command line of the embedded spawner of ``kernel_name`` kernels.
+    Each has a kernels dir of its own: a spawner ends the dirs in its own
+    that are not its kernels'.
+    """
     argv = [
         sys.executable,
         "-m",
@@ -449,7 +468,7 @@ def spawner_argv(config, run_dir: str, control: str, daemon_group: str | None) -
         "--control",
         control,
         "--base-dir",
-        os.path.join(run_dir, "kernels"),
+        os.path.join(run_dir, "kernels" if kernel_name == "python3" else f"kernels-{kernel_name}"),
         "--pool-size",
         str(config.pool_size),
         "--disk-quota",
@@ -461,6 +480,8 @@ def spawner_argv(config, run_dir: str, control: str, daemon_group: str | None) -
         "--exit-with-parent",
         "--worker-user",
         config.worker_user,
+        "--kernel-name",
+        kernel_name,
     ]
     if config.preload is not None:
         argv += ["--preload", ",".join(config.preload)]

@@ -39,12 +39,16 @@ class SpawnerLink(Protocol):
 
     def kill(self, kernel_id: str, reason: str) -> None: ...
 
+    def interrupt(self, kernel_id: str) -> None: ...
+
 
 #: how often, and how many times, a new kernel is nudged until its iopub answers
 NUDGE_INTERVAL = 0.02
 NUDGE_TRIES = 250
 #: what a new kernel runs, silently, before it is pooled (see ``Kernel._warm_up``)
 WARM_UP_CODE = "None"
+#: the kernel name of kernels whose spawner names none (a spawner before kernel names)
+DEFAULT_NAME = "python3"
 
 
 def kernel_address(conn: dict, channel: str) -> str:
@@ -59,6 +63,8 @@ class Kernel:
 
     def __init__(self, info: dict, spawner: SpawnerLink, zmq, clock, on_warm: Callable[[Kernel], None] | None = None):
         self.id: str = info["id"]
+        #: its kernelspec name ("python3", "sagemath"): the pool it serves
+        self.name: str = info.get("name") or DEFAULT_NAME
         self.info = info
         self.spawner = spawner
         self.clock = clock
@@ -215,6 +221,19 @@ class Kernel:
         for channel in self.PAUSABLE:
             self.sockets[channel].resume()
 
+    def interrupt(self) -> bool:
+        """
+        Interrupt what the kernel runs: an ``interrupt_request`` on control,
+        or, for kernels whose ``interrupt_mode`` is "signal" (Sage's), a
+        SIGINT from its spawner.
+        """
+        if self.info.get("interrupt_mode") != "signal":
+            return self.send(Message.build("control", "interrupt_request", {}, session="sagecell-daemon"))
+        if self.state in ("dying", "dead"):
+            return False
+        self.spawner.interrupt(self.id)
+        return True
+
     def send(self, msg: Message) -> bool:
         """Sign and send a message to the kernel on its channel."""
         sock = self.sockets.get(msg.channel)
@@ -262,18 +281,20 @@ class KernelManager:
         self.max_kernels = max_kernels
         self.shutdown_grace = shutdown_grace
         self.wait_timeout = wait_timeout
+        #: ready kernels of every name (``Kernel.name``), oldest first
         self.pool: deque[Kernel] = deque()
         #: kernel id -> Kernel, pooled ones included
         self.kernels: dict[str, Kernel] = {}
-        self.waiters: deque[defer.Deferred] = deque()
+        #: (kernel name, Deferred) of each session waiting for a kernel, oldest first
+        self.waiters: deque[tuple[str, defer.Deferred]] = deque()
         #: called with (event, kernel) for "ready" and "died": logs and metrics
         self.observers: list[Callable[[str, Kernel], None]] = []
         self.spawned = 0
         self._warned: set[tuple[str, ...]] = set()
-        #: called with the number of sessions waiting for a kernel whenever it
-        #: changes (once per reactor turn): spawners fork ahead for them
-        self.on_demand: list[Callable[[int], None]] = []
-        self._demand_sent = 0
+        #: called with the sessions waiting for a kernel, by kernel name,
+        #: whenever that changes (once per reactor turn): spawners fork ahead for them
+        self.on_demand: list[Callable[[dict[str, int]], None]] = []
+        self._demand_sent: dict[str, int] = {}
         self._demand_call = None
 
     # -- what spawners report ------------------------------------------------
@@ -306,9 +327,12 @@ class KernelManager:
         """Its iopub is live: pool it, or hand it to whoever waits longest."""
         if self.kernels.get(kernel.id) is not kernel:
             return
-        while self.waiters:
-            d = self.waiters.popleft()
-            if not d.called:
+        for waiter in list(self.waiters):
+            name, d = waiter
+            if d.called:
+                self.waiters.remove(waiter)
+            elif name == kernel.name:
+                self.waiters.remove(waiter)
                 self._assign(kernel)
                 d.callback(kernel)
                 break
@@ -361,9 +385,9 @@ class KernelManager:
 
     # -- what sessions ask for ----------------------------------------------
 
-    def take(self) -> defer.Deferred:
-        """A ready kernel now, or as soon as one is ready (bounded wait)."""
-        kernel = self._least_loaded()
+    def take(self, name: str = DEFAULT_NAME) -> defer.Deferred:
+        """A ready kernel named ``name`` now, or as soon as one is ready (bounded wait)."""
+        kernel = self._least_loaded(name)
         if kernel is not None:
             self.pool.remove(kernel)
             self._assign(kernel)
@@ -371,15 +395,23 @@ class KernelManager:
         if self.live_count() >= self.max_kernels:
             return defer.fail(NoKernelAvailable(f"the server runs its maximum of {self.max_kernels} kernels"))
         d: defer.Deferred = defer.Deferred()
-        self.waiters.append(d)
-        call = self.clock.callLater(self.wait_timeout, self._expire, d)
+        self.waiters.append((name, d))
+        call = self.clock.callLater(self.wait_timeout, self._expire, name, d)
         d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
         self._demand_changed()
         return d
 
     def waiting(self) -> int:
         """Sessions waiting for a kernel."""
-        return sum(1 for d in self.waiters if not d.called)
+        return sum(1 for _name, d in self.waiters if not d.called)
+
+    def waiting_by_name(self) -> dict[str, int]:
+        """Sessions waiting for a kernel, by kernel name (names none waits for left out)."""
+        counts: dict[str, int] = {}
+        for name, d in self.waiters:
+            if not d.called:
+                counts[name] = counts.get(name, 0) + 1
+        return counts
 
     def _demand_changed(self) -> None:
         if self._demand_call is None and self.on_demand:
@@ -387,7 +419,7 @@ class KernelManager:
 
     def _tell_demand(self) -> None:
         self._demand_call = None
-        waiting = self.waiting()
+        waiting = self.waiting_by_name()
         if waiting != self._demand_sent:
             self._demand_sent = waiting
             for hook in list(self.on_demand):
@@ -396,15 +428,16 @@ class KernelManager:
     def in_use(self, spawner: SpawnerLink) -> int:
         return sum(1 for k in self.kernels.values() if k.spawner is spawner and k.state in ("assigned", "dying"))
 
-    def _least_loaded(self) -> Kernel | None:
+    def _least_loaded(self, name: str) -> Kernel | None:
         """
-        The pooled kernel whose spawner (worker host) has the fewest kernels
-        in use, among those below their own ``max_kernels``; the oldest on a tie.
+        The pooled kernel named ``name`` whose spawner (worker host) has the
+        fewest kernels in use, among those below their own ``max_kernels``;
+        the oldest on a tie.
         """
         best, best_load = None, None
         loads: dict[int, int] = {}
         for kernel in self.pool:
-            if kernel.state != "pooled":
+            if kernel.state != "pooled" or kernel.name != name:
                 continue
             key = id(kernel.spawner)
             if key not in loads:
@@ -416,9 +449,9 @@ class KernelManager:
                 best, best_load = kernel, loads[key]
         return best
 
-    def _expire(self, d: defer.Deferred) -> None:
+    def _expire(self, name: str, d: defer.Deferred) -> None:
         try:
-            self.waiters.remove(d)
+            self.waiters.remove((name, d))
         except ValueError:
             return
         self._demand_changed()
@@ -440,7 +473,7 @@ class KernelManager:
 
     def kill_all(self, reason: str) -> list[defer.Deferred]:
         """Every kernel, pooled ones too: for daemon shutdown."""
-        for d in list(self.waiters):
+        for _name, d in list(self.waiters):
             if not d.called:
                 d.errback(NoKernelAvailable("the server is shutting down"))
         self.waiters.clear()

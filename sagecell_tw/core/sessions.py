@@ -203,7 +203,7 @@ class SessionManager:
         session.claim_waiters.append(waiter)
         if not session.claiming:
             session.claiming = True
-            d = self.kernels.take()
+            d = self.kernels.take(session.name)
             d.addCallbacks(self._attach, self._no_kernel, callbackArgs=(session,), errbackArgs=(session,))
         return waiter
 
@@ -363,8 +363,7 @@ class SessionManager:
     def interrupt(self, session: WebSession) -> bool:
         if session.kernel is None:
             return False
-        msg = Message.build("control", "interrupt_request", {}, session=DAEMON_SESSION)
-        return session.kernel.send(msg)
+        return session.kernel.interrupt()
 
     # -- connections ----------------------------------------------------------
 
@@ -419,6 +418,13 @@ class SessionManager:
                 return
             session.pending.append((msg, conn))
             self._ensure_kernel(session).addErrback(lambda _f: None)
+            return
+        if msg.msg_type == "interrupt_request" and kernel.info.get("interrupt_mode") == "signal":
+            # Sage's kernel could not take it before its computation ends
+            # (kernels.Kernel.interrupt): the daemon interrupts, and answers.
+            kernel.interrupt()
+            if conn is not None:
+                conn.deliver(Message.build("control", "interrupt_reply", {"status": "ok"}, msg.header_dict, DAEMON_SESSION))
             return
         if msg.msg_type == "execute_request":
             ex = Execution(msg.msg_id, self.clock.seconds())

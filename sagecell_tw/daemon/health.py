@@ -37,17 +37,18 @@ class Health:
         if not pool:
             why.append("no kernel is ready in the pool")
         ready = not why
-        embedded = getattr(svc, "embedded", None)
-        if embedded is not None and embedded.failed_starts:
-            why.append(
-                f"the spawner died {embedded.failed_starts} times in a row before starting a kernel "
-                f"(last: {embedded.failure})"
-            )
+        for embedded in getattr(svc, "embedded", ()):
+            if embedded.failed_starts:
+                why.append(
+                    f"the spawner died {embedded.failed_starts} times in a row before starting a kernel "
+                    f"(last: {embedded.failure})"
+                )
         return {
             "live": True,
             "ready": ready,
             "spawners": spawners,
             "pool": pool,
+            "pools": _pools(svc.kernels.pool),
             "kernels": svc.kernels.live_count(),
             "sessions": len(svc.sessions.routes),
             "why": "; ".join(why),
@@ -68,3 +69,13 @@ class HealthResource(ReadOnly):
         state = self.health.state()
         write_json(request, 200 if self.kind == "live" or state["ready"] else 503, state)
         return b""
+
+
+def _pools(pool) -> dict[str, int]:
+    """Pooled kernels by kernel name: Sage's master takes seconds to be ready, Python's milliseconds."""
+    counts: dict[str, int] = {}
+    for kernel in pool:
+        if kernel.state == "pooled":
+            name = getattr(kernel, "name", "python3")
+            counts[name] = counts.get(name, 0) + 1
+    return counts

@@ -121,7 +121,7 @@ class _Live:
         size.add_metric(["to_kernel"], sessions.bytes_to_kernels)
         size.add_metric(["from_kernel"], sessions.bytes_from_kernels)
         yield size
-        restarts = svc.embedded.restarts if svc.embedded is not None else 0
+        restarts = sum(embedded.restarts for embedded in svc.embedded)
         yield CounterMetricFamily("sagecell_spawner_restarts", "Embedded spawner restarts", value=restarts)
 
 

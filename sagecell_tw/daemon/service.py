@@ -49,7 +49,8 @@ class SageCellService(service.MultiService):
         self.kernels = KernelManager(self.zmq, reactor, config.max_kernels, config.shutdown_grace)
         self.sessions = SessionManager(self.kernels, config, reactor)
         self.control: spawners.ControlChannel | None = None
-        self.embedded: spawners.EmbeddedSpawner | None = None
+        #: the spawners we started: one per kernel name (each forks from its own master)
+        self.embedded: list[spawners.EmbeddedSpawner] = []
         self.run_dir = ""
         self._own_run_dir = False
         self.warnings: list[str] = []
@@ -132,18 +133,21 @@ class SageCellService(service.MultiService):
                 "not run as root: kernels run as this same account, separated from the daemon only by "
                 "user, network, mount and PID namespaces where the kernel allows them"
             )
-        argv = spawners.spawner_argv(self.config, self.run_dir, control, self._daemon_group())
-        self.embedded = spawners.EmbeddedSpawner(
-            self.reactor, argv, spawners.spawner_env(), self.run_dir, self.config.spawner_restart_max
-        )
+        for name in self.config.kernel_names():
+            argv = spawners.spawner_argv(self.config, self.run_dir, control, self._daemon_group(), name)
+            embedded = spawners.EmbeddedSpawner(
+                self.reactor, argv, spawners.spawner_env(), self.run_dir, self.config.spawner_restart_max
+            )
+            embedded.on_exit.append(lambda pid, why: self.control.lost_process(pid, f"its process ended ({why})"))
+            embedded.on_cannot_restart.append(self._cannot_restart_spawner)
+            self.embedded.append(embedded)
+            embedded.start()
         self.kernels.observers.append(self._embedded_kernel_ready)
-        self.embedded.on_exit.append(lambda pid, why: self.control.lost_process(pid, f"its process ended ({why})"))
-        self.embedded.on_cannot_restart.append(self._cannot_restart_spawner)
-        self.embedded.start()
 
     def _embedded_kernel_ready(self, event: str, kernel) -> None:
-        if event == "ready" and getattr(kernel.spawner, "hello", {}).get("pid") == self.embedded.pid:
-            self.embedded.working()
+        for embedded in self.embedded:
+            if event == "ready" and getattr(kernel.spawner, "hello", {}).get("pid") == embedded.pid:
+                embedded.working()
 
     def _cannot_restart_spawner(self, why: str) -> None:
         """Stop cleanly: the service manager (systemd's Restart=always) starts us again as root."""
@@ -168,8 +172,7 @@ class SageCellService(service.MultiService):
         if self.control is not None:
             for spawner in list(self.control.spawners.values()):
                 spawner.shutdown()
-        if self.embedded is not None:
-            yield self.embedded.stop(timeout=10.0)
+        yield defer.DeferredList([embedded.stop(timeout=10.0) for embedded in self.embedded], consumeErrors=True)
         if self.control is not None:
             self.control.close()
         self.zmq.shutdown()

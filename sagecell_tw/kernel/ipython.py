@@ -96,6 +96,18 @@ _KERNEL_CLASS = None
 _SHELL_CLASS = None
 #: the shell the master made for every kernel to adopt (``_make_master_shell``), if any
 MASTER_SHELL = None
+#: what a kernel flavour (``kernel.sage``) does in each kernel before its app starts
+_IN_KERNEL = None
+
+
+def use_kernel_classes(kernel, shell, in_kernel=None) -> None:
+    """
+    In the master, before ``prepare_master``: kernels of another flavour
+    (``kernel.sage``: subclasses of ``_kernel_class``'s kernel and shell),
+    and ``in_kernel``, called in each kernel before its app is made.
+    """
+    global _KERNEL_CLASS, _SHELL_CLASS, _IN_KERNEL
+    _KERNEL_CLASS, _SHELL_CLASS, _IN_KERNEL = kernel, shell, in_kernel
 
 
 def prepare_master() -> None:
@@ -469,6 +481,8 @@ def kernel_app(private: str, ipc_prefix: str, key: str):
     ours do), stdout/stderr are ``output.OutStream`` (coalesced
     flushes, bounded backlog, no loss), and the kernel is ``_kernel_class``.
     """
+    if _IN_KERNEL is not None:
+        _IN_KERNEL()
     conn_file = os.path.join(private, "kernel.json")
     info = connection_info(ipc_prefix, key)
     fd = os.open(conn_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -18,34 +18,56 @@ import sys
 from datetime import UTC, datetime
 
 from .. import __version__
+from ..config import PYTHON, SAGE
 from ..core.sessions import LimitExceeded, SessionObserver
 from .policy import HTTPError, JsonResource, Policy, Response, client_address, read_json
 
-KERNEL_NAME = "python3"
-ALIASES = {"python3", "python", ""}
+#: kernel name -> the other names a client may ask for it by
+ALIASES = {PYTHON: ("python",), SAGE: ("sage",)}
 
 
-def kernel_name(requested) -> str:
-    if requested is None:
-        return KERNEL_NAME
-    if not isinstance(requested, str) or requested not in ALIASES:
-        raise HTTPError(404, f"no such kernel spec {requested!r}; this server runs {KERNEL_NAME!r}")
-    return KERNEL_NAME
+def kernel_name(requested, served: tuple[str, ...]) -> str:
+    """The kernel ``requested`` (a name or alias; None or "": the default, ``served[0]``), or 404."""
+    if requested is None or requested == "":
+        return served[0]
+    if isinstance(requested, str):
+        for name in served:
+            if requested == name or requested in ALIASES[name]:
+                return name
+    raise HTTPError(404, f"no such kernel spec {requested!r}; this server runs {', '.join(served)}")
 
 
-def kernelspec() -> dict:
+def kernelspec(name: str) -> dict:
+    """The spec of kernel ``name``, as Jupyter names and describes it (passagemath's for Sage)."""
+    if name == SAGE:
+        argv = [sys.executable, "-m", "sage.repl.ipython_kernel", "-f", "{connection_file}"]
+        display, language = f"passagemath {_version('passagemath-standard')}".strip(), "sage"
+        interrupt = "signal"  # what this server does to interrupt it (kernels.Kernel.interrupt)
+    else:
+        argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+        display, language = "Python 3 (ipykernel)", "python"
+        interrupt = "message"
     return {
-        "name": KERNEL_NAME,
+        "name": name,
         "spec": {
-            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "argv": argv,
             "env": {},
-            "display_name": "Python 3 (ipykernel)",
-            "language": "python",
-            "interrupt_mode": "message",
+            "display_name": display,
+            "language": language,
+            "interrupt_mode": interrupt,
             "metadata": {"debugger": False},
         },
         "resources": {},
     }
+
+
+def _version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return ""
 
 
 class Api:
@@ -59,13 +81,15 @@ class Api:
         self.policy = Policy(config, sessions, self.notebooks.models)
         self.started = clock.seconds()
         self.files = files
+        #: the kernels served, the default first
+        self.kernel_names = config.kernel_names()
 
     def iso(self, t: float) -> str:
         return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
 
     def new_kernel(self, request, name) -> dict:
         try:
-            session = self.sessions.create(client_address(request), kernel_name(name))
+            session = self.sessions.create(client_address(request), kernel_name(name, self.kernel_names))
         except LimitExceeded as e:
             raise HTTPError(e.status, str(e)) from None
         return session
@@ -180,19 +204,21 @@ class Status(JsonResource):
 class KernelSpecs(JsonResource):
     def __init__(self, api: Api):
         super().__init__(api.policy)
+        self.api = api
 
     def handle(self, request):
-        return {"default": KERNEL_NAME, "kernelspecs": {KERNEL_NAME: kernelspec()}}
+        names = self.api.kernel_names
+        return {"default": names[0], "kernelspecs": {name: kernelspec(name) for name in names}}
 
 
 class KernelSpec(JsonResource):
     def __init__(self, api: Api, name: str):
         super().__init__(api.policy)
+        self.api = api
         self.name = name
 
     def handle(self, request):
-        kernel_name(self.name)
-        return kernelspec()
+        return kernelspec(kernel_name(self.name, self.api.kernel_names))
 
 
 class Kernels(JsonResource):

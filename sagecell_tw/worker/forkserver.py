@@ -17,6 +17,7 @@ a SOCK_SEQPACKET socket pair, one JSON object per packet:
 
 front -> here   {"cmd": "take", "id"}       a ready kernel now belongs to a session
                 {"cmd": "kill", "id"}       SIGKILL its process group, clean up
+                {"cmd": "interrupt", "id"}  SIGINT to a taken kernel (Sage's: see kernel.sage)
                 {"cmd": "sync", "keep"}     kernels in base_dir that are not ours: adopt
                                             those in ``keep`` (still in use), end the rest;
                                             end our taken ones not in ``keep``
@@ -52,6 +53,7 @@ from ..files.quota import DiskQuota
 from ..files.store import UPLOAD_TEMP, disk_use
 from ..kernel import child as kernel_child
 from ..kernel import ipython as ipython_kernel
+from ..kernel import sage as sage_kernel
 from ..kernel import sandbox
 from . import records, zygote
 from .pool import Pool
@@ -70,6 +72,8 @@ class ForkConfig:
     #: most bytes a kernel's dir (work, log, state) may hold (0: no check)
     disk_quota: int = 0
     preload: tuple[str, ...] = ()
+    #: the kernels forked here ("python3", or "sagemath": Sage's master, see kernel.sage)
+    kernel_name: str = "python3"
     limits: sandbox.Limits = field(default_factory=sandbox.Limits)
     network: bool = False
     userns: bool = True
@@ -97,6 +101,7 @@ class ForkConfig:
             "userns": self.userns,
             "hide": [self.base_dir, *self.hide],
             "preload": list(self.preload),
+            "kernel_name": self.kernel_name,
         }
 
 
@@ -124,6 +129,10 @@ class Child:
         ipc = os.path.join(self.dir, "ipc", "k")
         return {
             "id": self.id,
+            "name": config.kernel_name,
+            # Sage's C libraries compute holding the GIL: its kernel's control
+            # thread cannot take an interrupt_request until they are done.
+            "interrupt_mode": "signal" if config.kernel_name == sage_kernel.KERNEL_NAME else "message",
             "pid": self.pid,
             "dir": self.dir,
             "workdir": os.path.join(self.dir, "work"),
@@ -132,9 +141,11 @@ class Child:
         }
 
 
-def preload(modules: tuple[str, ...]) -> list[str]:
+def preload(modules: tuple[str, ...], kernel_name: str = "python3") -> list[str]:
     """
     Import ``modules`` and whatever kernel start-up will import; return failures.
+    For Sage kernels (``kernel_name`` "sagemath"), Sage first, and a warm-up
+    once the shell is made (``kernel.sage``).
 
     Memory: every page a kernel writes to after the fork becomes its own, so
     the master imports with the cyclic GC off (no freed holes for the
@@ -142,9 +153,12 @@ def preload(modules: tuple[str, ...]) -> list[str]:
     (``gc.freeze``: no collection in a child walks, and so writes to, the
     master's objects). See bench/bench_output.py for the PSS this buys.
     """
+    sage = kernel_name == sage_kernel.KERNEL_NAME
+    gc.disable()
+    if sage:
+        sage_kernel.prepare()
     import ipykernel.kernelapp  # noqa: F401
 
-    gc.disable()
     failed = []
     for name in modules:
         try:
@@ -164,6 +178,11 @@ def preload(modules: tuple[str, ...]) -> list[str]:
                 retry.append(name)
         pending = retry
     ipython_kernel.prepare_master()
+    if sage:
+        if ipython_kernel.MASTER_SHELL is None:
+            failed.append("the Sage shell (each kernel makes its own, slower)")
+        else:
+            failed += sage_kernel.warm(ipython_kernel.MASTER_SHELL)
     gc.freeze()
     gc.enable()
     return failed
@@ -425,6 +444,8 @@ class ForkServer:
             self._take(str(msg.get("id")))
         elif cmd == "kill":
             self._kill(str(msg.get("id")), str(msg.get("reason", "killed")))
+        elif cmd == "interrupt":
+            self._interrupt(str(msg.get("id")))
         elif cmd == "sync":
             keep = msg.get("keep")
             self._sync({str(k) for k in keep} if isinstance(keep, list) else set())
@@ -693,6 +714,15 @@ class ForkServer:
                 self._bury(child, None)
 
     # -- deaths --------------------------------------------------------------
+
+    def _interrupt(self, kid: str) -> None:
+        """SIGINT to the kernel (only: not its process group, where Sage's pexpect programs get ^C from it)."""
+        child = self.children.get(kid)
+        if child is not None and child.state == "taken" and child.pid is not None:
+            try:
+                os.kill(child.pid, signal.SIGINT)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def _kill(self, kid: str, reason: str) -> None:
         child = self.children.get(kid)

@@ -52,6 +52,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-kernels", type=int, default=64)
     p.add_argument("--disk-quota", type=int, default=0, help="most bytes in a kernel's working dir (0: unchecked)")
     p.add_argument("--preload", default=None, help="comma-separated modules to import once")
+    p.add_argument(
+        "--kernel-name", default="python3", choices=("python3", "sagemath"), help="the kernels this spawner forks"
+    )
     p.add_argument("--worker-user", default=None, help="account to run as (only when started as root)")
     p.add_argument("--daemon-group", default=None, help="group whose members may reach kernel dirs")
     p.add_argument("--limits", default="{}", help="JSON object of sandbox.Limits fields")
@@ -89,6 +92,7 @@ def fork_config(args: argparse.Namespace) -> forkserver.ForkConfig:
         max_kernels=args.max_kernels,
         disk_quota=args.disk_quota,
         preload=preload,
+        kernel_name=args.kernel_name,
         limits=sandbox.Limits(**json.loads(args.limits)),
         network=args.network,
         userns=not args.no_userns and sandbox.user_namespaces_available(),
@@ -259,6 +263,7 @@ class Front:
                 "base_dir": self.config.base_dir,
                 "pid": os.getpid(),
                 "pool_size": self.config.pool_size,
+                "kernels": [self.config.kernel_name],
                 "max_kernels": self.config.max_kernels,
                 "userns": self.config.userns,
                 "network": self.config.network,
@@ -334,7 +339,7 @@ class Front:
         elif cmd == "files":
             reply, data = self.files.handle(msg, parts[1] if len(parts) == 2 else None)
             self._send_raw(json.dumps(reply).encode(), data)
-        elif cmd in ("take", "kill", "status", "sync", "demand"):
+        elif cmd in ("take", "kill", "interrupt", "status", "sync", "demand"):
             self.sock.send(json.dumps(msg).encode())
 
     def _stop_server(self) -> None:

@@ -47,10 +47,17 @@ def fork_kernel(sock: socket.socket, template: dict) -> None:
 
 
 def serve(sock: socket.socket, template: dict) -> None:
+    from ..kernel import sage as sage_kernel
+    from ..kernel import sandbox
     from . import forkserver
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    failed = forkserver.preload(tuple(template.pop("preload", ())))
+    kernel_name = template.get("kernel_name", "python3")
+    failed = forkserver.preload(tuple(template.pop("preload", ())), kernel_name)
+    if kernel_name == sage_kernel.KERNEL_NAME:
+        limits = sage_kernel.kernel_limits(sandbox.Limits(**template["limits"]))
+        template["limits"] = limits.as_json()
+        template.setdefault("notes", []).append(sage_kernel.MEMORY_NOTE)
     # After preloading, whose trial child is waited for.
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     sock.send(json.dumps({"event": "up", "failed": failed}).encode())

@@ -1,0 +1,303 @@
+# -*- test-case-name: tests.test_sage -*-
+"""
+Sage kernels: passagemath's Jupyter kernel, made ready once in the master.
+
+passagemath's own kernel (``sage.repl.ipython_kernel.kernel.SageKernel``)
+is ipykernel's with a shell that preparses (``2^10`` is 1024, ``1/2`` a
+Rational, ``f(x) = x^2`` works), shows results through Sage's rich output
+backend for Jupyter (plots as PNG, ``show`` as HTML with LaTeX), and knows
+the ``%gp``, ``%gap``, ``%maxima``, ``%singular``... magics; its
+``pre_handler_hook`` gives SIGINT to cysignals, so an interrupt stops PARI,
+Maxima or GAP in the middle of a computation. That SIGINT comes from the
+kernel's spawner (``interrupt_mode`` "signal", kernels.Kernel.interrupt):
+PARI computes holding the GIL, so the kernel's control thread could not
+take an ``interrupt_request`` before it is done. Here the same shell and
+kernel are built on ``ipython_kernel``'s tuned ones.
+
+In the master, once (``prepare`` before anything is imported, ``warm``
+once the shell is made): Sage's globals, its magics and transformers, and
+a first factorisation, integral, plot and typeset formula, so a session's
+first cell does not pay for them (Maxima's start alone is ~1 s). In each
+kernel (``in_kernel``): what must be the kernel's own, not the master's.
+Nothing here imports the daemon's Twisted side.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import sys
+import tempfile
+
+#: the name passagemath's kernelspec has, which Jupyter clients ask for
+KERNEL_NAME = "sagemath"
+
+#: Set before Sage loads its libraries: each would otherwise start threads
+#: in the master, and a fork copies a thread's locks but not the thread.
+#: OpenBLAS starts a thread per core when loaded; ECL's Boehm GC starts
+#: parallel marker threads at its init unless ``GC_MARKERS`` is 1 (then it
+#: marks on the allocating thread); OpenMP code starts its pool on first use.
+SINGLE_THREADED = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "GC_MARKERS": "1"}
+
+#: Sage's per-user dir (logs of its interfaces, GAP's workspace), in each
+#: kernel's own state dir: its private /tmp (kernel_child._state_dir), out
+#: of the work dir, which holds the visitor's files only. Sage modules copy
+#: it as they are imported, in the master: it must be this one path for
+#: every kernel.
+DOT_SAGE = "/tmp/.kernel/sage"
+
+#: What Sage put in the environment as it was imported (where Maxima's
+#: images, ECL's libraries and PARI's data are), and the variables above:
+#: each kernel starts with a fresh environment (kernel_child), plus these.
+SAGE_ENVIRON: dict[str, str] = {}
+
+#: the scratch dir the master imported Sage in (``prepare``), gone since: the
+#: pexpect interfaces Sage made there start in each kernel's dir instead
+#: (``_interfaces_here``)
+SCRATCH: list[str] = []
+
+#: what the master imports: Sage's command-line globals and its Jupyter
+#: kernel, and pyplot, whatever else is preloaded: the master's shell sets
+#: up inline figures only for a pyplot it has (ipython_kernel._inline_matplotlib)
+MODULES = (
+    "sage.all_cmdline",
+    "sage.repl.ipython_kernel.all_jupyter",
+    "sage.repl.ipython_kernel.kernel",
+    "matplotlib.pyplot",
+)
+
+
+#: what the daemon's log says of Sage kernels' memory (kernel_child's notes)
+MEMORY_NOTE = (
+    "a limit on real memory (no memory cgroup of their own): Sage kernels are held by an "
+    "address-space limit counted from their master's size"
+)
+
+
+def kernel_limits(limits):
+    """
+    ``limits`` (sandbox.Limits) for a kernel forked from this Sage master:
+    the address-space limit counts from what the kernel starts with.
+
+    Sage maps ~1.8 GB of address space before it computes anything (its
+    libraries, PARI's stack, ECL's heap, GAP's workspace), nearly all of it
+    never touched: an ``RLIMIT_AS`` of 1 GiB kills its kernels at once.
+    So the limit is this master's size plus the configured amount: a Sage
+    kernel may map ``address_space`` bytes more than it was born with, as a
+    Python kernel may map about that much in all.
+    """
+    import dataclasses
+
+    if not limits.address_space or limits.address_space <= 0:
+        return limits
+    return dataclasses.replace(limits, address_space=limits.address_space + mapped_bytes())
+
+
+def mapped_bytes() -> int:
+    """This process's address space (VmSize), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def prepare() -> None:
+    """
+    In the master, before anything else is imported: no library may start a
+    thread, and the kernel classes must be Sage's before any shell is made.
+    """
+    os.environ.update(SINGLE_THREADED)
+    os.environ["DOT_SAGE"] = DOT_SAGE
+    from . import ipython as ipython_kernel
+
+    before = dict(os.environ)
+    made = [p for p in (os.path.dirname(DOT_SAGE), DOT_SAGE) if not os.path.exists(p)]
+    # Sage's pexpect interfaces remember the dir they were made in: a scratch dir.
+    cwd = os.getcwd()
+    scratch = tempfile.mkdtemp(prefix="sagecell-sage-master-")
+    SCRATCH[:] = [scratch]
+    os.chdir(scratch)
+    try:
+        for name in MODULES:
+            importlib.import_module(name)
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(scratch, ignore_errors=True)
+        if made:  # Sage made DOT_SAGE in the host's /tmp: each kernel has its own
+            shutil.rmtree(made[0], ignore_errors=True)
+    SAGE_ENVIRON.update({k: v for k, v in os.environ.items() if before.get(k) != v})
+    SAGE_ENVIRON.update(SINGLE_THREADED, DOT_SAGE=DOT_SAGE)
+    kernel, shell = kernel_classes()
+    ipython_kernel.use_kernel_classes(kernel, shell, in_kernel)
+    _contain_subprocesses()
+
+
+def kernel_classes():
+    """
+    passagemath's ``SageKernel`` and ``SageZMQInteractiveShell``, made on
+    ``ipython_kernel``'s kernel and shell (each tuning of those applies).
+    """
+    from cysignals import init_cysignals
+    from sage.env import SAGE_VERSION
+    from sage.repl.interpreter import SageNotebookInteractiveShell
+    from sage.repl.ipython_kernel.kernel import SageKernel
+    from traitlets import Type
+
+    from . import ipython as ipython_kernel
+
+    base_kernel = ipython_kernel._kernel_class()
+    base_shell = ipython_kernel._SHELL_CLASS
+
+    class Shell(SageNotebookInteractiveShell, base_shell):
+        """Sage's notebook shell (preparser, rich output) on ours."""
+
+    class Kernel(base_kernel):
+        implementation = "sage"
+        implementation_version = SAGE_VERSION
+        shell_class = Type(Shell)
+        banner = SageKernel.banner
+        help_links = SageKernel.help_links
+
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            customize(self.shell)
+
+        def pre_handler_hook(self) -> None:
+            """SIGINT goes to cysignals while a request runs: it interrupts PARI, Maxima, GAP."""
+            self.saved_sigint_handler = init_cysignals()
+
+    return Kernel, Shell
+
+
+def customize(shell) -> None:
+    """
+    Sage's magics, preparser and globals in ``shell``, once: in the master
+    for its shell, so each kernel has them ready (the globals are ~2,000
+    names), or in a kernel that had to make its own shell.
+    """
+    if getattr(shell, "_sage_customized", False):
+        return
+    from sage.repl.ipython_extension import SageJupyterCustomizations
+
+    SageJupyterCustomizations(shell)
+    shell._sage_customized = True
+
+
+#: What a session's first cell most likely touches, each run once in the
+#: master: the preparser, PARI, Maxima (its start is ~1 s), FLINT and linear
+#: algebra, symbolic calculus, LaTeX, and a plot rendered through the
+#: Jupyter backend to PNG (matplotlib, fonts).
+WARM_UP = """\
+_ = factor(2^64 - 1)
+_ = integrate(sin(x)^2, x)
+_ = integrate(x^2, x, 0, 1)
+_ = diff(x^3 * cos(x), x).simplify_full()
+_ = solve(x^2 - 2 == 0, x)
+_ = matrix(QQ, [[1, 2], [3, 4]]).det()
+_ = latex(sqrt(x) / 2)
+_ = is_prime(2^61 - 1)
+_ = QQ['y']([1, 2, 1]).factor()
+"""
+
+#: a Sage error, whose traceback is formatted once
+WARM_UP_ERROR = "factor(0)"
+WARM_UP_DISPLAY = ("plot(sin(x), (x, 0, pi))", "sqrt(x) / 2")
+
+
+def warm(shell) -> list[str]:
+    """
+    In the master, its shell made: Sage's customizations, then the warm-up.
+    Returns what failed (the kernels work without it, only slower).
+
+    The warm-up runs in a scratch namespace, not the visitors', and its
+    displays are formatted (rendered) but published nowhere.
+    """
+    failed = []
+    customize(shell)
+    ns = dict(shell.user_ns)
+    try:
+        exec(compile(shell.transform_cell(WARM_UP), "<sagecell warm-up>", "exec"), ns)  # noqa: S102
+    except Exception as e:
+        failed.append(f"warm-up ({e!r})")
+    try:  # the first traceback reads and highlights source files: ~1 s
+        eval(shell.transform_cell(WARM_UP_ERROR), ns)  # noqa: S307
+    except Exception:
+        etype, value, tb = sys.exc_info()
+        shell.InteractiveTB.structured_traceback(etype, value, tb)
+    for code in WARM_UP_DISPLAY:
+        try:
+            obj = eval(shell.transform_cell(code), ns)  # noqa: S307
+            shell.display_formatter.format(obj)
+        except Exception as e:
+            failed.append(f"{code} ({e!r})")
+    return failed
+
+
+def in_kernel() -> None:
+    """
+    In each kernel, in its working dir, before its app starts: what it must
+    not share with the master. Temporary files go to the kernel's own
+    ``TMPDIR``, not the dir Python chose in the master; Sage's per-user dir
+    (``DOT_SAGE``) is made.
+    """
+    tempfile.tempdir = None
+    os.environ.update(SAGE_ENVIRON)
+    _interfaces_here()
+    state = os.path.dirname(os.environ.get("IPYTHONDIR", "")) or DOT_SAGE
+    if not DOT_SAGE.startswith(state + "/"):
+        # No private /tmp (no namespaces here): the state dir is in the
+        # kernel dir. Sage's own copies of DOT_SAGE, made in the master,
+        # still name /tmp: only what reads sage.env at run time moves.
+        env = sys.modules.get("sage.env")
+        os.environ["DOT_SAGE"] = os.path.join(state, "sage")
+        if env is not None:
+            env.DOT_SAGE = os.environ["DOT_SAGE"]
+    os.makedirs(os.environ["DOT_SAGE"], mode=0o700, exist_ok=True)  # the pexpect interfaces log there
+
+
+def _interfaces_here() -> None:
+    """
+    Sage's pexpect interfaces made in the master as Sage was imported
+    (``gp``, ``maxima``...) start their program in the dir they were made
+    in, the master's scratch dir: here, in the kernel's working dir.
+    """
+    quit = sys.modules.get("sage.interfaces.quit")
+    if quit is None or not SCRATCH:
+        return
+    here = os.getcwd()
+    for ref in quit.expect_objects:
+        interface = ref()
+        if interface is not None and getattr(interface, "_Expect__path", None) == SCRATCH[0]:
+            interface._Expect__path = here
+
+
+def _contain_subprocesses() -> None:
+    """
+    Sage's pexpect interfaces (``gp(...)``, ``%maxima``, ``gap(...)``...)
+    run programs in a pty, each in a session of its own: outside the
+    kernel's process group, so ending the group would miss them. They get
+    SIGKILL when the kernel dies (``PR_SET_PDEATHSIG``), and run inside its
+    sandbox and rlimits, which they inherit.
+    """
+    try:
+        from sage.interfaces.sagespawn import SageSpawn
+    except ImportError:
+        return
+    from . import sandbox
+
+    spawn = SageSpawn._spawnpty
+
+    def _spawnpty(self, args, **kwargs):
+        inner = kwargs.get("preexec_fn")
+
+        def preexec() -> None:
+            sandbox.prctl(sandbox.PR_SET_PDEATHSIG, 9)
+            if inner is not None:
+                inner()
+
+        kwargs["preexec_fn"] = preexec
+        return spawn(self, args, **kwargs)
+
+    SageSpawn._spawnpty = _spawnpty
