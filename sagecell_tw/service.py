@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 from . import spawners
 from .health import Health
-from .kernels import KernelManager
+from .kernels import KernelManager, message_bound
 from .logs import SessionEvents
 from .metrics import Metrics
 from .sessions import SessionManager
@@ -39,7 +39,13 @@ class SageCellService(service.MultiService):
         self.config = config
         self.reactor = reactor
         self.zmq = ZmqContext(reactor)
-        self.kernels = KernelManager(self.zmq, reactor, config.max_kernels, config.shutdown_grace)
+        self.kernels = KernelManager(
+            self.zmq,
+            reactor,
+            config.max_kernels,
+            config.shutdown_grace,
+            max_message=message_bound(config.max_output_bytes),
+        )
         self.sessions = SessionManager(self.kernels, config, reactor)
         self.control: spawners.ControlChannel | None = None
         self.embedded: spawners.EmbeddedSpawner | None = None
@@ -69,7 +75,9 @@ class SageCellService(service.MultiService):
             self.zmq.curve = keys.load_secret(self.config.curve_secret_key)
             allowed = self.config.worker_keys
         elif control.startswith("tcp://"):
-            self.warnings.append(f"the control channel {control} is neither encrypted nor authenticated: set --worker-keys")
+            self.warnings.append(
+                f"the control channel {control} is neither encrypted nor authenticated: set --worker-keys"
+            )
         self.control = spawners.ControlChannel(self.zmq, control, self.kernels, self.reactor, allowed_keys=allowed)
         self.control.listen()
         self.metrics.attach_control(self.control)
@@ -162,7 +170,11 @@ class SageCellService(service.MultiService):
         yield defer.maybeDeferred(super().stopService)
         self.sessions.stop()
         yield _bounded(self.reactor, self.sessions.shutdown_all("the server is shutting down"), 3.0)
-        yield _bounded(self.reactor, defer.DeferredList(self.kernels.kill_all("the server is shutting down"), consumeErrors=True), 3.0)
+        yield _bounded(
+            self.reactor,
+            defer.DeferredList(self.kernels.kill_all("the server is shutting down"), consumeErrors=True),
+            3.0,
+        )
         if self.control is not None:
             for spawner in list(self.control.spawners.values()):
                 spawner.shutdown()

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_zmqtransport -*-
+# -*- test-case-name: tests.test_msgsize,tests.test_flood -*-
 """
 The daemon's only contact with txzmq: sockets to kernels and to spawners.
 
@@ -11,15 +11,24 @@ socket (``XPUB_NODROP``, see ``ipython_kernel``) makes the kernel wait; that is
 how a slow browser slows its kernel down instead of filling our memory.
 txzmq reaches for the global reactor in a few places; the reactor handed to
 ``ZmqContext`` is used everywhere we can.
+
+A socket to a kernel can be given ``max_message``: zmq's ``MAXMSGSIZE``, so no
+frame larger than that is ever held in the daemon. libzmq answers a larger
+frame by dropping the connection for good (a protocol error: no reconnect),
+which would leave that channel silently dead; a socket monitor (``_Watch``)
+notices a disconnection that no reconnection attempt follows and says so
+through ``on_broken``.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import zmq
 from txzmq import ZmqEndpoint, ZmqEndpointType, ZmqFactory
 from txzmq.connection import ZmqConnection
+from zmq.utils.monitor import parse_monitor_message
 
 READ_BATCH = 256
 HWM = 10000
@@ -29,19 +38,41 @@ HWM = 10000
 #: daemon per kernel to a few MiB; a kernel sending huge messages can pin
 #: this many of them
 IOPUB_HWM = 64
+#: after a disconnection, how long to wait for libzmq's reconnection attempt
+#: (it follows within a millisecond when the peer merely went away) before
+#: taking the channel for broken
+BROKEN_GRACE = 1.0
+_monitors = itertools.count()
 
 
 class _Socket(ZmqConnection):
     highWaterMark = HWM
 
-    def __init__(self, factory, endpoint, on_message: Callable[[list[bytes]], None], identity=None, options=None):
+    def __init__(
+        self,
+        factory,
+        endpoint,
+        on_message: Callable[[list[bytes]], None],
+        identity=None,
+        options=None,
+        on_broken: Callable[[], None] | None = None,
+    ):
         self._on_message = on_message
         self.paused = False
+        self._watch: _Watch | None = None
         # Options such as the CURVE keys must be set before connect or bind.
         super().__init__(factory, None, identity=identity)
         for option, value in (options or {}).items():
             self.socket.setsockopt(option, value)
+        if on_broken is not None:
+            self._watch = _Watch(factory, self.socket, on_broken)
         self.addEndpoints([endpoint])
+
+    def shutdown(self) -> None:
+        if self._watch is not None:
+            self._watch.close(self.socket)
+            self._watch = None
+        super().shutdown()
 
     def messageReceived(self, message: list[bytes]) -> None:
         self._on_message(message)
@@ -107,6 +138,58 @@ class _Router(_Socket):
     socketType = zmq.ROUTER
 
 
+class _Pair(_Socket):
+    socketType = zmq.PAIR
+
+
+class _Watch:
+    """
+    A socket monitor: calls ``on_broken`` once if the socket loses its
+    connection and libzmq does not try to make it again (it does not after a
+    protocol error, such as a frame over ``MAXMSGSIZE``).
+    """
+
+    EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECTED
+
+    def __init__(self, factory, socket, on_broken: Callable[[], None]):
+        self._reactor = factory.reactor
+        self._on_broken = on_broken
+        self._call = None
+        address = f"inproc://sagecell-monitor-{next(_monitors)}"
+        socket.monitor(address, self.EVENTS)
+        self._pair = _Pair(factory, ZmqEndpoint(ZmqEndpointType.connect, address), self._event)
+        # zmq signals the fd of a pipe's reader only once a read found it
+        # empty: read the new pipe once, or the first event raises no edge.
+        self._pair.doRead()
+
+    def _event(self, frames: list[bytes]) -> None:
+        try:
+            event = parse_monitor_message(frames)["event"]
+        except Exception:
+            return
+        if event == zmq.EVENT_DISCONNECTED:
+            if self._call is None:
+                self._call = self._reactor.callLater(BROKEN_GRACE, self._broken)
+        elif self._call is not None:
+            self._call.cancel()  # reconnecting (or reconnected): the peer only went away
+            self._call = None
+
+    def _broken(self) -> None:
+        self._call = None
+        self._on_broken()
+
+    def close(self, socket) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+        try:
+            socket.disable_monitor()
+        except zmq.error.ZMQError:
+            pass
+        if self._pair.socket is not None:
+            self._pair.shutdown()
+
+
 class ZmqContext:
     """One zmq context for the daemon, tied to a reactor."""
 
@@ -143,12 +226,15 @@ class ZmqContext:
         """The ZAP handler's socket: libzmq asks it about every CURVE client of this context."""
         return Channel(_Router(self.factory, ZmqEndpoint(ZmqEndpointType.bind, "inproc://zeromq.zap.01"), on_message))
 
-    def _client_options(self, server_key: bytes | None) -> dict:
+    def _client_options(self, server_key: bytes | None, max_message: int | None = None) -> dict:
+        options = {} if max_message is None else {zmq.MAXMSGSIZE: max_message}
         if server_key is None:
-            return {}
+            return options
         if self.curve is None:
             raise ValueError("a CURVE server key without the daemon's own CURVE keys (--curve-secret-key)")
-        return {zmq.CURVE_SERVERKEY: server_key, zmq.CURVE_PUBLICKEY: self.curve[0], zmq.CURVE_SECRETKEY: self.curve[1]}
+        options.update({zmq.CURVE_SERVERKEY: server_key, zmq.CURVE_PUBLICKEY: self.curve[0]})
+        options[zmq.CURVE_SECRETKEY] = self.curve[1]
+        return options
 
     def dealer(
         self,
@@ -156,13 +242,30 @@ class ZmqContext:
         on_message: Callable[[list[bytes]], None],
         identity: bytes | None = None,
         server_key: bytes | None = None,
+        max_message: int | None = None,
+        on_broken: Callable[[], None] | None = None,
     ) -> Channel:
+        """
+        A connected DEALER. ``max_message``: no frame over that many bytes
+        is taken; ``on_broken``: called once if the connection is lost for
+        good (after such a frame, for one).
+        """
         endpoint = ZmqEndpoint(ZmqEndpointType.connect, address)
-        return Channel(_Dealer(self.factory, endpoint, on_message, identity, self._client_options(server_key)))
+        options = self._client_options(server_key, max_message)
+        return Channel(_Dealer(self.factory, endpoint, on_message, identity, options, on_broken))
 
-    def sub(self, address: str, on_message: Callable[[list[bytes]], None], server_key: bytes | None = None) -> Channel:
+    def sub(
+        self,
+        address: str,
+        on_message: Callable[[list[bytes]], None],
+        server_key: bytes | None = None,
+        max_message: int | None = None,
+        on_broken: Callable[[], None] | None = None,
+    ) -> Channel:
+        """A connected SUB taking everything; ``max_message`` and ``on_broken`` as for ``dealer``."""
         endpoint = ZmqEndpoint(ZmqEndpointType.connect, address)
-        sock = _Sub(self.factory, endpoint, on_message, options=self._client_options(server_key))
+        options = self._client_options(server_key, max_message)
+        sock = _Sub(self.factory, endpoint, on_message, options=options, on_broken=on_broken)
         sock.socket.setsockopt(zmq.SUBSCRIBE, b"")
         return Channel(sock)
 
