@@ -155,7 +155,9 @@ class WatchTests(unittest.TestCase):
         self.pub.bind(self.address)
         self.broken = []
         self.got = []
-        self.sub = self.zmq.sub(self.address, self.got.append, max_message=1000, on_broken=lambda: self.broken.append(1))
+        self.sub = self.zmq.sub(
+            self.address, self.got.append, max_message=1000, on_broken=lambda: self.broken.append(1)
+        )
 
     def tearDown(self):
         self.sub.close()
