@@ -33,11 +33,15 @@ from zmq.utils.monitor import parse_monitor_message
 READ_BATCH = 256
 HWM = 10000
 #: a kernel's iopub messages (SUB sockets) queued in the daemon while it is
-#: paused (its browser is behind): stream messages are ~64 KiB
-#: (kernel_output.CHUNK), so this bounds what a slow browser pins in the
-#: daemon per kernel to a few MiB; a kernel sending huge messages can pin
-#: this many of them
-IOPUB_HWM = 64
+#: paused (its browser is behind) or busy: stream messages carry at most
+#: kernel_output.PIECE (64 Ki) characters, 64 to 384 KiB as JSON, so a slow
+#: browser pins at most 1 to 6 MiB per kernel here (the kernel's own queue
+#: holds the rest, in the kernel's memory); 16 rather than 64 took the peak of
+#: eight concurrent 15.6 MB /service prints from +75..96 to +43..62 MB, with
+#: no change in output throughput (bench/bench_abuse.py, bench_output.py).
+#: A kernel bypassing kernel_output can queue this many frames of up to
+#: ``max_message`` bytes (kernels.message_bound)
+IOPUB_HWM = 16
 #: after a disconnection, how long to wait for libzmq's reconnection attempt
 #: (it follows within a millisecond when the peer merely went away) before
 #: taking the channel for broken
