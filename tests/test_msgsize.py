@@ -74,7 +74,7 @@ def test_one_print_of_20_mb_arrives_whole_in_order_as_bounded_messages(daemon):
 
 def test_one_print_over_the_cap_is_cut_at_the_cap_with_the_notice(small_daemon):
     ws = RawWS(small_daemon.port, new_kernel(small_daemon.port))
-    reply, outputs = ws.run("print('é' * 10_000_000)", timeout=120)
+    reply, outputs = ws.run("print('é' * 10_000_000)", timeout=60)
     ws.close()
     assert reply["status"] == "ok", reply
     streams = _streams(outputs)
