@@ -47,6 +47,9 @@ IOPUB_HWM = 16
 #: taking the channel for broken
 BROKEN_GRACE = 1.0
 _monitors = itertools.count()
+#: zmq sockets the daemon's context may have (libzmq's default is 1023): each
+#: kernel takes eight, four channels and their four monitors
+MAX_SOCKETS = 1 << 16
 
 
 class _Socket(ZmqConnection):
@@ -208,6 +211,7 @@ class ZmqContext:
         """Create the zmq context: only after twistd has forked into the background."""
         if self.factory is None:
             self.factory = ZmqFactory()
+            self.factory.context.set(zmq.MAX_SOCKETS, MAX_SOCKETS)
             self.factory.reactor = self.reactor
             self.factory.lingerPeriod = 0
 
