@@ -17,7 +17,10 @@ frame larger than that is ever held in the daemon. libzmq answers a larger
 frame by dropping the connection for good (a protocol error: no reconnect),
 which would leave that channel silently dead; a socket monitor (``_Watch``)
 notices a disconnection that no reconnection attempt follows and says so
-through ``on_broken``.
+through ``on_broken``. The bound is per frame: libzmq (4.3) bounds neither
+how many frames one message has nor their total, and hands over a message
+only once all of it is in, so a kernel sending one message of many frames
+each under the bound is still held whole (300 frames of 1 MiB: +300 MB).
 """
 
 from __future__ import annotations
