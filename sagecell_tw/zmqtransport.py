@@ -263,6 +263,10 @@ class ZmqContext:
         """
         endpoint = ZmqEndpoint(ZmqEndpointType.connect, address)
         options = self._client_options(server_key, max_message)
+        if max_message is not None:
+            # a kernel's replies, queued while its channel is paused: as
+            # few frames of up to max_message as its iopub may queue
+            options[zmq.RCVHWM] = IOPUB_HWM
         return Channel(_Dealer(self.factory, endpoint, on_message, identity, options, on_broken))
 
     def sub(
