@@ -182,9 +182,7 @@ class ApiRoot(resource.Resource):
         if name == b"kernels":
             return self._kernels(request)
         if name == b"sessions":
-            return Sessions(
-                api, request.postpath[0].decode(errors="replace") if request.postpath and request.postpath[0] else None
-            )
+            return Sessions(api, request.postpath[0].decode(errors="replace") if request.postpath and request.postpath[0] else None)
         return NotFound(api.policy)
 
     def _kernels(self, request):

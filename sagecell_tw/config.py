@@ -164,13 +164,7 @@ OPTION_NAMES = {f.name.replace("_", "-"): f.name for f in fields(Config)}
 
 def _coerce(name: str, value, current):
     """Turn a string (command line) or TOML value into the field's type."""
-    if isinstance(current, bool) or name in (
-        "embedded_spawner",
-        "network",
-        "log_json",
-        "log_code",
-        "interrupt_on_output_cap",
-    ):
+    if isinstance(current, bool) or name in ("embedded_spawner", "network", "log_json", "log_code", "interrupt_on_output_cap"):
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
@@ -232,9 +226,7 @@ def load_toml(path: str) -> dict:
         items = value.items() if isinstance(value, dict) else [(key, value)]
         for name, v in items:
             if isinstance(v, dict):
-                raise ConfigError(
-                    f"--config: {path}: [{key}.{name}] is not a known section; sections hold plain settings"
-                )
+                raise ConfigError(f"--config: {path}: [{key}.{name}] is not a known section; sections hold plain settings")
             if name in flat:
                 raise ConfigError(f"--config: {path}: {name!r} is set twice")
             flat[name] = v
@@ -262,3 +254,4 @@ def build(file_values: dict | None = None, options: dict | None = None) -> Confi
 def default_run_dir() -> str:
     root = os.environ.get("XDG_RUNTIME_DIR") if os.geteuid() != 0 else None
     return os.path.join(root or "/tmp", "sagecell")
+

@@ -381,9 +381,7 @@ class ForkServer:
             try:
                 self.quota = DiskQuota(config.disk_quota)
             except OSError as e:
-                sys.stderr.write(
-                    f"sagecell fork server: no inotify ({e}); disk quota checked every {QUOTA_EVERY} s only\n"
-                )
+                sys.stderr.write(f"sagecell fork server: no inotify ({e}); disk quota checked every {QUOTA_EVERY} s only\n")
 
     # -- the loop ----------------------------------------------------------
 
@@ -683,9 +681,7 @@ class ForkServer:
                 continue
             end_orphan(kdir)
         for kid in keep - set(self.children):
-            self._send(
-                {"event": "dead", "id": kid, "status": None, "reason": "the kernel ended while no spawner watched it"}
-            )
+            self._send({"event": "dead", "id": kid, "status": None, "reason": "the kernel ended while no spawner watched it"})
 
     def _adopt(self, kid: str, kdir: str) -> bool:
         try:
@@ -704,9 +700,7 @@ class ForkServer:
     def _watch_adopted(self) -> None:
         """Adopted kernels are not our children: no SIGCHLD, so look at /proc each turn."""
         for child in list(self.children.values()):
-            if child.adopted_start is not None and (
-                _start_time(child.pid) != child.adopted_start or _zombie(child.pid)
-            ):
+            if child.adopted_start is not None and (_start_time(child.pid) != child.adopted_start or _zombie(child.pid)):
                 child.reason = child.reason or "the kernel ended"
                 self._bury(child, None)
 

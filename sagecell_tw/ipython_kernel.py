@@ -229,9 +229,7 @@ def remember_modules() -> None:
     this copy instead.
     """
     global MASTER_MODULE_NAMES
-    MASTER_MODULE_FILES[:] = [
-        f for m in list(sys.modules.values()) if isinstance(f := getattr(m, "__file__", None), str)
-    ]
+    MASTER_MODULE_FILES[:] = [f for m in list(sys.modules.values()) if isinstance(f := getattr(m, "__file__", None), str)]
     MASTER_MODULE_NAMES = frozenset(sys.modules)
 
 

@@ -323,9 +323,7 @@ def _private_filesystem(spec: dict) -> list[str]:
             else:
                 os.makedirs(path, exist_ok=True)
                 sandbox.mount(f"/proc/self/fd/{what}", path, None, sandbox.MS_BIND | sandbox.MS_REC)
-                sandbox.mount(
-                    "none", path, None, sandbox.MS_BIND | sandbox.MS_REMOUNT | sandbox.MS_RDONLY | sandbox.MS_NOSUID
-                )
+                sandbox.mount("none", path, None, sandbox.MS_BIND | sandbox.MS_REMOUNT | sandbox.MS_RDONLY | sandbox.MS_NOSUID)
                 os.close(what)
         os.makedirs(kdir, exist_ok=True)
         sandbox.mount(f"/proc/self/fd/{keep}", kdir, None, sandbox.MS_BIND | sandbox.MS_REC)
@@ -348,9 +346,7 @@ def _private_filesystem(spec: dict) -> list[str]:
         # scratch dirs become read-only.
         for path in ("/dev", *hidden):
             if path not in scratch:
-                sandbox.mount(
-                    "none", path, None, sandbox.MS_REMOUNT | sandbox.MS_RDONLY | sandbox.MS_NOSUID | sandbox.MS_NODEV
-                )
+                sandbox.mount("none", path, None, sandbox.MS_REMOUNT | sandbox.MS_RDONLY | sandbox.MS_NOSUID | sandbox.MS_NODEV)
     except OSError as e:
         missing.append(f"a private view of the file system ({e.strerror})")
         return missing + _proc()
@@ -382,9 +378,7 @@ def _private_dev(spec: dict) -> None:
         os.mkdir(f"/dev/{name}", 0o755)
     try:
         # Its own ptys, numbered from 0, none of the host's.
-        sandbox.mount(
-            "devpts", "/dev/pts", "devpts", sandbox.MS_NOSUID | sandbox.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"
-        )
+        sandbox.mount("devpts", "/dev/pts", "devpts", sandbox.MS_NOSUID | sandbox.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
     except OSError as e:
         spec.setdefault("notes", []).append(f"ptys (a devpts of its own: {e.strerror}): os.openpty() fails in kernels")
 
@@ -406,9 +400,7 @@ def _sys(spec: dict) -> list[str]:
     if spec.get("network"):
         return []
     try:
-        sandbox.mount(
-            "sysfs", "/sys", "sysfs", sandbox.MS_RDONLY | sandbox.MS_NOSUID | sandbox.MS_NODEV | sandbox.MS_NOEXEC
-        )
+        sandbox.mount("sysfs", "/sys", "sysfs", sandbox.MS_RDONLY | sandbox.MS_NOSUID | sandbox.MS_NODEV | sandbox.MS_NOEXEC)
         return []
     except OSError as e:
         why = e.strerror
@@ -416,25 +408,15 @@ def _sys(spec: dict) -> list[str]:
         _hide_host_net()
     except OSError as e:
         return [f"a /sys of its own network namespace ({why}; hiding the host's network devices: {e.strerror})"]
-    spec.setdefault("notes", []).append(
-        f"a /sys of its own network namespace ({why}): the host's network devices are hidden instead"
-    )
+    spec.setdefault("notes", []).append(f"a /sys of its own network namespace ({why}): the host's network devices are hidden instead")
     return []
 
 
 def _hide_host_net() -> None:
     """An empty read-only tmpfs over /sys/class/net and each dir under /sys/devices that holds network devices."""
-    dirs = {
-        os.path.dirname(os.path.realpath(os.path.join("/sys/class/net", name))) for name in os.listdir("/sys/class/net")
-    }
+    dirs = {os.path.dirname(os.path.realpath(os.path.join("/sys/class/net", name))) for name in os.listdir("/sys/class/net")}
     for path in ("/sys/class/net", *sorted(dirs)):
-        sandbox.mount(
-            "tmpfs",
-            path,
-            "tmpfs",
-            sandbox.MS_RDONLY | sandbox.MS_NOSUID | sandbox.MS_NODEV | sandbox.MS_NOEXEC,
-            "size=4k,mode=755",
-        )
+        sandbox.mount("tmpfs", path, "tmpfs", sandbox.MS_RDONLY | sandbox.MS_NOSUID | sandbox.MS_NODEV | sandbox.MS_NOEXEC, "size=4k,mode=755")
 
 
 def _read_only(inherited: list[str], ours: list[str]) -> None:

@@ -166,13 +166,7 @@ class Kernel:
         req = Message.build(
             "shell",
             "execute_request",
-            {
-                "code": WARM_UP_CODE,
-                "silent": True,
-                "store_history": False,
-                "user_expressions": {},
-                "allow_stdin": False,
-            },
+            {"code": WARM_UP_CODE, "silent": True, "store_history": False, "user_expressions": {}, "allow_stdin": False},
             session="sagecell-daemon",
         )
         self._warm_up_id = req.msg_id

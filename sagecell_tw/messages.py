@@ -362,12 +362,7 @@ def parse_v1_frame(payload: bytes) -> Message:
 
 def error_reply(bad: BadMessage, session: str) -> Message:
     """The Jupyter answer to a message we refused: a ``*_reply`` if we can, else iopub ``error``."""
-    content = {
-        "status": "error",
-        "ename": "BadRequest",
-        "evalue": bad.reason,
-        "traceback": [f"BadRequest: {bad.reason}"],
-    }
+    content = {"status": "error", "ename": "BadRequest", "evalue": bad.reason, "traceback": [f"BadRequest: {bad.reason}"]}
     header = bad.header or {}
     msg_type = header.get("msg_type") if isinstance(header.get("msg_type"), str) else ""
     if bad.channel in ("shell", "control") and msg_type.endswith("_request"):

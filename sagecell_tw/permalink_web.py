@@ -251,13 +251,20 @@ class PermalinkResource(Resource):
         """
         super().__init__()
         if _LANGUAGE_RE.fullmatch(default_language) is None:
-            raise ValueError(f"default_language {default_language!r} is not a language name")
+            raise ValueError(
+                f"default_language {default_language!r} is not a language name"
+            )
         self.store = store
         self.max_code_bytes = max_code_bytes
-        self.max_interacts_bytes = max_code_bytes if max_interacts_bytes is None else max_interacts_bytes
+        self.max_interacts_bytes = (
+            max_code_bytes if max_interacts_bytes is None else max_interacts_bytes
+        )
         self.default_language = default_language
         self.rate = rate
-        self.max_body_bytes = _BODY_EXPANSION * (self.max_code_bytes + self.max_interacts_bytes) + _BODY_SLACK
+        self.max_body_bytes = (
+            _BODY_EXPANSION * (self.max_code_bytes + self.max_interacts_bytes)
+            + _BODY_SLACK
+        )
 
     def render(self, request: Any) -> bytes | int:
         """Answer every method and stray sub-path in JSON, not Twisted's HTML."""
@@ -329,7 +336,9 @@ class PermalinkResource(Resource):
         return NOT_DONE_YET
 
     @staticmethod
-    def _stored(ident: str, reply: _Reply, code: str, interacts: str, n: int | None) -> None:
+    def _stored(
+        ident: str, reply: _Reply, code: str, interacts: str, n: int | None
+    ) -> None:
         answer: dict[str, object] = {
             "zip": encode_zip(code),
             "query": ident,
@@ -361,7 +370,9 @@ class PermalinkResource(Resource):
             except UnicodeDecodeError:
                 raise _BadRequest(http.BAD_REQUEST, "JSON body is not UTF-8") from None
             except ValueError as e:
-                raise _BadRequest(http.BAD_REQUEST, f"malformed JSON body: {e}") from None
+                raise _BadRequest(
+                    http.BAD_REQUEST, f"malformed JSON body: {e}"
+                ) from None
             if not isinstance(parsed, dict):
                 raise _BadRequest(http.BAD_REQUEST, "JSON body must be an object")
             return parsed
@@ -428,8 +439,12 @@ class PermalinkResource(Resource):
                 {"error": "the permalink store is full: no new permalinks can be made for now"},
             )
         elif failure.check(PermalinkStoreError):
-            log.failure("Permalink {what} failed: database unavailable", failure, what=what)
-            reply.send(http.SERVICE_UNAVAILABLE, {"error": "permalink database unavailable"})
+            log.failure(
+                "Permalink {what} failed: database unavailable", failure, what=what
+            )
+            reply.send(
+                http.SERVICE_UNAVAILABLE, {"error": "permalink database unavailable"}
+            )
         else:
             log.failure("Permalink {what} failed", failure, what=what)
             reply.send(

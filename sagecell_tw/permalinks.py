@@ -136,7 +136,9 @@ def migrate(
                 f"sagecell_tw or point it at another database file"
             )
         if version == 0:
-            cursor.execute("SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")
+            cursor.execute(
+                "SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
+            )
             (objects,) = cursor.fetchone()
             if objects:
                 raise SchemaVersionError(
@@ -233,7 +235,9 @@ class PermalinkStore:
     # -- lifecycle ---------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str, reactor: Any, clock: IReactorTime | None = None) -> defer.Deferred[PermalinkStore]:
+    def open(
+        cls, path: str, reactor: Any, clock: IReactorTime | None = None
+    ) -> defer.Deferred[PermalinkStore]:
         """Make a store and fire with it once the schema is usable."""
         return cls(path, reactor, clock).ready()
 
@@ -273,7 +277,9 @@ class PermalinkStore:
             ("interacts", interacts),
         ):
             if not isinstance(value, str):
-                return defer.fail(TypeError(f"{name} must be str, not {type(value).__name__}"))
+                return defer.fail(
+                    TypeError(f"{name} must be str, not {type(value).__name__}")
+                )
         now = self._clock.seconds()
         return self._run(self._store, code, language, interacts, now)
 
@@ -313,7 +319,9 @@ class PermalinkStore:
         if isinstance(result, Failure):
             error = result.value
             if not isinstance(error, PermalinkStoreError):
-                error = PermalinkStoreError(f"cannot open permalink database {self.path!r}: {error}")
+                error = PermalinkStoreError(
+                    f"cannot open permalink database {self.path!r}: {error}"
+                )
                 error.__cause__ = result.value
             self._schema_error = error
             log.error(
@@ -359,7 +367,9 @@ class PermalinkStore:
 
     # The methods below run on the pool's thread, never in the reactor.
 
-    def _migrate(self, conn: sqlite3.Connection, migrations: Sequence[Callable[[Any], None]]) -> tuple[int, int]:
+    def _migrate(
+        self, conn: sqlite3.Connection, migrations: Sequence[Callable[[Any], None]]
+    ) -> tuple[int, int]:
         return migrate(conn.cursor(), migrations)
 
     def _store(
@@ -430,19 +440,23 @@ class PermalinkStore:
         raise PermalinkStoreError("could not allocate a unique permalink id")
 
     @staticmethod
-    def _fetch(conn: sqlite3.Connection, ident: str, now: float) -> dict[str, Any] | None:
+    def _fetch(
+        conn: sqlite3.Connection, ident: str, now: float
+    ) -> dict[str, Any] | None:
         cur = conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
             cur.execute(
-                "UPDATE permalinks SET last_access = ?, requested = requested + 1 WHERE id = ?",
+                "UPDATE permalinks SET last_access = ?, requested = requested + 1"
+                " WHERE id = ?",
                 (now, ident),
             )
             if cur.rowcount == 0:
                 cur.execute("ROLLBACK")
                 return None
             cur.execute(
-                "SELECT id, code, language, interacts, created, last_access, requested FROM permalinks WHERE id = ?",
+                "SELECT id, code, language, interacts, created, last_access,"
+                " requested FROM permalinks WHERE id = ?",
                 (ident,),
             )
             row = cur.fetchone()

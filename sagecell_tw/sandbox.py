@@ -310,11 +310,7 @@ EVERYTHING = ~0
 
 
 class _RulesetAttr(ctypes.Structure):
-    _fields_ = [
-        ("handled_access_fs", ctypes.c_uint64),
-        ("handled_access_net", ctypes.c_uint64),
-        ("scoped", ctypes.c_uint64),
-    ]
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
 
 
 class _PathBeneathAttr(ctypes.Structure):
@@ -327,9 +323,7 @@ _libc.syscall.restype = ctypes.c_long
 
 def landlock_abi() -> int:
     """The Landlock ABI version of this kernel; 0 where there is none (too old, or not enabled)."""
-    version = _libc.syscall(
-        _SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION)
-    )
+    version = _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
     return max(0, int(version))
 
 
@@ -372,19 +366,12 @@ def landlock(rules: list[tuple[str, int]]) -> int:
                     allowed &= FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | _FS_BY_ABI.get(3, 0) | FS_IOCTL_DEV
                 beneath = _PathBeneathAttr(allowed_access=allowed, parent_fd=fd)
                 result = _libc.syscall(
-                    _SYS_LANDLOCK_ADD_RULE,
-                    ctypes.c_int(ruleset),
-                    ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH),
-                    ctypes.byref(beneath),
-                    ctypes.c_uint32(0),
+                    _SYS_LANDLOCK_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(beneath), ctypes.c_uint32(0)
                 )
                 _check(0 if result == 0 else -1, f"landlock_add_rule {path}")
             finally:
                 os.close(fd)
-        _check(
-            0 if _libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) == 0 else -1,
-            "landlock_restrict_self",
-        )
+        _check(0 if _libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) == 0 else -1, "landlock_restrict_self")
     finally:
         os.close(ruleset)
     return abi

@@ -75,9 +75,7 @@ class SageCellService(service.MultiService):
             self.zmq.curve = keys.load_secret(self.config.curve_secret_key)
             allowed = self.config.worker_keys
         elif control.startswith("tcp://"):
-            self.warnings.append(
-                f"the control channel {control} is neither encrypted nor authenticated: set --worker-keys"
-            )
+            self.warnings.append(f"the control channel {control} is neither encrypted nor authenticated: set --worker-keys")
         self.control = spawners.ControlChannel(self.zmq, control, self.kernels, self.reactor, allowed_keys=allowed)
         self.control.listen()
         self.metrics.attach_control(self.control)
@@ -170,11 +168,7 @@ class SageCellService(service.MultiService):
         yield defer.maybeDeferred(super().stopService)
         self.sessions.stop()
         yield _bounded(self.reactor, self.sessions.shutdown_all("the server is shutting down"), 3.0)
-        yield _bounded(
-            self.reactor,
-            defer.DeferredList(self.kernels.kill_all("the server is shutting down"), consumeErrors=True),
-            3.0,
-        )
+        yield _bounded(self.reactor, defer.DeferredList(self.kernels.kill_all("the server is shutting down"), consumeErrors=True), 3.0)
         if self.control is not None:
             for spawner in list(self.control.spawners.values()):
                 spawner.shutdown()

@@ -179,9 +179,7 @@ class SessionManager:
     def create(self, client: str, name: str = "python3") -> WebSession:
         if len(self.routes) >= self.config.max_kernels:
             self._event("limit", None, "max_kernels")
-            raise LimitExceeded(
-                f"the server runs its maximum of {self.config.max_kernels} kernels; try again later", 503
-            )
+            raise LimitExceeded(f"the server runs its maximum of {self.config.max_kernels} kernels; try again later", 503)
         if self.routes.count_for(client) >= self.config.max_kernels_per_client:
             self._event("limit", None, "max_kernels_per_client")
             raise LimitExceeded(
@@ -320,10 +318,7 @@ class SessionManager:
         session.executions.clear()
         session.execution_state = "dead"
         log.info(
-            "the kernel of session {session} died: {reason}",
-            event="session_kernel_died",
-            session=session.id,
-            reason=reason,
+            "the kernel of session {session} died: {reason}", event="session_kernel_died", session=session.id, reason=reason
         )
         self._event("kernel_died", session, reason)
         self._broadcast(session, messages.stream(f"\n[sagecell] The kernel died: {reason}.\n", DAEMON_SESSION))
@@ -481,12 +476,7 @@ class SessionManager:
             while len(session.outputs) > OUTPUT_ACCOUNTS:
                 del session.outputs[next(iter(session.outputs))]
             if self.config.log_code:
-                log.info(
-                    "session {session} runs: {code}",
-                    event="code",
-                    session=session.id,
-                    code=msg.content_dict().get("code"),
-                )
+                log.info("session {session} runs: {code}", event="code", session=session.id, code=msg.content_dict().get("code"))
         self.msgs_to_kernels += 1
         self.bytes_to_kernels += _size(msg)
         if not kernel.send(msg):
@@ -589,12 +579,8 @@ class SessionManager:
         if kept is not None:
             self._broadcast(session, kept)
         self._event("limit", session, "max_output_bytes")
-        what = (
-            "interrupted" if self.config.interrupt_on_output_cap else "still running; its further output is not shown"
-        )
-        notice = (
-            f"\n[sagecell] Output truncated at {cap} bytes (the limit per computation); the computation is {what}.\n"
-        )
+        what = "interrupted" if self.config.interrupt_on_output_cap else "still running; its further output is not shown"
+        notice = f"\n[sagecell] Output truncated at {cap} bytes (the limit per computation); the computation is {what}.\n"
         self._broadcast(session, messages.stream(notice, DAEMON_SESSION, parent or None))
         if self.config.interrupt_on_output_cap:
             self.interrupt(session)
@@ -693,3 +679,4 @@ class SessionManager:
                 )
                 self.restart(session, automatic=True).addErrback(lambda _f: None)
                 return
+

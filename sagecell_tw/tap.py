@@ -148,8 +148,6 @@ def makeService(options: Options):
     _more_open_files()
     top = SageCellService(config, reactor)
     site = build_site(top, config, reactor)
-    listener = strports.service(
-        config.port, ConnectionsPerClient(site, config.max_connections_per_client), reactor=reactor
-    )
+    listener = strports.service(config.port, ConnectionsPerClient(site, config.max_connections_per_client), reactor=reactor)
     listener.setServiceParent(top)
     return top

@@ -138,9 +138,7 @@ class Policy:
             return True
         if not self.config.origin_allowed(origin):
             return False
-        request.setHeader(
-            b"access-control-allow-origin", origin.encode() if "*" not in self.config.allow_origin else b"*"
-        )
+        request.setHeader(b"access-control-allow-origin", origin.encode() if "*" not in self.config.allow_origin else b"*")
         request.setHeader(b"vary", b"Origin")
         request.setHeader(b"access-control-expose-headers", EXPOSED_HEADERS.encode())
         return True

@@ -65,9 +65,7 @@ class KernelWebSocket(WebSocketServerProtocol):
         if session is None:
             raise ConnectionDeny(404, f"no kernel {str(kernel_id)[:64]}")
         if len(session.connections) >= config.max_sockets_per_session:
-            raise ConnectionDeny(
-                429, f"session {kernel_id} already has {config.max_sockets_per_session} WebSockets open"
-            )
+            raise ConnectionDeny(429, f"session {kernel_id} already has {config.max_sockets_per_session} WebSockets open")
         self.session = session
         self.client = getattr(self.transport.getPeer(), "host", None) or "?"
         self.client_sessions: set[str] = set()
