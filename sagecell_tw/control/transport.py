@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_flood -*-
+# -*- test-case-name: tests.test_msgsize,tests.test_flood -*-
 """
 The daemon's only contact with txzmq: sockets to kernels and to spawners.
 
@@ -11,37 +11,78 @@ socket (``XPUB_NODROP``, see ``kernel.ipython``) makes the kernel wait; that is
 how a slow browser slows its kernel down instead of filling our memory.
 txzmq reaches for the global reactor in a few places; the reactor handed to
 ``ZmqContext`` is used everywhere we can.
+
+A socket to a kernel can be given ``max_message``: zmq's ``MAXMSGSIZE``, so no
+frame larger than that is ever held in the daemon. libzmq answers a larger
+frame by dropping the connection for good (a protocol error: no reconnect),
+which would leave that channel silently dead; a socket monitor (``_Watch``)
+notices a disconnection that no reconnection attempt follows and says so
+through ``on_broken``. The bound is per frame: libzmq (4.3) bounds neither
+how many frames one message has nor their total, and hands over a message
+only once all of it is in, so a kernel sending one message of many frames
+each under the bound is still held whole (300 frames of 1 MiB: +300 MB).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import zmq
 from txzmq import ZmqEndpoint, ZmqEndpointType, ZmqFactory
 from txzmq.connection import ZmqConnection
+from zmq.utils.monitor import parse_monitor_message
 
 READ_BATCH = 256
 HWM = 10000
 #: a kernel's iopub messages (SUB sockets) queued in the daemon while it is
-#: paused (its browser is behind): stream messages are ~64 KiB
-#: (kernel.output.CHUNK), so this bounds what a slow browser pins in the
-#: daemon per kernel to a few MiB; a kernel sending huge messages can pin
-#: this many of them
-IOPUB_HWM = 64
+#: paused (its browser is behind) or busy: stream messages carry at most
+#: kernel.output.PIECE (64 Ki) characters, 64 to 384 KiB as JSON, so a slow
+#: browser pins at most 1 to 6 MiB per kernel here (the kernel's own queue
+#: holds the rest, in the kernel's memory); 16 rather than 64 took the peak of
+#: eight concurrent 15.6 MB /service prints from +75..96 to +43..62 MB, with
+#: no change in output throughput (bench/bench_abuse.py, bench_output.py).
+#: A kernel bypassing kernel.output can queue this many frames of up to
+#: ``max_message`` bytes (core.kernels.message_bound)
+IOPUB_HWM = 16
+#: after a disconnection, how long to wait for libzmq's reconnection attempt
+#: (it follows within a millisecond when the peer merely went away) before
+#: taking the channel for broken
+BROKEN_GRACE = 1.0
+_monitors = itertools.count()
+#: zmq sockets the daemon's context may have (libzmq's default is 1023): each
+#: kernel takes eight, four channels and their four monitors
+MAX_SOCKETS = 1 << 16
 
 
 class _Socket(ZmqConnection):
     highWaterMark = HWM
 
-    def __init__(self, factory, endpoint, on_message: Callable[[list[bytes]], None], identity=None, options=None):
+    def __init__(
+        self,
+        factory,
+        endpoint,
+        on_message: Callable[[list[bytes]], None],
+        identity=None,
+        options=None,
+        on_broken: Callable[[], None] | None = None,
+    ):
         self._on_message = on_message
         self.paused = False
+        self._watch: _Watch | None = None
         # Options such as the CURVE keys must be set before connect or bind.
         super().__init__(factory, None, identity=identity)
         for option, value in (options or {}).items():
             self.socket.setsockopt(option, value)
+        if on_broken is not None:
+            self._watch = _Watch(factory, self.socket, on_broken)
         self.addEndpoints([endpoint])
+
+    def shutdown(self) -> None:
+        if self._watch is not None:
+            self._watch.close(self.socket)
+            self._watch = None
+        super().shutdown()
 
     def messageReceived(self, message: list[bytes]) -> None:
         self._on_message(message)
@@ -107,6 +148,58 @@ class _Router(_Socket):
     socketType = zmq.ROUTER
 
 
+class _Pair(_Socket):
+    socketType = zmq.PAIR
+
+
+class _Watch:
+    """
+    A socket monitor: calls ``on_broken`` once if the socket loses its
+    connection and libzmq does not try to make it again (it does not after a
+    protocol error, such as a frame over ``MAXMSGSIZE``).
+    """
+
+    EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECTED
+
+    def __init__(self, factory, socket, on_broken: Callable[[], None]):
+        self._reactor = factory.reactor
+        self._on_broken = on_broken
+        self._call = None
+        address = f"inproc://sagecell-monitor-{next(_monitors)}"
+        socket.monitor(address, self.EVENTS)
+        self._pair = _Pair(factory, ZmqEndpoint(ZmqEndpointType.connect, address), self._event)
+        # zmq signals the fd of a pipe's reader only once a read found it
+        # empty: read the new pipe once, or the first event raises no edge.
+        self._pair.doRead()
+
+    def _event(self, frames: list[bytes]) -> None:
+        try:
+            event = parse_monitor_message(frames)["event"]
+        except Exception:
+            return
+        if event == zmq.EVENT_DISCONNECTED:
+            if self._call is None:
+                self._call = self._reactor.callLater(BROKEN_GRACE, self._broken)
+        elif self._call is not None:
+            self._call.cancel()  # reconnecting (or reconnected): the peer only went away
+            self._call = None
+
+    def _broken(self) -> None:
+        self._call = None
+        self._on_broken()
+
+    def close(self, socket) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+        try:
+            socket.disable_monitor()
+        except zmq.error.ZMQError:
+            pass
+        if self._pair.socket is not None:
+            self._pair.shutdown()
+
+
 class ZmqContext:
     """One zmq context for the daemon, tied to a reactor."""
 
@@ -121,6 +214,7 @@ class ZmqContext:
         """Create the zmq context: only after twistd has forked into the background."""
         if self.factory is None:
             self.factory = ZmqFactory()
+            self.factory.context.set(zmq.MAX_SOCKETS, MAX_SOCKETS)
             self.factory.reactor = self.reactor
             self.factory.lingerPeriod = 0
 
@@ -143,12 +237,15 @@ class ZmqContext:
         """The ZAP handler's socket: libzmq asks it about every CURVE client of this context."""
         return Channel(_Router(self.factory, ZmqEndpoint(ZmqEndpointType.bind, "inproc://zeromq.zap.01"), on_message))
 
-    def _client_options(self, server_key: bytes | None) -> dict:
+    def _client_options(self, server_key: bytes | None, max_message: int | None = None) -> dict:
+        options = {} if max_message is None else {zmq.MAXMSGSIZE: max_message}
         if server_key is None:
-            return {}
+            return options
         if self.curve is None:
             raise ValueError("a CURVE server key without the daemon's own CURVE keys (--curve-secret-key)")
-        return {zmq.CURVE_SERVERKEY: server_key, zmq.CURVE_PUBLICKEY: self.curve[0], zmq.CURVE_SECRETKEY: self.curve[1]}
+        options.update({zmq.CURVE_SERVERKEY: server_key, zmq.CURVE_PUBLICKEY: self.curve[0]})
+        options[zmq.CURVE_SECRETKEY] = self.curve[1]
+        return options
 
     def dealer(
         self,
@@ -156,13 +253,34 @@ class ZmqContext:
         on_message: Callable[[list[bytes]], None],
         identity: bytes | None = None,
         server_key: bytes | None = None,
+        max_message: int | None = None,
+        on_broken: Callable[[], None] | None = None,
     ) -> Channel:
+        """
+        A connected DEALER. ``max_message``: no frame over that many bytes
+        is taken; ``on_broken``: called once if the connection is lost for
+        good (after such a frame, for one).
+        """
         endpoint = ZmqEndpoint(ZmqEndpointType.connect, address)
-        return Channel(_Dealer(self.factory, endpoint, on_message, identity, self._client_options(server_key)))
+        options = self._client_options(server_key, max_message)
+        if max_message is not None:
+            # a kernel's replies, queued while its channel is paused: as
+            # few frames of up to max_message as its iopub may queue
+            options[zmq.RCVHWM] = IOPUB_HWM
+        return Channel(_Dealer(self.factory, endpoint, on_message, identity, options, on_broken))
 
-    def sub(self, address: str, on_message: Callable[[list[bytes]], None], server_key: bytes | None = None) -> Channel:
+    def sub(
+        self,
+        address: str,
+        on_message: Callable[[list[bytes]], None],
+        server_key: bytes | None = None,
+        max_message: int | None = None,
+        on_broken: Callable[[], None] | None = None,
+    ) -> Channel:
+        """A connected SUB taking everything; ``max_message`` and ``on_broken`` as for ``dealer``."""
         endpoint = ZmqEndpoint(ZmqEndpointType.connect, address)
-        sock = _Sub(self.factory, endpoint, on_message, options=self._client_options(server_key))
+        options = self._client_options(server_key, max_message)
+        sock = _Sub(self.factory, endpoint, on_message, options=options, on_broken=on_broken)
         sock.socket.setsockopt(zmq.SUBSCRIBE, b"")
         return Channel(sock)
 

@@ -51,6 +51,23 @@ WARM_UP_CODE = "None"
 DEFAULT_NAME = "python3"
 
 
+#: a frame from a kernel may exceed --max-output-bytes by this much (message
+#: headers, and room for kernel.output's stream pieces when the cap is tiny)
+MESSAGE_MARGIN = 1 << 20
+#: the output a frame may carry when --max-output-bytes is 0 (no cap)
+UNCAPPED_MESSAGE = 64 << 20
+
+
+def message_bound(max_output_bytes: int) -> int:
+    """
+    The largest frame the daemon takes from a kernel. Output over
+    --max-output-bytes is never shown, so a frame past it plus a margin is
+    of no use to anyone; kernel.output sends large writes in pieces far
+    below this, so only a kernel bypassing it can reach the bound.
+    """
+    return (max_output_bytes or UNCAPPED_MESSAGE) + MESSAGE_MARGIN
+
+
 def kernel_address(conn: dict, channel: str) -> str:
     """The zmq address of one channel of a Jupyter connection info (ipc or tcp)."""
     if conn.get("transport") == "tcp":
@@ -61,7 +78,15 @@ def kernel_address(conn: dict, channel: str) -> str:
 class Kernel:
     """One forked kernel. States: warming -> pooled -> assigned -> dying -> dead."""
 
-    def __init__(self, info: dict, spawner: SpawnerLink, zmq, clock, on_warm: Callable[[Kernel], None] | None = None):
+    def __init__(
+        self,
+        info: dict,
+        spawner: SpawnerLink,
+        zmq,
+        clock,
+        on_warm: Callable[[Kernel], None] | None = None,
+        max_message: int | None = None,
+    ):
         self.id: str = info["id"]
         #: its kernelspec name ("python3", "sagemath"): the pool it serves
         self.name: str = info.get("name") or DEFAULT_NAME
@@ -96,13 +121,18 @@ class Kernel:
         curve = {}
         if conn.get("curve_serverkey"):
             curve = {"server_key": conn["curve_serverkey"].encode()}
+        #: no frame over this many bytes is taken from the kernel (see ``_broken``)
+        self.max_message = max_message
         for channel in CHANNELS:
             address = kernel_address(conn, channel)
             handler = self._handler(channel)
+            bound = {}
+            if max_message is not None:
+                bound = {"max_message": max_message, "on_broken": lambda channel=channel: self._broken(channel)}
             if channel == "iopub":
-                self.sockets[channel] = zmq.sub(address, handler, **curve)
+                self.sockets[channel] = zmq.sub(address, handler, **curve, **bound)
             else:
-                self.sockets[channel] = zmq.dealer(address, handler, identity, **curve)
+                self.sockets[channel] = zmq.dealer(address, handler, identity, **curve, **bound)
         self._nudge()
 
     def _nudge(self) -> None:
@@ -241,6 +271,21 @@ class Kernel:
             return False
         return sock.send(self.signer.to_wire(msg))
 
+    def _broken(self, channel: str) -> None:
+        """
+        A channel lost its connection for good: zmq dropped it because the
+        kernel sent a frame over ``max_message`` bytes (or broke the protocol
+        otherwise). Nothing more can come through it: end the kernel, saying
+        why, rather than leave its session waiting on a dead channel.
+        """
+        if self.state in ("dying", "dead"):
+            return
+        reason = f"the kernel sent a message of over {self.max_message} bytes (on {channel}), or broke the zmq protocol"
+        log.warn("kernel {kernel}: {reason}", event="kernel_message_too_large", kernel=self.id, reason=reason)
+        self.state = "dying"
+        self.death_reason = reason
+        self.spawner.kill(self.id, reason)
+
     def shutdown(self, grace: float, reason: str) -> defer.Deferred:
         """Ask nicely on control, then have the spawner SIGKILL the process group."""
         if self.state == "dead":
@@ -275,8 +320,18 @@ class Kernel:
 class KernelManager:
     """The pool of ready kernels across spawners, and every live kernel."""
 
-    def __init__(self, zmq, clock, max_kernels: int, shutdown_grace: float, wait_timeout: float = 30.0):
+    def __init__(
+        self,
+        zmq,
+        clock,
+        max_kernels: int,
+        shutdown_grace: float,
+        wait_timeout: float = 30.0,
+        max_message: int | None = None,
+    ):
         self.zmq = zmq
+        #: the largest frame taken from a kernel (``Kernel.max_message``)
+        self.max_message = max_message
         self.clock = clock
         self.max_kernels = max_kernels
         self.shutdown_grace = shutdown_grace
@@ -302,7 +357,7 @@ class KernelManager:
     def kernel_ready(self, info: dict, spawner: SpawnerLink) -> None:
         if info["id"] in self.kernels:
             return
-        kernel = Kernel(info, spawner, self.zmq, self.clock, self._kernel_warm)
+        kernel = Kernel(info, spawner, self.zmq, self.clock, self._kernel_warm, self.max_message)
         self.kernels[kernel.id] = kernel
         self.spawned += 1
         missing = tuple(info.get("missing_protections") or ())

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 from ..control import spawners
 from ..control.transport import ZmqContext
-from ..core.kernels import KernelManager
+from ..core.kernels import KernelManager, message_bound
 from ..core.sessions import SessionManager, SessionObserver
 from .health import Health
 from .metrics import Metrics
@@ -46,7 +46,13 @@ class SageCellService(service.MultiService):
         self.config = config
         self.reactor = reactor
         self.zmq = ZmqContext(reactor)
-        self.kernels = KernelManager(self.zmq, reactor, config.max_kernels, config.shutdown_grace)
+        self.kernels = KernelManager(
+            self.zmq,
+            reactor,
+            config.max_kernels,
+            config.shutdown_grace,
+            max_message=message_bound(config.max_output_bytes),
+        )
         self.sessions = SessionManager(self.kernels, config, reactor)
         self.control: spawners.ControlChannel | None = None
         #: the spawners we started: one per kernel name (each forks from its own master)

@@ -20,7 +20,10 @@ one message, which caps ``write(); flush()`` loops near 2,000 lines/s. Here:
   send returns at once (stock ipykernel does a thread round trip anyway,
   six times per execution).
 - *Bounded messages.* Once ``CHUNK`` characters wait, the IOPub thread is
-  asked to send them without waiting for its 0.2 s timer.
+  asked to send them without waiting for its 0.2 s timer; and what waits is
+  sent as stream messages of at most ``PIECE`` characters each, in order, so
+  one large ``print`` never makes one large message (the daemon refuses a
+  frame much over its output cap, see ``kernels.message_bound``).
 - *Backpressure, not loss.* The kernel's iopub socket does not drop at its
   high-water mark (``kernel.ipython`` sets ``XPUB_NODROP``), so when the daemon
   stops reading (its browser is slow) the IOPub thread blocks in send; a
@@ -43,6 +46,9 @@ COALESCE = 0.004
 FLUSH_BYTES = 32 << 10
 #: past this many unsent characters the IOPub thread is asked to send now
 CHUNK = 64 << 10
+#: the most characters one stream message carries (at most 6 bytes each as
+#: JSON, a control character escaped: 384 KiB; 64 or 128 KiB of text is usual)
+PIECE = 64 << 10
 #: a writer waits while this many characters are unsent (with the iopub
 #: high-water mark this bounds what a stalled kernel holds for its browser)
 MAX_PENDING = 1 << 20
@@ -147,6 +153,17 @@ class OutStream(iostream.OutStream):
         self._last_send = time.monotonic()
         with self._drained:
             self._drained.notify_all()
+
+    def _flush_buffers(self):
+        """What waits, per parent, in pieces of at most ``PIECE`` characters (never splitting a CR LF)."""
+        for parent, data in super()._flush_buffers():
+            start = 0
+            while start < len(data):
+                end = start + PIECE
+                if data[end - 1 : end + 1] == "\r\n":
+                    end += 1
+                yield parent, data[start:end]
+                start = end
 
     def _in_io_thread(self) -> bool:
         thread = self.pub_thread.thread if self.pub_thread is not None else None
