@@ -2,7 +2,7 @@
 """
 Where a kernel's start goes, without the daemon or the sandbox.
 
-Preloads as the fork server does (``forkserver.preload``: the default
+Preloads as the zygote does (``zygote.preload``: the default
 modules, the master-made shell), then forks kernels one at a time, each
 running ``kernel.ipython.kernel_app`` in a temporary dir as a real kernel does
 after its sandbox is set up, and prints medians of:
@@ -30,7 +30,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from sagecell_tw.kernel import ipython as ipython_kernel  # noqa: E402
-from sagecell_tw.worker import forkserver, spawner  # noqa: E402
+from sagecell_tw.worker import spawner, zygote  # noqa: E402
 
 #: IPKernelApp.initialize's steps, in order
 STEPS = (
@@ -105,7 +105,7 @@ def one_kernel(timings: list[tuple[str, float]]) -> dict:
         return json.dumps(out).encode()
 
     t0 = time.perf_counter()
-    out = forkserver.output_of_child(start, timeout=60)
+    out = zygote.output_of_child(start, timeout=60)
     shutil.rmtree(tmp, ignore_errors=True)
     if not out:
         raise SystemExit("a kernel did not start (or took over 60 s)")
@@ -125,7 +125,7 @@ def main() -> None:
     try:
         timings: list[tuple[str, float]] = []
         time_steps(timings)
-        failed = forkserver.preload(modules)
+        failed = zygote.preload(modules)
         runs = [one_kernel(timings) for _ in range(max(1, args.samples))]
     finally:
         shutil.rmtree(home, ignore_errors=True)

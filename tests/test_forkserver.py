@@ -323,8 +323,8 @@ MASTER_CHECK = r"""
 import asyncio, json, os, sys
 main, hook = sys.modules["__main__"], sys.excepthook
 from sagecell_tw.kernel import ipython as ipython_kernel
-from sagecell_tw.worker import forkserver
-failed = forkserver.preload(())
+from sagecell_tw.worker import zygote
+failed = zygote.preload(())
 import zmq
 shell = ipython_kernel.MASTER_SHELL
 print(json.dumps({

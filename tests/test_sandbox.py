@@ -24,7 +24,7 @@ from test_security import VARIANTS, Session, assert_contained, attacked, died
 
 from sagecell_tw.kernel import child as kernel_child
 from sagecell_tw.kernel import sandbox
-from sagecell_tw.worker import forkserver
+from sagecell_tw.worker import zygote
 
 pytestmark = pytest.mark.slow
 
@@ -372,7 +372,7 @@ def test_without_namespaces_landlock_alone_keeps_writes_in_the_kernel_dir(tmp_pa
         return json.dumps({"missing": missing, "got": got, "state": spec["state"], "env": dict(os.environ)}).encode()
 
     try:
-        report = json.loads(forkserver.output_of_child(child, timeout=20) or b"{}")
+        report = json.loads(zygote.output_of_child(child, timeout=20) or b"{}")
     finally:
         if os.path.exists(host_tmp):
             os.unlink(host_tmp)

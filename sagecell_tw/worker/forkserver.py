@@ -32,12 +32,9 @@ here -> front   {"event": "ready", "kernel": {...}}   (kernel["spawn_seconds"]: 
 from __future__ import annotations
 
 import errno
-import gc
-import importlib
 import json
 import os
 import select
-import shutil
 import signal
 import socket
 import stat
@@ -45,13 +42,11 @@ import struct
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import SOURCE_ROOT
 from ..files.quota import DiskQuota
 from ..files.store import UPLOAD_TEMP, disk_use
-from ..kernel import child as kernel_child
 from ..kernel import ipython as ipython_kernel
 from ..kernel import sage as sage_kernel
 from ..kernel import sandbox
@@ -139,125 +134,6 @@ class Child:
             "connection": ipython_kernel.connection_info(ipc, self.key),
             "host": config.host,
         }
-
-
-def preload(modules: tuple[str, ...], kernel_name: str = "python3") -> list[str]:
-    """
-    Import ``modules`` and whatever kernel start-up will import; return failures.
-    For Sage kernels (``kernel_name`` "sagemath"), Sage first, and a warm-up
-    once the shell is made (``kernel.sage``).
-
-    Memory: every page a kernel writes to after the fork becomes its own, so
-    the master imports with the cyclic GC off (no freed holes for the
-    children's allocations to land in) and then freezes everything it holds
-    (``gc.freeze``: no collection in a child walks, and so writes to, the
-    master's objects). See bench/bench_output.py for the PSS this buys.
-    """
-    sage = kernel_name == sage_kernel.KERNEL_NAME
-    gc.disable()
-    if sage:
-        sage_kernel.prepare()
-    import ipykernel.kernelapp  # noqa: F401
-
-    failed = []
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except Exception:
-            failed.append(name)
-    # Some of these only import once a sibling has put its vendored folder on
-    # sys.path (debugpy's pydevd): two passes settle that. What still fails
-    # was optional to kernel start-up, so it is only slower, not broken.
-    pending = _initialize_imports()
-    for _ in range(2):
-        retry = []
-        for name in pending:
-            try:
-                importlib.import_module(name)
-            except Exception:
-                retry.append(name)
-        pending = retry
-    ipython_kernel.prepare_master()
-    if sage:
-        if ipython_kernel.MASTER_SHELL is None:
-            failed.append("the Sage shell (each kernel makes its own, slower)")
-        else:
-            failed += sage_kernel.warm(ipython_kernel.MASTER_SHELL)
-    gc.freeze()
-    gc.enable()
-    return failed
-
-
-def output_of_child(work: Callable[[], bytes], timeout: float) -> bytes:
-    """
-    What ``work()`` returns, run in a forked child with stdin, stdout and
-    stderr on /dev/null; b"" if it fails or takes over ``timeout`` seconds.
-    The child is killed (by its pid) and reaped either way.
-    """
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(r)
-            null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(null, fd)
-            os.write(w, work())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    chunks = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([r], [], [], 1.0)
-        if ready:
-            chunk = os.read(r, 1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    os.close(r)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    os.waitpid(pid, 0)
-    return b"".join(chunks)
-
-
-def _initialize_imports() -> list[str]:
-    """
-    The modules a kernel imports from start-up to its first execution, learnt from a trial child.
-
-    Importing them here, once, is what makes fork-to-ready fast and keeps
-    their pages shared. The trial starts a kernel the way ``kernel.child``
-    does (same app, same plots and random-seed set-up) and runs one cell.
-    """
-    import tempfile
-
-    before = set(sys.modules)
-    tmp = tempfile.mkdtemp(prefix="sagecell-trial-")
-
-    def trial() -> bytes:
-        os.setsid()
-        os.chdir(tmp)
-        os.environ["IPYTHONDIR"] = os.path.join(tmp, "ipython")
-        os.environ["MPLCONFIGDIR"] = os.path.join(tmp, "mpl")
-        os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
-        kernel_child._reseed()
-        app = ipython_kernel.kernel_app(tmp, os.path.join(tmp, "k"), "trial")
-        app.shell.run_cell("1+1", store_history=False)
-        return json.dumps(sorted(set(sys.modules) - before)).encode()
-
-    out = output_of_child(trial, timeout=30)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        names = json.loads(out or b"[]")
-    except ValueError:
-        return []
-    # Leave out private test helpers and main-module oddities.
-    return [n for n in names if not n.startswith("__main__")]
 
 
 #: seconds between two checks of the kernels' disk use
@@ -378,7 +254,9 @@ class ForkServer:
             try:
                 self.quota = DiskQuota(config.disk_quota)
             except OSError as e:
-                sys.stderr.write(f"sagecell fork server: no inotify ({e}); disk quota checked every {QUOTA_EVERY} s only\n")
+                sys.stderr.write(
+                    f"sagecell fork server: no inotify ({e}); disk quota checked every {QUOTA_EVERY} s only\n"
+                )
 
     # -- the loop ----------------------------------------------------------
 
@@ -689,7 +567,9 @@ class ForkServer:
             else:
                 records.remove_tree(os.path.join(base, kid))
         for kid in keep - set(self.children):
-            self._send({"event": "dead", "id": kid, "status": None, "reason": "the kernel ended while no spawner watched it"})
+            self._send(
+                {"event": "dead", "id": kid, "status": None, "reason": "the kernel ended while no spawner watched it"}
+            )
 
     def _adopt(self, kid: str) -> bool:
         """Take over kernel ``kid`` if our records say which process it is and that process really is it."""

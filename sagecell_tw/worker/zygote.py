@@ -5,8 +5,9 @@ The warm master every kernel is forked from: ``python -m sagecell_tw.worker.zygo
 A forked kernel starts with a copy of all its master's memory, freed heap
 included. So this process is started clean (``posix_spawn`` of a fresh
 interpreter, by the fork server's manager) and holds code, nothing else:
-no kernel's id, key, pid or dir, no CurveZMQ secret. It preloads (forkserver.
-preload), then answers each b"F" from the manager on the SOCK_SEQPACKET
+no kernel's id, key, pid or dir, no CurveZMQ secret. It preloads
+(``preload``: ipykernel, the configured modules and what a kernel's start
+imports, learnt from a trial child), then answers each b"F" from the manager on the SOCK_SEQPACKET
 socket FD: it forks a kernel child, which picks its own id, makes its own
 dirs and key (kernel.child.run with TEMPLATE, the JSON of what all kernels
 share), and hands the manager the read end of that child's ready pipe
@@ -19,15 +20,146 @@ those exits are reaped by the system. The manager gone (EOF), this exits.
 
 from __future__ import annotations
 
+import gc
+import importlib
 import json
 import os
+import select
+import shutil
 import signal
 import socket
 import sys
+import time
 import traceback
+from collections.abc import Callable
 
 #: the manager's one command: fork a kernel
 FORK = b"F"
+
+
+def preload(modules: tuple[str, ...], kernel_name: str = "python3") -> list[str]:
+    """
+    Import ``modules`` and whatever kernel start-up will import; return failures.
+    For Sage kernels (``kernel_name`` "sagemath"), Sage first, and a warm-up
+    once the shell is made (``kernel.sage``).
+
+    Memory: every page a kernel writes to after the fork becomes its own, so
+    the master imports with the cyclic GC off (no freed holes for the
+    children's allocations to land in) and then freezes everything it holds
+    (``gc.freeze``: no collection in a child walks, and so writes to, the
+    master's objects). See bench/bench_output.py for the PSS this buys.
+    """
+    from ..kernel import ipython as ipython_kernel
+    from ..kernel import sage as sage_kernel
+
+    sage = kernel_name == sage_kernel.KERNEL_NAME
+    gc.disable()
+    if sage:
+        sage_kernel.prepare()
+    import ipykernel.kernelapp  # noqa: F401
+
+    failed = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            failed.append(name)
+    # Some of these only import once a sibling has put its vendored folder on
+    # sys.path (debugpy's pydevd): two passes settle that. What still fails
+    # was optional to kernel start-up, so it is only slower, not broken.
+    pending = _initialize_imports()
+    for _ in range(2):
+        retry = []
+        for name in pending:
+            try:
+                importlib.import_module(name)
+            except Exception:
+                retry.append(name)
+        pending = retry
+    ipython_kernel.prepare_master()
+    if sage:
+        if ipython_kernel.MASTER_SHELL is None:
+            failed.append("the Sage shell (each kernel makes its own, slower)")
+        else:
+            failed += sage_kernel.warm(ipython_kernel.MASTER_SHELL)
+    gc.freeze()
+    gc.enable()
+    return failed
+
+
+def output_of_child(work: Callable[[], bytes], timeout: float) -> bytes:
+    """
+    What ``work()`` returns, run in a forked child with stdin, stdout and
+    stderr on /dev/null; b"" if it fails or takes over ``timeout`` seconds.
+    The child is killed (by its pid) and reaped either way.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.write(w, work())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([r], [], [], 1.0)
+        if ready:
+            chunk = os.read(r, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    os.close(r)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)
+    return b"".join(chunks)
+
+
+def _initialize_imports() -> list[str]:
+    """
+    The modules a kernel imports from start-up to its first execution, learnt from a trial child.
+
+    Importing them here, once, is what makes fork-to-ready fast and keeps
+    their pages shared. The trial starts a kernel the way ``kernel.child``
+    does (same app, same plots and random-seed set-up) and runs one cell.
+    """
+    import tempfile
+
+    from ..kernel import child as kernel_child
+    from ..kernel import ipython as ipython_kernel
+
+    before = set(sys.modules)
+    tmp = tempfile.mkdtemp(prefix="sagecell-trial-")
+
+    def trial() -> bytes:
+        os.setsid()
+        os.chdir(tmp)
+        os.environ["IPYTHONDIR"] = os.path.join(tmp, "ipython")
+        os.environ["MPLCONFIGDIR"] = os.path.join(tmp, "mpl")
+        os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+        kernel_child._reseed()
+        app = ipython_kernel.kernel_app(tmp, os.path.join(tmp, "k"), "trial")
+        app.shell.run_cell("1+1", store_history=False)
+        return json.dumps(sorted(set(sys.modules) - before)).encode()
+
+    out = output_of_child(trial, timeout=30)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        names = json.loads(out or b"[]")
+    except ValueError:
+        return []
+    # Leave out private test helpers and main-module oddities.
+    return [n for n in names if not n.startswith("__main__")]
 
 
 def fork_kernel(sock: socket.socket, template: dict) -> None:
@@ -49,11 +181,10 @@ def fork_kernel(sock: socket.socket, template: dict) -> None:
 def serve(sock: socket.socket, template: dict) -> None:
     from ..kernel import sage as sage_kernel
     from ..kernel import sandbox
-    from . import forkserver
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     kernel_name = template.get("kernel_name", "python3")
-    failed = forkserver.preload(tuple(template.pop("preload", ())), kernel_name)
+    failed = preload(tuple(template.pop("preload", ())), kernel_name)
     if kernel_name == sage_kernel.KERNEL_NAME:
         limits = sage_kernel.kernel_limits(sandbox.Limits(**template["limits"]))
         template["limits"] = limits.as_json()
