@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
-import stat
 import statistics
 import struct
 import threading
 import time
 
-from benchlib import Daemon, RawWS, http, new_kernel, rss_mib, summary
+from benchlib import Daemon, RawWS, http, new_kernel, rss_mib, stored_bytes, summary
 
 BUDGET_MB = 100
 ATTACKS = ("bodies", "ws_frames", "service", "errors", "restarts", "file_scan")
@@ -117,21 +115,8 @@ def _parallel(fns) -> list:
 # -- the attacks ------------------------------------------------------------------------
 
 
-def _stored_bytes(pid: int) -> int:
-    """Bytes in the regular files ``pid`` holds open (Twisted spools request bodies to temp files)."""
-    total = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            st = os.stat(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if stat.S_ISREG(st.st_mode):
-            total += st.st_size
-    return total
-
-
 def attack_bodies(d: Daemon) -> dict:
-    stored = [_stored_bytes(d.proc.pid)]
+    stored = [stored_bytes(d.proc.pid)]
 
     def post() -> str:
         with socket.create_connection(("127.0.0.1", d.port), 30) as s:
@@ -147,7 +132,7 @@ def attack_bodies(d: Daemon) -> dict:
                     s.sendall(chunk)
                     sent += 1
                     if i == 60:
-                        stored.append(_stored_bytes(d.proc.pid))
+                        stored.append(stored_bytes(d.proc.pid))
             except OSError:
                 pass
             if early:

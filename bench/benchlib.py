@@ -26,7 +26,7 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from support import Daemon, descendants  # noqa: E402,F401  (Daemon re-exported for the benchmarks)
+from support import Daemon, descendants, stored_bytes  # noqa: E402,F401  (re-exported for the benchmarks)
 
 # -- statistics ---------------------------------------------------------------
 

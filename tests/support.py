@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import ssl
+import stat
 import subprocess
 import sys
 import tempfile
@@ -382,3 +383,16 @@ def found_in_memory(client: Client, secrets: dict[str, str]) -> list[str]:
     )
     assert reply["status"] == "ok", (reply, stdout_of(out))
     return sorted(digests[d] for d in json.loads(stdout_of(out)))
+
+
+def stored_bytes(pid: int) -> int:
+    """Bytes in the regular files ``pid`` holds open (Twisted spools request bodies to unlinked temp files)."""
+    total = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            total += st.st_size
+    return total

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import stat
 import struct
 import sys
 import threading
@@ -25,7 +24,7 @@ import time
 
 import pytest
 from fakes import FakeConnection, FakeSpawner, FakeZmq, iopub_welcome, kernel_info, wire
-from support import Daemon
+from support import Daemon, stored_bytes
 from twisted.internet import task
 from twisted.trial import unittest
 
@@ -138,7 +137,7 @@ def test_a_refused_body_sent_anyway_is_not_stored_and_the_daemon_serves_on(daemo
                     sock.sendall(chunk)
             except OSError:
                 pass
-        stored = _stored_bytes(daemon.proc.pid)  # Twisted spools bodies to unlinked temp files
+        stored = stored_bytes(daemon.proc.pid)  # Twisted spools bodies to unlinked temp files
     finally:
         for sock in socks:
             sock.close()
@@ -146,19 +145,6 @@ def test_a_refused_body_sent_anyway_is_not_stored_and_the_daemon_serves_on(daemo
     assert rss_mib(daemon.proc.pid) - rss0 < 20
     status, body, _ = daemon.request("GET", "/api/kernels", headers={"Authorization": f"token {TOKEN}"})
     assert status == 200
-
-
-def _stored_bytes(pid: int) -> int:
-    """Bytes in the regular files ``pid`` holds open."""
-    total = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            st = os.stat(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if stat.S_ISREG(st.st_mode):
-            total += st.st_size
-    return total
 
 
 def test_a_body_within_the_limit_still_works(daemon):
