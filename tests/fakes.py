@@ -10,9 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from twisted.internet import task
+from twisted.trial import unittest
+
+from sagecell_tw import config as configmod
 from sagecell_tw import messages
 from sagecell_tw.core import kernels
-from sagecell_tw.core.sessions import DAEMON_SESSION
+from sagecell_tw.core.kernels import KernelManager
+from sagecell_tw.core.sessions import DAEMON_SESSION, SessionManager
 from sagecell_tw.messages import Message
 
 # -- the daemon's zmq side ------------------------------------------------------------
@@ -176,3 +181,32 @@ def iopub_welcome(kernel) -> None:
     """Make the kernel's iopub answer, as a live subscription would, and finish its warm-up."""
     publish(kernel, messages.status("idle", "k"))
     publish(kernel, messages.status("idle", "k", {"msg_id": warm_up_request(kernel).msg_id}))
+
+
+class SessionsCase(unittest.TestCase):
+    """A SessionManager over fake kernels on a task.Clock: ``options`` are config options, as strings."""
+
+    options: dict = {}
+    max_kernels = 10
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.config = configmod.build({}, {"max_output_bytes": "1000", **self.options})
+        self.kernels = KernelManager(FakeZmq(), self.clock, self.max_kernels, shutdown_grace=1.0)
+        self.sessions = SessionManager(self.kernels, self.config, self.clock)
+        self.spawner = FakeSpawner()
+        self.n = 0
+
+    def ready_kernel(self):
+        self.n += 1
+        self.kernels.kernel_ready(kernel_info(f"k{self.n}", pid=1000 + self.n), self.spawner)
+        kernel = self.kernels.kernels[f"k{self.n}"]
+        iopub_welcome(kernel)
+        return kernel
+
+    def session_with_kernel(self, client: str = "client"):
+        self.ready_kernel()
+        session = self.sessions.create(client)
+        conn = FakeConnection()
+        self.sessions.connect(session, conn)
+        return session, conn

@@ -23,16 +23,14 @@ import threading
 import time
 
 import pytest
-from fakes import FakeConnection, FakeSpawner, FakeZmq, iopub_welcome, kernel_info, wire
+from fakes import SessionsCase, wire
 from support import Daemon, stored_bytes
 from twisted.internet import task
-from twisted.trial import unittest
 
 from sagecell_tw import config as configmod
 from sagecell_tw import messages
-from sagecell_tw.core.kernels import KernelManager
 from sagecell_tw.core.limits import RateLimit
-from sagecell_tw.core.sessions import DAEMON_SESSION, LimitExceeded, SessionManager
+from sagecell_tw.core.sessions import DAEMON_SESSION, LimitExceeded
 from sagecell_tw.messages import BadMessage, Message
 from sagecell_tw.web import files, websocket
 from sagecell_tw.web.sagecell import OutputBudget, ServiceRun, fit, reply_size
@@ -172,30 +170,12 @@ def test_a_chunked_body_over_the_limit_is_cut_off_as_it_comes(daemon):
 # -- the session manager's bounds, on a task.Clock ---------------------------------------
 
 
-class Base(unittest.TestCase):
-    options: dict = {}
+class Base(SessionsCase):
+    max_kernels = 20
 
     def setUp(self):
-        self.clock = task.Clock()
-        self.config = configmod.build({}, {"max_output_bytes": "1000", "max_restarts_per_minute": "3", **self.options})
-        self.kernels = KernelManager(FakeZmq(), self.clock, 20, shutdown_grace=1.0)
-        self.sessions = SessionManager(self.kernels, self.config, self.clock)
-        self.spawner = FakeSpawner()
-        self.n = 0
-
-    def ready_kernel(self):
-        self.n += 1
-        self.kernels.kernel_ready(kernel_info(f"k{self.n}", pid=1000 + self.n), self.spawner)
-        kernel = self.kernels.kernels[f"k{self.n}"]
-        iopub_welcome(kernel)
-        return kernel
-
-    def session_with_kernel(self, client: str = "client"):
-        self.ready_kernel()
-        session = self.sessions.create(client)
-        conn = FakeConnection()
-        self.sessions.connect(session, conn)
-        return session, conn
+        self.options = {"max_restarts_per_minute": "3", **self.options}
+        super().setUp()
 
     def browser(self, msg_type: str, channel: str = "shell", content: dict | None = None) -> Message:
         return messages.from_dict(

@@ -20,46 +20,20 @@ import uuid
 
 import pytest
 import zmq
-from fakes import FakeConnection, FakeSpawner, FakeZmq, iopub_welcome, kernel_info, wire
+from fakes import FakeConnection, SessionsCase, wire
 from support import Daemon
 from twisted.internet import task
 from twisted.trial import unittest
 
-from sagecell_tw import config as configmod
 from sagecell_tw import messages
 from sagecell_tw.control import transport as zmqtransport
-from sagecell_tw.core.kernels import KernelManager
-from sagecell_tw.core.sessions import DAEMON_SESSION, SessionManager
+from sagecell_tw.core.sessions import DAEMON_SESSION
 from sagecell_tw.messages import Message
 from sagecell_tw.worker import forkserver
 from sagecell_tw.worker.pool import BUSY, MAX_BACKOFF, START_TIMEOUT, Pool
 
 
-class Base(unittest.TestCase):
-    options: dict = {}
-
-    def setUp(self):
-        self.clock = task.Clock()
-        self.config = configmod.build({}, {"max_output_bytes": "1000", **self.options})
-        self.kernels = KernelManager(FakeZmq(), self.clock, 10, shutdown_grace=1.0)
-        self.sessions = SessionManager(self.kernels, self.config, self.clock)
-        self.spawner = FakeSpawner()
-        self.n = 0
-
-    def ready_kernel(self):
-        self.n += 1
-        self.kernels.kernel_ready(kernel_info(f"k{self.n}", pid=1000 + self.n), self.spawner)
-        kernel = self.kernels.kernels[f"k{self.n}"]
-        iopub_welcome(kernel)
-        return kernel
-
-    def session_with_kernel(self):
-        self.ready_kernel()
-        session = self.sessions.create("client")
-        conn = FakeConnection()
-        self.sessions.connect(session, conn)
-        return session, conn
-
+class Base(SessionsCase):
     def execute(self, session, conn) -> dict:
         req = messages.from_dict(
             {
@@ -472,7 +446,11 @@ def test_cap_notice_reaches_the_browser_and_the_session_works_after():
         assert reply["status"] == "ok"
         notices = [m["content"]["text"] for m in outputs if m["header"].get("session") == DAEMON_SESSION]
         assert len(notices) == 1 and "Output truncated at 204800 bytes" in notices[0], notices
-        shown = "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream" and m["header"].get("session") != DAEMON_SESSION)
+        shown = "".join(
+            m["content"]["text"]
+            for m in outputs
+            if m["msg_type"] == "stream" and m["header"].get("session") != DAEMON_SESSION
+        )
         assert "".join(f"{i}\n" for i in range(100000)).startswith(shown) and 150_000 < len(shown) <= 204_800
         assert outputs[-1]["msg_type"] == "status" and outputs[-1]["content"]["execution_state"] == "idle"
         reply, outputs = ws.run("print('still here'); 6*7")
