@@ -574,7 +574,7 @@ def test_sessions_started_as_the_spawner_dies_all_get_live_kernels():
             t.join(60)
         assert results == ["ok 42"] * 10, (results, d.log()[-5000:])
         reply, out = client.execute("print(x + 1)")
-        assert stdout_of(out) == "42\n"
+        assert stdout_of(out) == "42\n", (reply, out, d.log()[-5000:])
         kernel_pids = {int(p) for p in re.findall(r"ready \(pid (\d+)\)", d.log())}
     finally:
         d.stop()

@@ -12,19 +12,18 @@ a kernel that writes much.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 
 import pytest
-from support import msg, stdout_of
+from support import ROOT, msg, stdout_of
 from test_security import VARIANTS, Session, assert_contained, attacked, died
 
-from sagecell_tw.kernel import child as kernel_child
 from sagecell_tw.kernel import sandbox
-from sagecell_tw.worker import zygote
 
 pytestmark = pytest.mark.slow
 
@@ -318,6 +317,36 @@ print(bool(getattr(sys.modules.get("debugpy"), "is_client_connected", None) and 
 # -- without namespaces: Landlock alone ---------------------------------------------------
 
 
+#: the sandboxed child of test_without_namespaces_landlock_alone..., run in a fresh interpreter
+LANDLOCK_ALONE = r"""
+import errno, json, os, sys
+from sagecell_tw.kernel import child as kernel_child
+
+spec, host_tmp, disks = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+missing = kernel_child._enter_sandbox(spec, -1)
+got = {}
+for path in ("work-file", "../ipc/regular", "../regular", "../ipc/kernel.log", host_tmp,
+             os.path.join(spec["state"], "f"), "/dev/null"):
+    try:
+        with open(path, "a") as f:
+            f.write("x")
+        got[path] = "written"
+    except OSError as e:
+        got[path] = errno.errorcode[e.errno]
+for name in disks:
+    try:
+        os.close(os.open(f"/dev/{name}", os.O_RDONLY))
+        got[name] = "opened"
+    except OSError as e:
+        got[name] = errno.errorcode[e.errno]
+try:
+    got["pty"] = os.ttyname(os.openpty()[1])
+except OSError as e:
+    got["pty"] = errno.errorcode[e.errno]
+print(json.dumps({"missing": missing, "got": got, "state": spec["state"], "env": dict(os.environ)}))
+"""
+
+
 def test_without_namespaces_landlock_alone_keeps_writes_in_the_kernel_dir(tmp_path):
     """
     Where a kernel gets no namespaces (``--no-userns``, or a Linux without
@@ -341,42 +370,21 @@ def test_without_namespaces_landlock_alone_keeps_writes_in_the_kernel_dir(tmp_pa
     }
     host_tmp = f"/tmp/sagecell-landlock-{os.getpid()}"
 
-    def child() -> bytes:
-        missing = kernel_child._enter_sandbox(spec, -1)
-        got = {}
-        for path in (
-            "work-file",
-            "../ipc/regular",
-            "../regular",
-            "../ipc/kernel.log",
-            host_tmp,
-            os.path.join(spec["state"], "f"),
-            "/dev/null",
-        ):
-            try:
-                with open(path, "a") as f:
-                    f.write("x")
-                got[path] = "written"
-            except OSError as e:
-                got[path] = errno.errorcode[e.errno]
-        for name in host_disks():
-            try:
-                os.close(os.open(f"/dev/{name}", os.O_RDONLY))
-                got[name] = "opened"
-            except OSError as e:
-                got[name] = errno.errorcode[e.errno]
-        try:
-            got["pty"] = os.ttyname(os.openpty()[1])
-        except OSError as e:
-            got["pty"] = errno.errorcode[e.errno]
-        return json.dumps({"missing": missing, "got": got, "state": spec["state"], "env": dict(os.environ)}).encode()
-
+    # A fresh interpreter, not a fork of this one: the test process may hold
+    # threads (and their locks) from earlier tests, which a forked child
+    # would inherit locked.
     try:
-        report = json.loads(zygote.output_of_child(child, timeout=20) or b"{}")
+        done = subprocess.run(
+            [sys.executable, "-c", LANDLOCK_ALONE, json.dumps(spec), host_tmp, json.dumps(host_disks())],
+            capture_output=True,
+            timeout=30,
+            env=dict(os.environ, PYTHONPATH=ROOT),
+        )
+        report = json.loads(done.stdout or b"{}")
     finally:
         if os.path.exists(host_tmp):
             os.unlink(host_tmp)
-    assert report, "the sandboxed child reported nothing"
+    assert report, ("the sandboxed child reported nothing", done.stderr[-3000:])
     got = report["got"]
     state = str(kdir / "state")
     assert report["state"] == state and report["env"]["IPYTHONDIR"].startswith(state + "/"), report
