@@ -116,7 +116,7 @@ class Signer:
 
 @dataclass
 class Message:
-    """A message with its four JSON parts as bytes; headers parsed on demand."""
+    """A message with its four JSON parts as bytes; headers and content parsed on demand, once."""
 
     channel: str
     header: bytes
@@ -126,6 +126,8 @@ class Message:
     buffers: list[bytes] = field(default_factory=list)
     _h: dict | None = None
     _p: dict | None = None
+    #: the content, parsed already (a kernel's message is checked as it arrives)
+    _c: dict | None = None
 
     @classmethod
     def build(
@@ -178,6 +180,9 @@ class Message:
         return str(self.header_dict.get("msg_id", ""))
 
     def content_dict(self) -> dict:
+        """The content as a new dict (callers may change its keys)."""
+        if self._c is not None:
+            return dict(self._c)
         try:
             c = loads(self.content)
         except ValueError:
@@ -264,8 +269,8 @@ def from_wire(channel: str, frames: list[bytes]) -> Message:
     header = _json_object(body[0], "header")
     parent = _json_object(body[1], "parent header")
     _json_object(body[2], "metadata")
-    _json_object(body[3], "content")
-    return Message(channel, body[0], body[1], body[2], body[3], list(body[4:]), header, parent)
+    content = _json_object(body[3], "content")
+    return Message(channel, body[0], body[1], body[2], body[3], list(body[4:]), header, parent, content)
 
 
 # -- browser -> daemon ------------------------------------------------------
