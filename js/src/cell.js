@@ -2,6 +2,7 @@
 // kernel group it runs in.
 
 import { createEditor } from "./editor.js";
+import { LanguageChoice } from "./languages.js";
 import { OutputArea } from "./output.js";
 import { encodeZ } from "./permalink.js";
 
@@ -9,6 +10,7 @@ import { encodeZ } from "./permalink.js";
 export const HIDEABLE = {
     editor: ".sagecell-editor",
     evalButton: ".sagecell-evalButton",
+    language: ".sagecell-language",
     interrupt: ".sagecell-interrupt",
     files: ".sagecell-files",
     fileUpload: ".sagecell-files",
@@ -99,6 +101,7 @@ export class Cell {
         this.evalButton = button("sagecell-evalButton", o.evalButtonText || "Evaluate",
             "Run the code (Shift+Enter)");
         this.evalButton.addEventListener("click", () => this.evaluate());
+        this.languages = new LanguageChoice(o, this.server, this.group);
         this.interruptButton = button("sagecell-interrupt", "Interrupt", "Stop the running code");
         this.interruptButton.disabled = true;
         this.interruptButton.addEventListener("click", () => this.interrupt());
@@ -124,8 +127,8 @@ export class Cell {
         this.statusEl.setAttribute("role", "status");
         this.statusEl.setAttribute("aria-live", "polite");
 
-        controls.append(this.evalButton, this.interruptButton, files, this.permalinkButton,
-            this.statusEl);
+        controls.append(this.evalButton, this.languages.element, this.interruptButton, files,
+            this.permalinkButton, this.statusEl);
         root.appendChild(controls);
 
         this.uploadList = el("ul", "sagecell-uploads sagecell-files");
@@ -208,7 +211,7 @@ export class Cell {
         if (this.destroyed) {
             return;
         }
-        const code = this.getCode();
+        const source = this.getCode();
         const out = this.output;
         const run = ++this.runCounter;
         this.currentMsgId = null;
@@ -216,7 +219,9 @@ export class Cell {
         this.outRoot.hidden = false;
         out.setState("starting");
         let kernel;
+        let code;
         try {
+            code = await this.languages.wrap(source);
             kernel = await this.group.ensure();
             await this.pendingUploads();
         } catch (e) {
@@ -364,6 +369,7 @@ export class Cell {
         });
         let kernel;
         try {
+            await this.languages.ready();
             kernel = await this.group.ensure();
         } catch (e) {
             for (const rec of recs) {
@@ -400,6 +406,8 @@ export class Cell {
 
     async share() {
         const code = this.getCode();
+        const language = this.languages.language;
+        const lang = `&lang=${encodeURIComponent(language)}`;
         const box = this.shareBox;
         box.textContent = "";
         box.hidden = false;
@@ -417,12 +425,12 @@ export class Cell {
             box.appendChild(row);
         };
         try {
-            add("Permalink", `${this.server.base}/?z=${await encodeZ(code)}`);
+            add("Permalink", `${this.server.base}/?z=${await encodeZ(code)}${lang}`);
         } catch (e) {
-            add("Permalink", `${this.server.base}/?c=${encodeURIComponent(code)}`);
+            add("Permalink", `${this.server.base}/?c=${encodeURIComponent(code)}${lang}`);
         }
         try {
-            const answer = await this.server.makePermalink(code);
+            const answer = await this.server.makePermalink(code, language);
             const id = answer && (answer.query || answer.id);
             if (id) {
                 add("Short link", `${this.server.base}/?q=${encodeURIComponent(id)}`);
@@ -443,6 +451,8 @@ export class Cell {
             interrupt: () => this.interrupt(),
             getCode: () => this.getCode(),
             setCode: (code) => this.setCode(code),
+            getLanguage: () => this.languages.language,
+            setLanguage: (language) => this.languages.setLanguage(language),
             upload: (files) => this.upload(files),
             get kernelId() {
                 return cell.group.kernel ? cell.group.kernel.id : null;

@@ -5,6 +5,7 @@
 import css from "./embed.css";
 import { Cell } from "./cell.js";
 import { KernelGroup } from "./kernel.js";
+import { ALL_LANGUAGES } from "./languages.js";
 import { codeFromQuery, decodeZ, encodeZ } from "./permalink.js";
 import { detectServerURL, Server } from "./server.js";
 
@@ -71,6 +72,12 @@ function codeFromElement(input, args) {
     return input.textContent;
 }
 
+/** A cell's own language: `data-lang` on its element or on its code's <script>. */
+function languageOfElement(input) {
+    const script = input.querySelector(":scope > script[data-lang]");
+    return input.getAttribute("data-lang") || (script && script.getAttribute("data-lang")) || null;
+}
+
 function resolve(location) {
     if (typeof location === "string") {
         return Array.from(document.querySelectorAll(location));
@@ -118,7 +125,8 @@ function groupFor(server, options, callKey) {
     const full = `${server.base}|${key}`;
     let group = groups.get(full);
     if (!group) {
-        group = new KernelGroup(server, full, options.kernelName || "python3");
+        // The kernel is chosen once the server's kernels are known (languages.js).
+        group = new KernelGroup(server, full, options.kernelName || null);
         groups.set(full, group);
     }
     return group;
@@ -133,6 +141,10 @@ function makeOne(input, args, cellInfo) {
         options.code = codeFromElement(input, args);
     }
     options.code = dedent(options.code || "");
+    const lang = languageOfElement(input);
+    if (lang) {
+        options.defaultLanguage = lang;
+    }
     let output = input;
     if (args.outputLocation !== undefined) {
         output = resolve(args.outputLocation)[0] || input;
@@ -246,6 +258,9 @@ window.addEventListener("pagehide", (event) => {
 
 Object.assign(sagecell, {
     version: "0.1.0",
+    // What `languages` may name; SageMathCell's list, less what this server has no
+    // kernel for (Macaulay2, Octave, R).
+    allLanguages: [...ALL_LANGUAGES],
     templates: { ...templates, ...(sagecell.templates || {}) },
     makeSagecell,
     deleteSagecell,

@@ -44,16 +44,18 @@ export async function encodeZ(code) {
 }
 
 /**
- * The code a page URL asks for: ?c= (plain), ?z= (compressed) or ?q= (stored
- * permalink, fetched from the server). Resolves to null when there is none.
+ * The code a page URL asks for, and its language: ?c= (plain), ?z= (compressed)
+ * with ?lang=, or ?q= (stored permalink, fetched from the server, which keeps
+ * the language). Resolves to null when there is none.
  */
 export async function codeFromQuery(search, server) {
     const params = new URLSearchParams(search);
+    const language = params.get("lang") || undefined; // SageMathCell's ?z=...&lang=
     if (params.has("c")) {
-        return { code: params.get("c"), source: "c" };
+        return { code: params.get("c"), language, source: "c" };
     }
     if (params.has("z")) {
-        return { code: await decodeZ(params.get("z")), source: "z" };
+        return { code: await decodeZ(params.get("z")), language, source: "z" };
     }
     if (params.has("q")) {
         // SageMathCell answers [code, language, interacts]; accept {code, ...} too.

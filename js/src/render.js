@@ -4,6 +4,8 @@
 import { AnsiUp } from "ansi_up";
 import renderMathInElement from "katex/contrib/auto-render";
 
+import { localThreejs } from "./threejs.js";
+
 /**
  * MIME types we show, best first; the first one present wins. LaTeX before
  * HTML: what offers both (Sage's show() and typeset results: HTML with
@@ -198,7 +200,7 @@ export function renderBundle(data, metadata, server) {
         imageSize(img, mime, metadata);
         wrapper.appendChild(img);
     } else if (mime === "text/html") {
-        wrapper.appendChild(sandboxedFrame(asText(value)));
+        wrapper.appendChild(sandboxedFrame(localThreejs(asText(value), server)));
     } else if (mime === "text/latex") {
         wrapper.appendChild(latexElement(asText(value), server));
     } else {

@@ -181,6 +181,22 @@ export class Server {
         return (await response.json()).files || [];
     }
 
+    /** The kernels the server runs (GET /api/kernelspecs), its default first. */
+    async kernelNames() {
+        const response = await this.request("asking which kernels the server runs", "GET",
+            "/api/kernelspecs");
+        const body = await response.json();
+        const names = Object.keys((body && body.kernelspecs) || {});
+        if (body && names.includes(body.default)) {
+            names.splice(names.indexOf(body.default), 1);
+            names.unshift(body.default);
+        }
+        if (!names.length) {
+            throw new ServerError("The server lists no kernels (GET /api/kernelspecs)");
+        }
+        return names;
+    }
+
     /** A stored permalink: GET /permalink?q=ID -> [code, language, interacts]. */
     async getPermalink(id) {
         const response = await this.request(

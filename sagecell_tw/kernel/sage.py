@@ -240,7 +240,7 @@ def in_kernel() -> None:
     In each kernel, in its working dir, before its app starts: what it must
     not share with the master. Temporary files go to the kernel's own
     ``TMPDIR``, not the dir Python chose in the master; Sage's per-user dir
-    (``DOT_SAGE``) is made.
+    (``DOT_SAGE``) and its temp dir are made.
     """
     tempfile.tempdir = None
     os.environ.update(SAGE_ENVIRON)
@@ -255,6 +255,28 @@ def in_kernel() -> None:
         if env is not None:
             env.DOT_SAGE = os.environ["DOT_SAGE"]
     os.makedirs(os.environ["DOT_SAGE"], mode=0o700, exist_ok=True)  # the pexpect interfaces log there
+    _own_temp_dir(state)
+
+
+#: the master's temp dir of Sage (``_own_temp_dir``), kept referenced in a
+#: kernel: dropped, its finalizer would remove it, the master's own
+MASTER_TEMP: list = []
+
+
+def _own_temp_dir(state: str) -> None:
+    """
+    Sage's temporary files (``tmp_filename``: a 3D scene's page, ...) go
+    in a dir Sage made as the master imported it, in the master's /tmp: a
+    kernel with a private /tmp has no such dir, and without one kernels
+    would share it. Each kernel makes its own, in its state dir: not among
+    the visitor's files (the work dir, ``TMPDIR``), gone with the kernel.
+    """
+    temporary_file = sys.modules.get("sage.misc.temporary_file")
+    if temporary_file is None:
+        return
+    MASTER_TEMP.append(temporary_file.TMP_DIR_FILENAME_BASE)
+    where = state if os.path.isdir(state) else None
+    temporary_file.TMP_DIR_FILENAME_BASE = tempfile.TemporaryDirectory(prefix="sage_", dir=where)
 
 
 def _interfaces_here() -> None:

@@ -212,6 +212,7 @@ def routes(api: Api, compat: SageCellCompat, sockets, files: KernelFiles, permal
     policy, credentialed = api.policy, compat.policy
     index = static.File(os.path.join(STATIC, "index.html"), defaultType="text/html")
     embed = StaticFiles(os.path.join(STATIC, "embed.js"), defaultType="application/javascript")
+    threejs = threejs_files()
     return [
         Route("/", lambda: index),
         # Jupyter Server's REST API and kernel WebSockets
@@ -251,6 +252,7 @@ def routes(api: Api, compat: SageCellCompat, sockets, files: KernelFiles, permal
         Route("/permalink", lambda: permalinks),
         # the widget, for any origin to load
         Route("/embedded_sagecell.js", lambda: embed),
+        Route("/static/threejs-sage/{rest...}", lambda rest: threejs),
         Route("/static/{rest...}", lambda rest: static_dir),
         # the operator's
         Route("/healthz", lambda: health.resource("ready")),
@@ -349,6 +351,26 @@ class StaticFiles(static.File):
         f.processors = self.processors
         f.indexNames = []
         return f
+
+
+def threejs_files() -> resource.Resource:
+    """
+    three.js as Sage's 3D scenes load it (``{version}/three.min.js``): the
+    files of ``jupyter_threejs_sage``, which passagemath's plotting needs,
+    found without importing anything. The widget points scenes here
+    (js/src/threejs.js) instead of a CDN. Without it (a Python-only
+    install), a JSON 404 as for any file not there.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("jupyter_threejs_sage")
+    for where in (spec and spec.submodule_search_locations) or ():
+        path = os.path.join(where, "static")
+        if os.path.isdir(path):
+            files = StaticFiles(path, defaultType="application/javascript")
+            files.indexNames = []
+            return files
+    return _NoSuchFile()
 
 
 def build_site(svc, config, reactor) -> server.Site:
