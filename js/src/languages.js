@@ -174,7 +174,9 @@ export class LanguageChoice {
      */
     ready() {
         if (!this.settled) {
-            this.settled = serverKernels(this.server).then(
+            // A page that names its kernel need not ask the server which it runs.
+            const known = this.kernelName ? Promise.resolve([this.kernelName]) : serverKernels(this.server);
+            this.settled = known.then(
                 (names) => this.settle(names),
                 (e) => {
                     this.settled = null;
@@ -203,10 +205,10 @@ export class LanguageChoice {
 
     whyNot(kernel, kernelNames, wanted) {
         const names = wanted.map((l) => LABELS[l]).join(", ") || "no language";
-        if (!kernelNames.includes(SAGE_KERNEL)) {
-            return `This server has no Sage kernel, so it cannot run ${names} code.`;
+        if (this.kernelName || kernelNames.includes(SAGE_KERNEL)) {
+            return `A ${kernel} kernel cannot run ${names} code.`;
         }
-        return `A ${kernel} kernel cannot run ${names} code.`;
+        return `This server has no Sage kernel, so it cannot run ${names} code.`;
     }
 
     /** The code to send for the editor's code in the selected language (throws if it cannot run). */

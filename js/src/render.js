@@ -81,7 +81,7 @@ function onFrameMessage(event) {
     }
 }
 
-function frameDocument(html, id) {
+function frameDocument(html, id, head = "") {
     // The reporter runs in the frame's own opaque origin (no allow-same-origin),
     // so it can tell us its height and nothing else.
     const reporter = `(function(){var id=${JSON.stringify(id)},last=-1;
@@ -94,11 +94,14 @@ setTimeout(send,50);setTimeout(send,500);})();`;
         "<style>html{height:auto;overflow-y:hidden}body{margin:0;padding:2px;" +
         "font-family:system-ui,-apple-system,'Segoe UI',sans-serif;font-size:14px}" +
         "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:2px 6px}</style>" +
-        `<script>${reporter}</script></head><body>${html}</body></html>`;
+        `<script>${reporter}</script>${head}</head><body>${html}</body></html>`;
 }
 
-/** HTML from the kernel, isolated in a sandboxed frame (scripts, but no same origin). */
-export function sandboxedFrame(html) {
+/**
+ * HTML from the kernel, isolated in a sandboxed frame (scripts, but no same
+ * origin); `head` goes in the frame's head (our stylesheets).
+ */
+export function sandboxedFrame(html, head = "") {
     if (!listening) {
         window.addEventListener("message", onFrameMessage);
         listening = true;
@@ -111,7 +114,7 @@ export function sandboxedFrame(html) {
     iframe.setAttribute("referrerpolicy", "no-referrer");
     iframe.setAttribute("title", "HTML output");
     iframe.style.height = "20px";
-    iframe.srcdoc = frameDocument(html, id);
+    iframe.srcdoc = frameDocument(html, id, head);
     frames.set(id, iframe);
     return iframe;
 }
@@ -163,6 +166,37 @@ export function latexElement(tex, server) {
     return div;
 }
 
+// What may hold math in MathJax's delimiters: worth a look for formulas.
+const MATH_HINT = /\\\(|\\\[|\$|\\begin\{/;
+
+/**
+ * HTML whose formulas are typeset with KaTeX, with the stylesheet they need
+ * in the frame: {html, head}. Sage's html() and show() write formulas in
+ * MathJax's delimiters (\( \), $ $, \[ \]) for a page that runs MathJax,
+ * as SageMathCell's does; the frame that shows HTML runs nothing of ours, so
+ * they are typeset here, in an inert copy (a DOMParser document runs no
+ * script and loads nothing). HTML with no formula is left as it came.
+ */
+export function typesetHtml(html, server) {
+    if (!MATH_HINT.test(html) || !server) {
+        return { html, head: "" };
+    }
+    const doc = new DOMParser().parseFromString(html, "text/html");
+    try {
+        renderMathInElement(doc.body, { delimiters: KATEX_DELIMITERS, throwOnError: false, trust: false });
+    } catch (e) {
+        return { html, head: "" };
+    }
+    if (!doc.body.querySelector(".katex")) {
+        return { html, head: "" };
+    }
+    const css = server.url("/static/katex/katex.min.css").replace(/["<>&]/g, encodeURIComponent);
+    return {
+        html: doc.head.innerHTML + doc.body.innerHTML,
+        head: `<link rel="stylesheet" href="${css}">`,
+    };
+}
+
 /**
  * The DOM node for a display_data / execute_result bundle.
  * application/javascript is never run: only a note says it was skipped.
@@ -200,7 +234,8 @@ export function renderBundle(data, metadata, server) {
         imageSize(img, mime, metadata);
         wrapper.appendChild(img);
     } else if (mime === "text/html") {
-        wrapper.appendChild(sandboxedFrame(localThreejs(asText(value), server)));
+        const shown = typesetHtml(localThreejs(asText(value), server), server);
+        wrapper.appendChild(sandboxedFrame(shown.html, shown.head));
     } else if (mime === "text/latex") {
         wrapper.appendChild(latexElement(asText(value), server));
     } else {

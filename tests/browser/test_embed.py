@@ -414,6 +414,38 @@ def test_embedding_from_another_origin(page: Page, sagecell_server: str, other_o
     expect(out).to_have_text("42")
 
 
+def test_a_python_only_server_offers_python_and_html(
+    page: Page, sagecell_server: str, other_origin: OtherOrigin
+) -> None:
+    # This server runs python3 kernels only: of a SageMathCell page's languages,
+    # those that need Sage are not offered, and a cell in one of them says so.
+    body = (
+        "<div id='both'><script type='text/x-sage'>print(2^10, 7 // 2)</script></div>"
+        "<div id='page' data-lang='html'><script type='text/x-sage'><i id='made-here'>made</i></script></div>"
+        "<div id='gp' data-lang='gp'>factor(2^64 - 1)</div>"
+    )
+    script = (
+        "sagecell.makeSagecell({inputLocation: '#both, #page', autoeval: true,"
+        " languages: ['sage', 'python', 'gp', 'html']});"
+        "sagecell.makeSagecell({inputLocation: '#gp', autoeval: true});"
+    )
+    page.goto(other_origin.page("python-only.html", embed_page(sagecell_server, body, script)))
+    assert page.evaluate("sagecell.allLanguages") == ["sage", "gap", "gp", "html", "maxima", "python", "singular"]
+    select = page.locator("#both .sagecell-language select")
+    expect(select.locator("option")).to_have_text(["Python", "HTML"])
+    expect(select).to_have_value("python")
+    out = page.locator("#both .sagecell-output")
+    expect(out).to_have_attribute("data-state", "done", timeout=RUN_TIMEOUT)
+    expect(out).to_have_text("8 3")
+
+    frame = page.locator("#page .sagecell-output").frame_locator("iframe.sagecell-html-frame")
+    expect(frame.locator("i#made-here")).to_have_text("made")
+
+    expect(page.locator("#gp .sagecell-language")).to_be_hidden()
+    notice = page.locator("#gp .sagecell-output .sagecell-notice-error")
+    expect(notice).to_have_text("This server has no Sage kernel, so it cannot run GP code.")
+
+
 def test_templates_hide_parts_of_a_cell(page: Page, sagecell_server: str, other_origin: OtherOrigin) -> None:
     body = (
         "<div id='minimal'><script type='text/x-sage'>\n    print('only the output')\n</script></div>"

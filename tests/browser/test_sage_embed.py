@@ -181,6 +181,9 @@ def test_html_language_renders_html(languages_page: Page) -> None:
     out = cell_done(languages_page, "html")
     frame = out.frame_locator("iframe.sagecell-html-frame")
     expect(frame.locator("b#made-by-html")).to_have_text("bold")
+    # html() writes $x^2$ as \(x^2\), for MathJax: typeset with KaTeX, styled by its stylesheet.
+    expect(frame.locator(".katex .katex-html")).to_have_text("x2")
+    expect(frame.locator(".katex-mathml")).to_have_css("position", "absolute")
 
 
 def test_selector_switches_between_sage_and_python(languages_page: Page) -> None:
