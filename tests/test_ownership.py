@@ -22,6 +22,7 @@ client, permalinks need the token on a token daemon and are rate-limited,
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import secrets
@@ -367,7 +368,19 @@ def wait_for_log(d: Daemon, marker: str, lines: int, timeout: float = 10.0) -> s
     raise AssertionError(f"the access log has no {lines} lines with {marker}:\n{d.log()[-3000:]}")
 
 
-@pytest.mark.parametrize("path", ["/static/", "/static", "/static/katex/", "/static/katex", "/static/nope.js"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/",
+        "/static",
+        "/static/katex/",
+        "/static/katex",
+        "/static/nope.js",
+        "/static/threejs-sage/",
+        "/static/threejs-sage/r122/",
+        "/static/threejs-sage/r1/three.min.js",
+    ],
+)
 def test_static_lists_no_directory(anon, path):
     status, body, headers = anon.request("GET", path)
     assert status == 404, (status, body)
@@ -377,6 +390,17 @@ def test_static_lists_no_directory(anon, path):
 def test_static_files_still_served(anon):
     status, data, headers = anon.request("GET", "/static/embed.js")
     assert status == 200 and len(data) > 1000
+    assert headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_threejs_of_sage_scenes_is_served_where_installed(anon):
+    # The widget points Sage's 3D scenes here, not at a CDN (js/src/threejs.js).
+    status, data, headers = anon.request("GET", "/static/threejs-sage/r122/three.min.js")
+    if importlib.util.find_spec("jupyter_threejs_sage") is None:  # a Python-only install
+        assert status == 404 and data["status"] == 404, (status, data)
+        return
+    assert status == 200 and b"REVISION" in data and b"OrbitControls" in data
+    assert headers["Content-Type"].endswith("/javascript")
     assert headers["Access-Control-Allow-Origin"] == "*"
 
 
