@@ -76,7 +76,7 @@ export function kernelFor(kernelNames) {
 /** The known languages of a `languages` option, in its order; the others are reported. */
 export function knownLanguages(list) {
     const known = [];
-    for (const name of Array.from(list || [])) {
+    for (const name of typeof list === "string" ? [list] : Array.from(list || [])) {
         const language = String(name).toLowerCase();
         if (!(language in LABELS)) {
             console.warn(`sagecell: this server has no language ${JSON.stringify(name)}`);

@@ -1,7 +1,10 @@
 """
-Sage cells in headless Chromium: a page on another origin embeds cells of
-the ``sagemath`` kernel (``kernelName``) from a real daemon serving Sage and
-Python kernels. Skipped where passagemath is not installed.
+Sage cells in headless Chromium: pages on another origin embed cells from a
+real daemon serving Sage and Python kernels, by ``kernelName`` or, as pages
+written for SageMathCell do, by language (``languages``, ``data-lang``,
+``<script type="text/x-sage">``): gp, maxima, html, python and sage code,
+and Sage's output (plots, typeset ``show()``, ``html()``, 3D scenes drawn
+with three.js from this server). Skipped where passagemath is not installed.
 """
 
 from __future__ import annotations
