@@ -14,6 +14,8 @@ import os
 import tomllib
 from dataclasses import dataclass, fields
 
+from .core.grants import NAME_RE
+
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the option."""
@@ -76,6 +78,8 @@ class Config:
     interrupt_on_output_cap: bool = False
     # -- SageMathCell compatibility
     requires_tos: bool = False
+    # -- several daemons behind a load balancer
+    daemon_name: str = ""  # "" : ids name no daemon (core/grants.py)
     # -- storage
     permalink_db: str = ""  # "" : {run_dir}/permalinks.sqlite3
     permalink_db_max_size: int = 1 << 30  # bytes the permalink database may fill
@@ -139,6 +143,11 @@ class Config:
             raise ConfigError(
                 "--worker-keys: the embedded spawner has no CURVE keys; set --embedded-spawner false "
                 "(run sagecell-worker.service on this host too for local kernels)"
+            )
+        if self.daemon_name and NAME_RE.fullmatch(self.daemon_name) is None:
+            raise ConfigError(
+                f"--daemon-name must be 1 to 16 lowercase letters and digits (as the balancer names it), "
+                f"not {self.daemon_name!r}"
             )
         if not self.port:
             raise ConfigError("--port must be a Twisted endpoint string such as tcp:8888")
