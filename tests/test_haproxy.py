@@ -225,6 +225,9 @@ def test_every_request_reaches_its_daemon_and_a_dead_daemons_sessions_are_told(s
         with pytest.raises(websocket.WebSocketBadStatusException) as refused:
             Client(front, kid)
         assert refused.value.status_code == 503
+        # d2 itself says so too, should a balancer bring it one of d1's kernels (nginx's next upstream)
+        status, body, _ = daemons["d2"].request("GET", f"/api/kernels/{kid}")
+        assert status == 503 and body["message"].startswith("kernel lost: the server d1"), (status, body)
     # d2's sessions go on as if nothing happened.
     for kid, c in on_d2:
         reply, out = c.execute("x += 1\nprint(x)")
@@ -235,6 +238,15 @@ def test_every_request_reaches_its_daemon_and_a_dead_daemons_sessions_are_told(s
     assert set(served) == {"d2"}, served
     status, got, _ = front.request("GET", f"/permalink?q={made['query']}")
     assert status == 200, (status, got)
+    # Once HAProxy has marked d1 down, it answers for d1's kernels itself, as clearly.
+    deadline = time.monotonic() + 15
+    while "sagecell/d1 is DOWN" not in front.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "sagecell/d1 is DOWN" in front.log(), front.log()[-2000:]
+    for kid, _ in on_d1:
+        status, body, headers = front.request("GET", f"/api/kernels/{kid}")
+        assert status == 503 and body["message"].startswith("kernel lost: the server d1"), (status, body)
+        assert "server" not in {k.lower() for k in headers}, headers  # HAProxy's answer, not a daemon's
     for kid, c in on_d2:
         c.close()
         front.request("DELETE", f"/api/kernels/{kid}")
