@@ -117,6 +117,7 @@ def main() -> None:
 
     front, daemons = start(args.sessions)
     try:
+        idle_rss = {name: rss_mib(d.proc.pid) for name, d in daemons.items()} | {"haproxy": rss_mib(front.proc.pid)}
         t0 = time.perf_counter()
         times, kids, errors = burst(front.port, args.sessions, timeout=300)
         wall = time.perf_counter() - t0
@@ -132,7 +133,9 @@ def main() -> None:
         pids = {name: d.proc.pid for name, d in daemons.items()} | {"haproxy": front.proc.pid}
         cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         load, load_errors = under_load(front.port, kids, args.rounds)
-        cpu_ms = {name: 1000 * (cpu_seconds(pid) - cpu0[name]) / max(1, len(load)) for name, pid in pids.items()}
+        # each daemon relays its own sessions' executes; HAProxy all of them
+        executes = {name: args.rounds * n for name, n in spread.items()} | {"haproxy": len(load)}
+        cpu_ms = {name: 1000 * (cpu_seconds(pid) - cpu0[name]) / max(1, executes[name]) for name, pid in pids.items()}
         memory = {name: rss_mib(pid) for name, pid in pids.items()}
         kernels = kernel_memory(daemons, kids[:20])
         load_s = summary(load, 1000) if load else None
@@ -146,8 +149,8 @@ def main() -> None:
 
         print("  CPU per execute: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in cpu_ms.items()))
         print(
-            f"memory with {len(kids)} sessions: "
-            + ", ".join(f"{name} RSS {mib:.0f} MiB" for name, mib in memory.items())
+            f"memory with {len(kids)} sessions (and before): "
+            + ", ".join(f"{name} RSS {mib:.0f} MiB ({idle_rss[name]:.0f})" for name, mib in memory.items())
         )
         if kernels:
             print(f"  a Python kernel's private memory: median {kernels['median']:.1f} MiB (n={kernels['n']})")
@@ -175,6 +178,7 @@ def main() -> None:
             "tiny_execute_under_load_errors": load_errors[:20],
             "cpu_ms_per_execute": cpu_ms,
             "rss_mib": memory,
+            "rss_mib_before": idle_rss,
             "kernel_private_mib": kernels,
             "hop_ms": hops,
         }
