@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import subprocess
 import tempfile
 import time
 import uuid
@@ -58,13 +60,14 @@ def test_the_shipped_configuration_is_valid_haproxy():
     with tempfile.NamedTemporaryFile("w", suffix=".cfg") as f:
         f.write(render({"d1": 1, "d2": 2, "d3": 3}, 8080))
         f.flush()
-        import subprocess
-
         check = subprocess.run([binary, "-c", "-f", f.name], capture_output=True, text=True)
     assert check.returncode == 0 and "WARNING" not in check.stdout + check.stderr, check.stdout + check.stderr
 
 
 # -- two daemons behind a real HAProxy -----------------------------------------
+
+NODE = shutil.which("node")
+JUPYTER_CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jupyterlab_client")
 
 SESSIONS = 100
 #: sessions checked at once: each takes a kernel from its daemon's pool, and two cores fork them
@@ -173,6 +176,24 @@ def interrupted(front, c: Client, kid: str) -> None:
     assert time.monotonic() - t0 < 2.0
 
 
+def jupyter_client_on(front, daemon: str) -> subprocess.Popen:
+    """@jupyterlab/services with a kernel on ``daemon``, waiting for a line on stdin (tests/jupyterlab_client/lost.mjs)."""
+    assert NODE and os.path.isdir(os.path.join(JUPYTER_CLIENT, "node_modules", "@jupyterlab", "services")), (
+        "node and tests/jupyterlab_client/node_modules are needed (setup.sh installs them)"
+    )
+    proc = subprocess.Popen(
+        [NODE, "lost.mjs", front.url, daemon],
+        cwd=JUPYTER_CLIENT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    ready = json.loads(proc.stdout.readline() or "{}")
+    assert ready.get("step") == "ready" and ready["id"].startswith(daemon + "-"), ready
+    return proc
+
+
 def run_sessions(front, numbers) -> list[str]:
     with ThreadPoolExecutor(AT_ONCE) as pool:
         return list(pool.map(lambda i: check_session(front, i), numbers))
@@ -207,11 +228,14 @@ def test_every_request_reaches_its_daemon_and_a_dead_daemons_sessions_are_told(s
         reply, _ = c.execute("x = 1")
         assert reply["status"] == "ok"
         held.append((kid, c))
+    jupyter = jupyter_client_on(front, "d1")
     on_d1 = [(kid, c) for kid, c in held if kid.startswith("d1-")]
     on_d2 = [(kid, c) for kid, c in held if kid.startswith("d2-")]
     for _, c in on_d1:
         c.start_execute("import time; time.sleep(60)")
     crash(daemons["d1"])
+    jupyter.stdin.write("killed\n")
+    jupyter.stdin.flush()
 
     # Its sessions are told: the socket closes, and the kernel's URLs answer "kernel lost".
     for kid, c in on_d1:
@@ -228,6 +252,12 @@ def test_every_request_reaches_its_daemon_and_a_dead_daemons_sessions_are_told(s
         # d2 itself says so too, should a balancer bring it one of d1's kernels (nginx's next upstream)
         status, body, _ = daemons["d2"].request("GET", f"/api/kernels/{kid}")
         assert status == 503 and body["message"].startswith("kernel lost: the server d1"), (status, body)
+    # So does JupyterLab's own client library: its kernel's REST calls raise the message, and its
+    # socket is not connected (it retries, with backoff, for over a minute before "disconnected").
+    seen = json.loads(jupyter.communicate(timeout=60)[0].splitlines()[-1])
+    assert seen["step"] == "lost", seen
+    assert seen["rest"]["status"] == 503 and seen["rest"]["message"].startswith("kernel lost: the server d1"), seen
+    assert seen["connectionStatus"] != "connected" and seen["execute"], seen
     # d2's sessions go on as if nothing happened.
     for kid, c in on_d2:
         reply, out = c.execute("x += 1\nprint(x)")
