@@ -49,13 +49,19 @@ def start(sessions: int) -> tuple[HAProxy, dict[str, Daemon]]:
     return front, daemons
 
 
-def under_load(port: int, kids: list[str], rounds: int, timeout: float = 300.0) -> tuple[list[float], list[str]]:
-    """Every session's socket through ``port``, each running ``rounds`` tiny executes, all at once."""
+def under_load(
+    port: int, kids: list[str], rounds: int, on_open, timeout: float = 300.0
+) -> tuple[list[float], list[str]]:
+    """
+    Every session's socket through ``port`` opened, ``on_open()`` called once
+    they all are, then ``rounds`` tiny executes on each, all at once.
+    """
 
-    async def one(kid: str) -> tuple[list[float], str]:
+    async def rounds_on(ws) -> tuple[list[float], str]:
         times = []
+        if isinstance(ws, Exception):
+            return times, repr(ws)
         try:
-            ws = await AsyncWS.connect(port, kid)
             for _ in range(rounds):
                 payload, mid = execute("1+1", ws.session)
                 t0 = time.perf_counter()
@@ -64,16 +70,26 @@ def under_load(port: int, kids: list[str], rounds: int, timeout: float = 300.0) 
                 times.append(time.perf_counter() - t0)
                 if reply["content"].get("status") != "ok":
                     return times, f"execute failed: {reply['content']}"
-            ws.close()
             return times, ""
         except Exception as e:  # every failure is reported, none stops the others
             return times, repr(e)
+        finally:
+            ws.close()
 
     async def main():
-        return await asyncio.wait_for(asyncio.gather(*(one(k) for k in kids)), timeout)
+        sockets = await asyncio.gather(*(AsyncWS.connect(port, k) for k in kids), return_exceptions=True)
+        on_open()
+        return await asyncio.wait_for(asyncio.gather(*(rounds_on(ws) for ws in sockets)), timeout)
 
     results = asyncio.run(main())
     return [t for times, _ in results for t in times], [err for _, err in results if err]
+
+
+def open_fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
 
 
 def kernel_memory(daemons: dict[str, Daemon], kids: list[str]) -> dict | None:
@@ -118,6 +134,7 @@ def main() -> None:
     front, daemons = start(args.sessions)
     try:
         idle_rss = {name: rss_mib(d.proc.pid) for name, d in daemons.items()} | {"haproxy": rss_mib(front.proc.pid)}
+        idle_fds = {name: open_fds(d.proc.pid) for name, d in daemons.items()} | {"haproxy": open_fds(front.proc.pid)}
         t0 = time.perf_counter()
         times, kids, errors = burst(front.port, args.sessions, timeout=300)
         wall = time.perf_counter() - t0
@@ -132,7 +149,10 @@ def main() -> None:
 
         pids = {name: d.proc.pid for name, d in daemons.items()} | {"haproxy": front.proc.pid}
         cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        load, load_errors = under_load(front.port, kids, args.rounds)
+        fds: dict[str, int] = {}
+        load, load_errors = under_load(
+            front.port, kids, args.rounds, lambda: fds.update({name: open_fds(pid) for name, pid in pids.items()})
+        )
         # each daemon relays its own sessions' executes; HAProxy all of them
         executes = {name: args.rounds * n for name, n in spread.items()} | {"haproxy": len(load)}
         cpu_ms = {name: 1000 * (cpu_seconds(pid) - cpu0[name]) / max(1, executes[name]) for name, pid in pids.items()}
@@ -151,6 +171,10 @@ def main() -> None:
         print(
             f"memory with {len(kids)} sessions (and before): "
             + ", ".join(f"{name} RSS {mib:.0f} MiB ({idle_rss[name]:.0f})" for name, mib in memory.items())
+        )
+        print(
+            f"open files with {len(kids)} sessions connected (and before): "
+            + ", ".join(f"{name} {n} ({idle_fds[name]})" for name, n in fds.items())
         )
         if kernels:
             print(f"  a Python kernel's private memory: median {kernels['median']:.1f} MiB (n={kernels['n']})")
@@ -179,6 +203,8 @@ def main() -> None:
             "cpu_ms_per_execute": cpu_ms,
             "rss_mib": memory,
             "rss_mib_before": idle_rss,
+            "open_fds": fds,
+            "open_fds_before": idle_fds,
             "kernel_private_mib": kernels,
             "hop_ms": hops,
         }
