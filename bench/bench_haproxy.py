@@ -43,10 +43,14 @@ def start(sessions: int) -> tuple[HAProxy, dict[str, Daemon]]:
         max_connections_per_client=4 * per_daemon,
     )
     daemons = {name: Daemon(daemon_name=name, **options) for name in ("d1", "d2")}
-    for d in daemons.values():
-        d.start(timeout=120)
-    front = HAProxy({name: d.port for name, d in daemons.items()}).start()
-    return front, daemons
+    try:
+        for d in daemons.values():
+            d.start(timeout=120)
+        return HAProxy({name: d.port for name, d in daemons.items()}).start(), daemons
+    except BaseException:
+        for d in daemons.values():
+            d.stop()
+        raise
 
 
 def under_load(
