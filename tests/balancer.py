@@ -30,8 +30,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def render(servers: dict[str, int], port: int, shipped: str = SHIPPED) -> str:
-    """The shipped configuration, listening on 127.0.0.1:``port``, over ``servers`` (name: port) on loopback."""
+def render(servers: dict[str, int], port: int, shipped: str = SHIPPED, per_visitor: int = 4000) -> str:
+    """
+    The shipped configuration, listening on 127.0.0.1:``port``, over ``servers``
+    (name: port) on loopback, with at most ``per_visitor`` connections from one
+    address (every visitor of a test comes from 127.0.0.1).
+    """
     with open(shipped) as f:
         text = f.read()
     text, n = re.subn(r"(?m)^    bind :80$", f"    bind 127.0.0.1:{port}", text)
@@ -41,6 +45,8 @@ def render(servers: dict[str, int], port: int, shipped: str = SHIPPED) -> str:
     assert n == 1, "etc/haproxy.cfg: no block of server lines"
     # as many connections as this machine's limit of open files allows (the shipped figure needs LimitNOFILE)
     text = re.sub(r"(?m)^    maxconn \d+$", "    maxconn 4000", text)
+    text, n = re.subn(r"sc0_conn_cur gt \d+", f"sc0_conn_cur gt {per_visitor}", text)
+    assert n == 1, "etc/haproxy.cfg: no per-visitor connection limit"
     # the stats page is the operator's, on a fixed port: not in tests
     return text.split("\n# Optional: HAProxy's own page")[0]
 
@@ -48,12 +54,12 @@ def render(servers: dict[str, int], port: int, shipped: str = SHIPPED) -> str:
 class HAProxy:
     """``haproxy -db`` on the rendered configuration; ``url``/``ws_url`` as a Daemon's, for ``Client``."""
 
-    def __init__(self, servers: dict[str, int]):
+    def __init__(self, servers: dict[str, int], **options):
         self.tmp = tempfile.mkdtemp(prefix="sagecell-haproxy-")
         self.port = free_port()
         self.config = os.path.join(self.tmp, "haproxy.cfg")
         with open(self.config, "w") as f:
-            f.write(render(servers, self.port))
+            f.write(render(servers, self.port, **options))
         self.log_path = os.path.join(self.tmp, "haproxy.log")
         self.proc: subprocess.Popen | None = None
 

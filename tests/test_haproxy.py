@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import websocket
-from balancer import HAProxy, crash, haproxy_binary, render
+from balancer import HAProxy, crash, free_port, haproxy_binary, render
 from support import Client, Daemon, stdout_of
 
 from sagecell_tw import config as configmod
@@ -62,6 +63,40 @@ def test_the_shipped_configuration_is_valid_haproxy():
         f.flush()
         check = subprocess.run([binary, "-c", "-f", f.name], capture_output=True, text=True)
     assert check.returncode == 0 and "WARNING" not in check.stdout + check.stderr, check.stdout + check.stderr
+
+
+def test_haproxy_limits_the_open_connections_of_one_visitor():
+    """The daemons cannot (they see HAProxy's address): past the limit, a visitor's next connection is closed."""
+    front = HAProxy({"d1": free_port()}, per_visitor=3).start()
+    held = []
+    try:
+        held = [socket.create_connection(("127.0.0.1", front.port), timeout=5) for _ in range(3)]
+        assert poll(lambda: answered(front.port) is False), "a fourth connection was served"
+        held.pop().close()
+        assert poll(lambda: answered(front.port) is True), "a connection within the limit was refused"
+    finally:
+        for s in held:
+            s.close()
+        front.stop()
+
+
+def answered(port: int) -> bool:
+    """Whether HAProxy answers a request on a new connection (its own 503 here: no daemon is up)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            return s.recv(100).startswith(b"HTTP/1.1 503")
+    except ConnectionError:
+        return False
+
+
+def poll(condition, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
 
 
 # -- two daemons behind a real HAProxy -----------------------------------------
