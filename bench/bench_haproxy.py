@@ -31,7 +31,7 @@ from benchlib import AsyncWS, Daemon, RawWS, burst, cpu_seconds, execute, kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from balancer import HAProxy  # noqa: E402
+from balancer import HAProxy, start_all  # noqa: E402
 
 
 def start(sessions: int) -> tuple[HAProxy, dict[str, Daemon]]:
@@ -43,9 +43,8 @@ def start(sessions: int) -> tuple[HAProxy, dict[str, Daemon]]:
         max_connections_per_client=4 * per_daemon,
     )
     daemons = {name: Daemon(daemon_name=name, **options) for name in ("d1", "d2")}
+    start_all(list(daemons.values()))
     try:
-        for d in daemons.values():
-            d.start(timeout=120)
         return HAProxy({name: d.port for name, d in daemons.items()}).start(), daemons
     except BaseException:
         for d in daemons.values():

@@ -121,3 +121,15 @@ def crash(daemon: Daemon) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def start_all(daemons) -> None:
+    """Start the daemons side by side (each waits for its pool); all started, or all stopped."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(daemons)) as pool:
+        failures = [f.exception() for f in [pool.submit(d.start) for d in daemons]]
+    if any(failures):
+        for d in daemons:
+            d.stop()
+        raise next(f for f in failures if f)

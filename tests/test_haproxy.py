@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import websocket
-from balancer import HAProxy, crash, free_port, haproxy_binary, render
+from balancer import HAProxy, crash, free_port, haproxy_binary, render, start_all
 from support import Client, Daemon, stdout_of
 
 from sagecell_tw import config as configmod
@@ -126,8 +126,7 @@ def site():
     daemons = {name: Daemon(daemon_name=name, **options) for name in ("d1", "d2")}
     front = None
     try:
-        for d in daemons.values():
-            d.start()
+        start_all(list(daemons.values()))
         front = HAProxy({name: d.port for name, d in daemons.items()}).start()
         yield front, daemons
     finally:

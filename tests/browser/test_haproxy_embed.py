@@ -8,7 +8,7 @@ gets a new kernel from the other daemon.
 from __future__ import annotations
 
 import pytest
-from balancer import HAProxy, crash
+from balancer import HAProxy, crash, start_all
 from playwright.sync_api import Page, expect
 from support import Daemon
 
@@ -22,8 +22,7 @@ def site(embed_bundle):
     daemons = {name: Daemon(daemon_name=name, pool_size=2) for name in ("d1", "d2")}
     front = None
     try:
-        for d in daemons.values():
-            d.start()
+        start_all(list(daemons.values()))
         front = HAProxy({name: d.port for name, d in daemons.items()}).start()
         yield front, daemons
     finally:
