@@ -225,7 +225,7 @@ class Policy:
         """
         What a request for a ``grant`` we do not hold gets: the 404 ``message``,
         or a 503 "kernel lost" when the grant names another daemon (a balancer
-        sends it here only when that daemon is down: core/grants.py).
+        sends it here only when it cannot reach that one: core/grants.py).
         """
         lost = grants.lost_elsewhere(grant, self.config.daemon_name)
         return HTTPError(503, lost) if lost else HTTPError(404, message)
