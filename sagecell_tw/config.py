@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, fields
-
-from .core.grants import NAME_RE
 
 
 class ConfigError(ValueError):
@@ -144,7 +143,7 @@ class Config:
                 "--worker-keys: the embedded spawner has no CURVE keys; set --embedded-spawner false "
                 "(run sagecell-worker.service on this host too for local kernels)"
             )
-        if self.daemon_name and NAME_RE.fullmatch(self.daemon_name) is None:
+        if self.daemon_name and re.fullmatch(DAEMON_NAME, self.daemon_name) is None:
             raise ConfigError(
                 f"--daemon-name must be 1 to 16 lowercase letters and digits (as the balancer names it), "
                 f"not {self.daemon_name!r}"
@@ -192,6 +191,10 @@ class Config:
             "open_files": self.open_files,
         }
 
+
+#: a daemon's name (--daemon-name), as the balancer names its server (HAProxy's ``server d1 ...``);
+#: it goes into the ids the daemon makes (core/grants.py)
+DAEMON_NAME = r"[a-z0-9]{1,16}"
 
 #: the kernels a server may run: Sage (passagemath's ``sagemath`` kernel) and Python
 SAGE, PYTHON = "sagemath", "python3"

@@ -20,10 +20,10 @@ from __future__ import annotations
 import re
 import secrets
 
-#: a daemon's name: what the balancer calls its server (HAProxy's ``server d1 ...``)
-NAME_RE = re.compile(r"[a-z0-9]{1,16}")
-#: every grant we accept, with or without a daemon's name
-GRANT_RE = re.compile(r"(?:([a-z0-9]{1,16})-)?[0-9a-f]{32}")
+from ..config import DAEMON_NAME
+
+#: every grant we accept, with or without a daemon's name (config.DAEMON_NAME)
+GRANT_RE = re.compile(rf"(?:({DAEMON_NAME})-)?[0-9a-f]{{32}}")
 
 
 def new_grant(daemon: str = "") -> str:
