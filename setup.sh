@@ -28,6 +28,7 @@ done
 # namespaces for the worker-host tests), procps (pgrep).
 packages=(python3 python3-venv)
 test_packages=(chromium curl iproute2 procps)
+test_packages+=(haproxy)  # tests/test_haproxy.py, bench/bench_haproxy.py: daemons behind a real HAProxy
 if [ "${SAGECELL_TEST_PACKAGES:-1}" != 0 ]; then
     packages+=("${test_packages[@]}")
 fi

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, fields
 
@@ -76,6 +77,8 @@ class Config:
     interrupt_on_output_cap: bool = False
     # -- SageMathCell compatibility
     requires_tos: bool = False
+    # -- several daemons behind a load balancer
+    daemon_name: str = ""  # "" : ids name no daemon (core/grants.py)
     # -- storage
     permalink_db: str = ""  # "" : {run_dir}/permalinks.sqlite3
     permalink_db_max_size: int = 1 << 30  # bytes the permalink database may fill
@@ -140,6 +143,11 @@ class Config:
                 "--worker-keys: the embedded spawner has no CURVE keys; set --embedded-spawner false "
                 "(run sagecell-worker.service on this host too for local kernels)"
             )
+        if self.daemon_name and re.fullmatch(DAEMON_NAME, self.daemon_name) is None:
+            raise ConfigError(
+                f"--daemon-name must be 1 to 16 lowercase letters and digits (as the balancer names it), "
+                f"not {self.daemon_name!r}"
+            )
         if not self.port:
             raise ConfigError("--port must be a Twisted endpoint string such as tcp:8888")
         if self.kernels is not None:
@@ -183,6 +191,10 @@ class Config:
             "open_files": self.open_files,
         }
 
+
+#: a daemon's name (--daemon-name), as the balancer names its server (HAProxy's ``server d1 ...``);
+#: it goes into the ids the daemon makes (core/grants.py)
+DAEMON_NAME = r"[a-z0-9]{1,16}"
 
 #: the kernels a server may run: Sage (passagemath's ``sagemath`` kernel) and Python
 SAGE, PYTHON = "sagemath", "python3"

@@ -54,6 +54,8 @@ HELP = {
     "max_output_bytes": "output cap per execution, bytes",
     "interrupt_on_output_cap": "interrupt the code when it hits the output cap (true/false)",
     "requires_tos": "SageMathCell's /kernel and /service refuse (403) requests without accepted_tos=true (true/false)",
+    "daemon_name": "this daemon's name in the ids it makes (d1-...), for a load balancer over several daemons "
+    "to send each kernel's requests back to it (etc/haproxy.cfg); the balancer's name for its server",
     "permalink_db": "SQLite file for permalinks (default: in the run dir)",
     "permalink_db_max_size": "most bytes the permalink database may fill; new permalinks past it are refused (507)",
     "permalinks_per_minute": "new permalinks one client address may make per minute (and at once); more are refused (429)",

@@ -14,7 +14,6 @@ timeouts: no browser connected, idle, lifetime, and per-execution wall clock.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 
 from twisted.internet import defer
@@ -24,6 +23,7 @@ from twisted.python.failure import Failure
 
 from .. import messages
 from ..messages import DAEMON_SESSION, Message
+from .grants import new_grant
 from .kernels import KernelManager, NoKernelAvailable
 from .limits import Execution, Lifetimes, OutputCap, RateLimit
 from .router import Routes, WebSession
@@ -138,8 +138,9 @@ class SessionManager:
                 "shut one down first"
             )
         now = self.clock.seconds()
-        # The id is the session's capability for anonymous callers (web.policy.Policy): 128 random bits.
-        session = WebSession(secrets.token_hex(16), client, name, now, now, disconnected_since=now)
+        # The id is the session's capability for anonymous callers (web.policy.Policy): 128 random
+        # bits, after this daemon's name for the balancer to route by (core/grants.py).
+        session = WebSession(new_grant(self.config.daemon_name), client, name, now, now, disconnected_since=now)
         self.routes.add(session)
         log.info("session {session} started for {client}", event="session_start", session=session.id, client=client)
         self._tell(lambda o: o.session_started(session))

@@ -13,12 +13,12 @@ listings answer 403; with ``--token``, token holders see everything.
 
 from __future__ import annotations
 
-import secrets
 import sys
 from datetime import UTC, datetime
 
 from .. import __version__
 from ..config import PYTHON, SAGE
+from ..core.grants import new_grant
 from ..core.sessions import LimitExceeded, SessionObserver
 from .policy import HTTPError, JsonResource, Policy, Response, client_address, read_json
 
@@ -115,6 +115,8 @@ class NotebookSessions(SessionObserver):
 
     def __init__(self, sessions, limit: int):
         self.limit = limit
+        #: this daemon's name, in the ids it makes (core/grants.py)
+        self.daemon = sessions.config.daemon_name
         #: notebook-session id -> {"path", "name", "type", "kernel": WebSession, "client"}
         self.models: dict[str, dict] = {}
         #: client address -> its notebook-session ids
@@ -130,7 +132,7 @@ class NotebookSessions(SessionObserver):
 
     def add(self, client: str, kernel, fields: dict) -> str:
         self.check_room(client)
-        sid = secrets.token_hex(16)
+        sid = new_grant(self.daemon)
         self.models[sid] = {
             "path": fields.get("path", ""),
             "name": fields.get("name", ""),
@@ -301,7 +303,7 @@ class Sessions(JsonResource):
                 return self._create(request)
             raise HTTPError(405, "use /api/sessions/{id}")
         if api.policy.notebook_for(self.sid) is None:
-            raise HTTPError(404, f"no session {self.sid[:64]}")
+            raise api.policy.not_held(self.sid, f"no session {self.sid[:64]}")
         if method == b"GET":
             return notebooks.model(self.sid)
         if method == b"PATCH":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import re
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet import defer
@@ -21,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
 from .. import messages
+from ..core import grants
 from ..logs import redact_uri
 
 log = Logger()
@@ -94,8 +94,8 @@ def client_address(request) -> str:
 
 
 #: what every grant (a kernel id, a notebook-session id) looks like: 128
-#: random bits (``secrets.token_hex(16)``) as 32 lowercase hex digits
-GRANT_RE = re.compile(r"[0-9a-f]{32}")
+#: random bits as 32 lowercase hex digits, after the name of the daemon that made it, if it has one
+GRANT_RE = grants.GRANT_RE
 
 
 def token_matches(token: str, authorization: str | None, query_token: str | None) -> bool:
@@ -218,8 +218,17 @@ class Policy:
         """``session_for``, or the 404 every per-kernel route answers for "not yours"."""
         session = self.session_for(kernel_id)
         if session is None:
-            raise HTTPError(404, f"no kernel {str(kernel_id)[:64]}")
+            raise self.not_held(kernel_id, f"no kernel {str(kernel_id)[:64]}")
         return session
+
+    def not_held(self, grant, message: str) -> HTTPError:
+        """
+        What a request for a ``grant`` we do not hold gets: the 404 ``message``,
+        or a 503 "kernel lost" when the grant names another daemon (a balancer
+        sends it here only when it cannot reach that one: core/grants.py).
+        """
+        lost = grants.lost_elsewhere(grant, self.config.daemon_name)
+        return HTTPError(503, lost) if lost else HTTPError(404, message)
 
     def deny(self, request, status: int, message: str) -> bytes:
         write_json(request, status, error_body(status, message))

@@ -51,7 +51,8 @@ class KernelWebSocket(WebSocketServerProtocol):
         kernel_id = self.kernel_id
         session = policy.session_for(kernel_id)
         if session is None:
-            raise ConnectionDeny(404, f"no kernel {str(kernel_id)[:64]}")
+            refusal = policy.not_held(kernel_id, f"no kernel {str(kernel_id)[:64]}")
+            raise ConnectionDeny(refusal.status, refusal.message)
         if len(session.connections) >= config.max_sockets_per_session:
             raise ConnectionDeny(
                 429, f"session {kernel_id} already has {config.max_sockets_per_session} WebSockets open"
