@@ -38,6 +38,8 @@ class KernelWebSocket(WebSocketServerProtocol):
     #: whether it is SageMathCell's path (``/kernel/{id}/channels``) rather than Jupyter's
     kernel_id: str | None = None
     sagecell = False
+    #: the client address of the upgrade request, the visitor's behind a trusted proxy (set by the route)
+    forwarded_client: str | None = None
 
     def onConnect(self, request):
         factory = self.factory
@@ -57,7 +59,7 @@ class KernelWebSocket(WebSocketServerProtocol):
                 429, f"session {kernel_id} already has {config.max_sockets_per_session} WebSockets open"
             )
         self.session = session
-        self.client = getattr(self.transport.getPeer(), "host", None) or "?"
+        self.client = self.forwarded_client or getattr(self.transport.getPeer(), "host", None) or "?"
         self.client_sessions: set[str] = set()
         qs = parse_qs(urlsplit(request.path).query)
         sid = (request.params.get("session_id") or qs.get("session_id") or [""])[0]
