@@ -34,6 +34,9 @@ class KernelWebSocket(WebSocketServerProtocol):
 
     session = None
     framing = "default"
+    #: the Jupyter client session (``?session_id=``) and the id of the last message it had (``?last_msg_id=``)
+    session_id = ""
+    last_msg_id: str | None = None
     #: set by the route (``site.KernelSocketResource``): the kernel id in the path, and
     #: whether it is SageMathCell's path (``/kernel/{id}/channels``) rather than Jupyter's
     kernel_id: str | None = None
@@ -65,6 +68,9 @@ class KernelWebSocket(WebSocketServerProtocol):
         sid = (request.params.get("session_id") or qs.get("session_id") or [""])[0]
         if sid:
             self.client_sessions.add(sid)
+        # Who comes back after a drop, and what it saw last: what it missed is replayed (core/replay.py).
+        self.session_id = sid[:128]
+        self.last_msg_id = (request.params.get("last_msg_id") or qs.get("last_msg_id") or [""])[0][:128] or None
         if messages.V1_SUBPROTOCOL in request.protocols:
             self.framing = "v1"
             return messages.V1_SUBPROTOCOL
