@@ -125,10 +125,12 @@ export class Server {
         return model;
     }
 
-    channelsURL(kernelId, sessionId = uuid()) {
+    /** The kernel's WebSocket; `lastMsgId`: the server replays what came after it (a reconnect). */
+    channelsURL(kernelId, sessionId = uuid(), lastMsgId = null) {
         const token = this.token ? `&token=${encodeURIComponent(this.token)}` : "";
+        const last = lastMsgId ? `&last_msg_id=${encodeURIComponent(lastMsgId)}` : "";
         return this.wsURL(
-            `/api/kernels/${encodeURIComponent(kernelId)}/channels?session_id=${encodeURIComponent(sessionId)}${token}`,
+            `/api/kernels/${encodeURIComponent(kernelId)}/channels?session_id=${encodeURIComponent(sessionId)}${token}${last}`,
         );
     }
 
