@@ -76,6 +76,14 @@ export class Server {
         return this.base + (path.startsWith("/") ? path : "/" + path);
     }
 
+    /**
+     * A URL the server wrote (a file's "url"): an absolute path already holds
+     * the server's path prefix (--base-url), so it is taken from the origin.
+     */
+    resolve(href) {
+        return new URL(href, this.base + "/").href;
+    }
+
     /** ws:// or wss:// URL for a path, following the base URL's scheme. */
     wsURL(path) {
         return this.url(path).replace(/^http(s?):\/\//i, "ws$1://");
