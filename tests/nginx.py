@@ -43,11 +43,11 @@ def site_config(daemon_port: int, listen_port: int) -> str:
 class Nginx:
     """``nginx -g 'daemon off;'`` on a free loopback port, proxying ``PREFIX`` to ``daemon``."""
 
-    def __init__(self, daemon_port: int):
+    def __init__(self, daemon_port: int, port: int | None = None):
         if not os.path.exists(NGINX):
             raise RuntimeError("no nginx here (apt-get install -y nginx; setup.sh installs it for the tests)")
         self.tmp = tempfile.mkdtemp(prefix="sagecell-nginx-")
-        self.port = free_port()
+        self.port = port or free_port()
         with open(os.path.join(self.tmp, "sagecell.conf"), "w") as f:
             f.write(site_config(daemon_port, self.port))
         for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):

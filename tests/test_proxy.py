@@ -365,6 +365,30 @@ def test_a_websocket_cut_mid_output_reconnects_with_nothing_lost(site):
         delete(proxy, kid)
 
 
+def test_a_proxy_restart_mid_output_loses_nothing(site):
+    daemon, _ = site
+    proxy = Nginx(daemon.port).start()
+    try:
+        kid = new_kernel(proxy)
+        client = ProxiedClient(proxy, kid)
+        req = client.start_execute(LOOP.format(n=200, pause=0.01))
+        seen: list[dict] = []
+        while len(lines(seen)) < 30:
+            seen.append(client.recv())
+        proxy.stop()  # every connection through it goes
+        with pytest.raises((websocket.WebSocketException, OSError)):
+            for _ in range(10_000):
+                seen.append(client.recv(timeout=5))
+        proxy = Nginx(daemon.port, port=proxy.port).start()
+        client.reconnect()
+        seen += until_idle(client, req["header"]["msg_id"])
+        assert lines(seen) == list(range(200))
+        client.close()
+        delete(proxy, kid)
+    finally:
+        proxy.stop()
+
+
 def test_a_jupyter_client_coming_back_with_its_session_id_gets_what_it_missed(site):
     """No ?last_msg_id= (a plain Jupyter client): what came after its socket closed, the reply included."""
     _, proxy = site
