@@ -6,10 +6,10 @@
 import { uuid } from "./ids.js";
 
 const CONNECT_TIMEOUT_MS = 20000;
-// A dropped WebSocket is opened again, after these waits: the first at once
-// (a proxy restart), then doubling up to RECONNECT_MAX_MS, for as long as a
-// server keeps a session with nobody connected (--disconnect-timeout, 60 s
-// by default) and a little more.
+// A dropped WebSocket is opened again, after these waits: the first soon
+// (a proxy restart is over in a moment), then doubling up to RECONNECT_MAX_MS,
+// for as long as a server keeps a session with nobody connected
+// (--disconnect-timeout, 60 s by default) and a little more.
 const RECONNECT_FIRST_MS = 250;
 const RECONNECT_MAX_MS = 8000;
 const RECONNECT_GIVE_UP_MS = 90000;
@@ -60,6 +60,8 @@ export class Kernel {
         this.closeListeners = new Set();
         this.lastMsgId = null; // of the last message received: the server replays what came after
         this.reconnecting = null; // a Promise while the socket is being opened again
+        this.wakeReconnect = null; // ends the wait before the next attempt
+        this.gone = false; // the server said the session is no more
     }
 
     setStatus(status) {
@@ -159,11 +161,11 @@ export class Kernel {
             this.reconnect({ code, reason });
             return;
         }
-        this.closed_(code, reason);
+        this.lost(code, reason);
     }
 
     /** Tell every run and listener that the connection is gone for good. */
-    closed_(code, reason) {
+    lost(code, reason) {
         if (!this.closed && this.status !== "dead") {
             this.setStatus("disconnected");
         }
@@ -230,7 +232,7 @@ export class Kernel {
             }
             window.removeEventListener("online", online);
             this.reconnecting = null;
-            this.closed_(info.code, this.gone ? "the session has ended on the server" : "could not reconnect");
+            this.lost(info.code, this.gone ? "the session has ended on the server" : "could not reconnect");
             return false;
         })();
         return this.reconnecting;

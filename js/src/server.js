@@ -137,9 +137,8 @@ export class Server {
     channelsURL(kernelId, sessionId = uuid(), lastMsgId = null) {
         const token = this.token ? `&token=${encodeURIComponent(this.token)}` : "";
         const last = lastMsgId ? `&last_msg_id=${encodeURIComponent(lastMsgId)}` : "";
-        return this.wsURL(
-            `/api/kernels/${encodeURIComponent(kernelId)}/channels?session_id=${encodeURIComponent(sessionId)}${token}${last}`,
-        );
+        const query = `session_id=${encodeURIComponent(sessionId)}${token}${last}`;
+        return this.wsURL(`/api/kernels/${encodeURIComponent(kernelId)}/channels?${query}`);
     }
 
     async interruptKernel(kernelId) {

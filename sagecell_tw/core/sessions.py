@@ -417,8 +417,9 @@ class SessionManager:
         session.connections.discard(conn)
         self.resume(session, conn)
         cid = getattr(conn, "session_id", "")
-        if session.journal is not None and cid and not any(getattr(c, "session_id", "") == cid for c in session.connections):
-            session.journal.park(cid)
+        if session.journal is not None and cid:
+            if not any(getattr(c, "session_id", "") == cid for c in session.connections):
+                session.journal.park(cid)  # its last connection: what comes from now on, it misses
         if not session.connections:
             session.disconnected_since = self.clock.seconds()
 
