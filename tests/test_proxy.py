@@ -427,3 +427,23 @@ def test_past_the_replay_bound_the_newest_output_comes_back_with_a_notice(site):
         assert got.index(notice) < min(i for i, m in enumerate(got) if m["msg_type"] == "stream" and m is not notice)
     finally:
         delete(proxy, kid)
+
+
+def test_a_trusted_proxy_is_not_held_to_one_clients_connection_limit():
+    """Its connections carry many visitors (nginx limits each: limit_conn); anyone else is held to the limit."""
+    from twisted.internet.testing import StringTransport
+    from twisted.web import resource, server
+
+    from sagecell_tw.web.site import ConnectionsPerClient
+
+    counted = ConnectionsPerClient(server.Site(resource.Resource()), 2, TrustedProxies(["127.0.0.1"]))
+
+    def connect(host: str):
+        addr = IPv4Address("TCP", host, 40000)
+        protocol = counted.buildProtocol(addr)
+        if protocol is not None:
+            protocol.makeConnection(StringTransport(peerAddress=addr))
+        return protocol
+
+    assert all(connect("127.0.0.1") is not None for _ in range(5))
+    assert [connect("192.0.2.7") is not None for _ in range(3)] == [True, True, False]
