@@ -436,7 +436,8 @@ def test_a_trusted_proxy_is_not_held_to_one_clients_connection_limit():
 
     from sagecell_tw.web.site import ConnectionsPerClient
 
-    counted = ConnectionsPerClient(server.Site(resource.Resource()), 2, TrustedProxies(["127.0.0.1"]))
+    site = server.Site(resource.Resource(), timeout=None)  # no idle timer left in the global reactor
+    counted = ConnectionsPerClient(site, 2, TrustedProxies(["127.0.0.1"]))
 
     def connect(host: str):
         addr = IPv4Address("TCP", host, 40000)

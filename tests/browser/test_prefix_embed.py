@@ -31,7 +31,7 @@ BREAK_SOCKET = "() => sagecell.cells()[0].cell.group.kernel.ws.close()"
 @pytest.fixture(scope="module")
 def proxied(embed_bundle):
     """nginx in front of a daemon serving under /sagecell/ (and trusting nginx)."""
-    d = Daemon("--trusted-proxies", "127.0.0.1", base_url=PREFIX + "/", pool_size=2).start()
+    d = Daemon("--trusted-proxies", "127.0.0.1", base_url=PREFIX + "/", pool_size=2, replay_bytes="64k").start()
     proxy = None
     try:
         proxy = Nginx(d.port).start()
@@ -124,6 +124,32 @@ def test_a_socket_broken_mid_output_is_reopened_and_nothing_is_lost(page: Page, 
     start(page, "print('i is', i)")
     expect(output(page).locator(".sagecell-stdout")).to_have_text("i is 59", timeout=RUN_TIMEOUT)
     assert len(sockets) == 2
+
+
+def test_output_past_the_replay_bound_is_said_to_be_missing(page: Page, proxied: Nginx) -> None:
+    page.goto(f"{proxied.url}/")
+    start(
+        page,
+        "import time\nprint('started', flush=True)\ntime.sleep(1.5)\nfor i in range(300):\n    print(str(i).ljust(999))\n",
+    )
+    expect(output(page).locator(".sagecell-stdout")).to_have_text("started", timeout=RUN_TIMEOUT)
+    # The network goes for a few seconds: reconnect attempts fail until it is back, after the output.
+    page.evaluate(
+        "() => { const Real = window.WebSocket; window.RealWebSocket = Real;"
+        " window.WebSocket = function (url) { return new Real(url.replace(/^ws:\\/\\/[^/]+/, 'ws://127.0.0.1:9')); };"
+        " window.WebSocket.OPEN = Real.OPEN; }"
+    )
+    page.evaluate(BREAK_SOCKET)
+    page.wait_for_timeout(3000)
+    page.evaluate("() => { window.WebSocket = window.RealWebSocket; }")
+    expect(output(page)).to_have_attribute("data-state", "done", timeout=RUN_TIMEOUT)
+    expect(output(page)).to_contain_text(
+        "could not be kept for you (this server keeps the last 65536 bytes per session)"
+    )
+    printed = " ".join(output(page).locator(".sagecell-stdout").all_inner_texts()).split()
+    assert printed[0] == "started" and printed[-1] == "299"
+    tail = [int(x) for x in printed[1:]]
+    assert 10 < len(tail) < 300 and tail == list(range(300 - len(tail), 300))
 
 
 def test_reconnect_attempts_back_off_and_give_up_with_a_notice(page: Page, proxied: Nginx) -> None:
