@@ -25,9 +25,10 @@ done
 
 # python3-venv: the virtualenv. For the tests: chromium (the widget in a
 # headless browser), curl (TLS as curl speaks it), iproute2 (network
-# namespaces for the worker-host tests), procps (pgrep).
+# namespaces for the worker-host tests), procps (pgrep), nginx (the API
+# under a path prefix behind a real reverse proxy: tests/test_proxy.py).
 packages=(python3 python3-venv)
-test_packages=(chromium curl iproute2 procps)
+test_packages=(chromium curl iproute2 procps nginx)
 test_packages+=(haproxy)  # tests/test_haproxy.py, bench/bench_haproxy.py: daemons behind a real HAProxy
 if [ "${SAGECELL_TEST_PACKAGES:-1}" != 0 ]; then
     packages+=("${test_packages[@]}")

@@ -37,7 +37,8 @@ class Config:
     token: str = ""
     allow_origin: tuple[str, ...] = ("*",)
     max_message_size: int = 10 << 20
-    base_url: str = ""
+    base_url: str = ""  # "" or "/a/path": every route is served under it (normalized: no trailing slash)
+    trusted_proxies: tuple[str, ...] = ()  # addresses/CIDRs whose X-Forwarded-For/-Proto count
     max_connections_per_client: int = 256
     max_sockets_per_session: int = 32
     http_idle_timeout: float = 120.0
@@ -70,6 +71,7 @@ class Config:
     exec_timeout: float = 30.0
     idle_timeout: float = 900.0
     disconnect_timeout: float = 60.0
+    replay_bytes: int = 1 << 20  # per session: output kept for a WebSocket that reconnects
     max_lifetime: float = 4 * 3600.0
     shutdown_grace: float = 1.0
     # -- output
@@ -102,6 +104,7 @@ class Config:
             "max_connections_per_client",
             "permalink_db_max_size",
             "permalinks_per_minute",
+            "replay_bytes",
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
@@ -129,6 +132,9 @@ class Config:
         for name in ("address_space", "cpu_seconds", "processes", "file_size", "disk_quota", "max_output_bytes"):
             _positive(name.replace("_", "-"), getattr(self, name), allow_zero=True)
         _positive("max-upload-size", self.max_upload_size)
+        _positive("replay-bytes", self.replay_bytes, allow_zero=True)
+        object.__setattr__(self, "base_url", _base_url(self.base_url))
+        _check_proxies(self.trusted_proxies)
         if self.pool_size > self.max_kernels:
             raise ConfigError(f"--pool-size ({self.pool_size}) cannot exceed --max-kernels ({self.max_kernels})")
         for origin in self.allow_origin:
@@ -196,6 +202,33 @@ class Config:
 #: it goes into the ids the daemon makes (core/grants.py)
 DAEMON_NAME = r"[a-z0-9]{1,16}"
 
+
+def _base_url(value: str) -> str:
+    """``--base-url`` as ``/a/path`` (or ""): one leading slash, none trailing, plain path segments."""
+    path = value.strip()
+    if path in ("", "/"):
+        return ""
+    if not path.startswith("/"):
+        raise ConfigError(f"--base-url must be a path starting with '/', such as /sagecell/, not {value!r}")
+    segments = [s for s in path.split("/") if s]
+    for segment in segments:
+        if segment in (".", "..") or any(c in segment for c in "?#%\\") or not segment.isprintable() or " " in segment:
+            raise ConfigError(f"--base-url: {value!r} is not a plain path (no '.', '..', '?', '#', '%', spaces)")
+    return "/" + "/".join(segments)
+
+
+def _check_proxies(values: tuple[str, ...]) -> None:
+    import ipaddress
+
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"--trusted-proxies: {value!r} is not an address or network such as 127.0.0.1 or 10.0.0.0/8"
+            ) from None
+
+
 #: the kernels a server may run: Sage (passagemath's ``sagemath`` kernel) and Python
 SAGE, PYTHON = "sagemath", "python3"
 KERNEL_NAMES = (SAGE, PYTHON)
@@ -225,7 +258,7 @@ def _coerce(name: str, value, current):
         if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"--{name.replace('_', '-')} must be true or false, not {value!r}")
-    if name in ("allow_origin", "preload", "kernels"):
+    if name in ("allow_origin", "preload", "kernels", "trusted_proxies"):
         if isinstance(value, str):
             return tuple(v.strip() for v in value.split(",") if v.strip())
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):

@@ -19,7 +19,9 @@ HELP = {
     "token": "require this token (Authorization: token ..., or ?token=); empty: anonymous access",
     "allow_origin": "comma-separated origins that may use the API and WebSockets ('*' for any)",
     "max_message_size": "largest WebSocket message or JSON body, in bytes (10M, 512k ...)",
-    "base_url": "path prefix the service is mounted under (unused by default)",
+    "base_url": "path prefix every route is served under, as a reverse proxy forwards it (/sagecell/; default: none)",
+    "trusted_proxies": "comma-separated addresses or networks (127.0.0.1, 10.0.0.0/8) of reverse proxies whose "
+    "X-Forwarded-For and X-Forwarded-Proto count; from any other address they are ignored",
     "max_connections_per_client": "most open connections (HTTP and WebSocket) from one client address; more are closed at once",
     "max_sockets_per_session": "most WebSockets open to one session at once",
     "http_idle_timeout": "close an HTTP connection idle this long, seconds (WebSockets have their own pings)",
@@ -49,6 +51,8 @@ HELP = {
     "exec_timeout": "wall-clock limit of one execution, seconds (interrupt, then kill); default 30, as SageMathCell's",
     "idle_timeout": "end a session idle this long, seconds",
     "disconnect_timeout": "end a session with no browser connected this long, seconds",
+    "replay_bytes": "per session, bytes of recent output kept for a WebSocket that drops and reconnects "
+    "(within --disconnect-timeout) to replay; more and the oldest goes, with a notice (0: no replay)",
     "max_lifetime": "end any session this old, seconds",
     "shutdown_grace": "seconds between a kernel's shutdown request and SIGKILL",
     "max_output_bytes": "output cap per execution, bytes",
@@ -151,6 +155,9 @@ def makeService(options: Options):
     _more_open_files()
     top = SageCellService(config, reactor)
     site = build_site(top, config, reactor)
-    listener = strports.service(config.port, ConnectionsPerClient(site, config.max_connections_per_client), reactor=reactor)
+    from .web.proxies import TrustedProxies
+
+    counted = ConnectionsPerClient(site, config.max_connections_per_client, TrustedProxies(config.trusted_proxies))
+    listener = strports.service(config.port, counted, reactor=reactor)
     listener.setServiceParent(top)
     return top

@@ -46,6 +46,8 @@ class Daemon:
         # Python kernels unless a test asks for others: they start in
         # milliseconds where Sage's master takes seconds. kernels=None: the default.
         options.setdefault("kernels", "python3")
+        #: --base-url, where every path is served (the health check too)
+        self.prefix = (options.get("base_url") or "").rstrip("/")
         for key, value in options.items():
             if value is not None:
                 self.args += [f"--{key.replace('_', '-')}", str(value)]
@@ -93,7 +95,7 @@ class Daemon:
         """Until /healthz says ready: a spawner is connected and a warm kernel waits in the pool."""
         deadline = time.monotonic() + timeout
         tls = any(a.startswith("ssl:") for a in self.args)
-        url = (f"https://127.0.0.1:{self.port}" if tls else self.url) + "/healthz/ready"
+        url = (f"https://127.0.0.1:{self.port}" if tls else self.url) + self.prefix + "/healthz/ready"
         # Only "is a kernel ready?": the TLS tests check the certificate themselves.
         context = ssl._create_unverified_context() if tls else None
         while time.monotonic() < deadline:

@@ -31,6 +31,7 @@ const STATUS_TEXT = {
     restarting: "restarting…",
     dead: "dead",
     disconnected: "disconnected",
+    reconnecting: "connection lost, reconnecting…",
     unreachable: "server unreachable",
     closed: "closed",
 };
@@ -291,6 +292,16 @@ export class Cell {
                 } else if (c.status === "aborted") {
                     out.notice("Not run: an earlier computation in this session failed.", "info");
                     out.finish("done");
+                }
+            },
+            reconnecting: () => {
+                if (isCurrent() && (out.state === "running" || out.state === "starting")) {
+                    out.notice("The connection to the server was lost; reconnecting…", "info");
+                }
+            },
+            reconnected: () => {
+                if (isCurrent() && (out.state === "running" || out.state === "starting")) {
+                    out.notice("Reconnected: the output produced meanwhile follows.", "info");
                 }
             },
             closed: (info) => {

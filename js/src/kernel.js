@@ -6,6 +6,18 @@
 import { uuid } from "./ids.js";
 
 const CONNECT_TIMEOUT_MS = 20000;
+// A dropped WebSocket is opened again, after these waits: the first soon
+// (a proxy restart is over in a moment), then doubling up to RECONNECT_MAX_MS,
+// for as long as a server keeps a session with nobody connected
+// (--disconnect-timeout, 60 s by default) and a little more.
+const RECONNECT_FIRST_MS = 250;
+const RECONNECT_MAX_MS = 8000;
+const RECONNECT_GIVE_UP_MS = 90000;
+
+/** How long to wait before reconnect attempt `attempt` (0, 1, ...). */
+export function reconnectDelay(attempt) {
+    return Math.min(RECONNECT_MAX_MS, RECONNECT_FIRST_MS * 2 ** attempt);
+}
 const MAX_HANDLERS = 200;
 const ORPHAN_OUTPUT = ["stream", "error", "display_data"];
 
@@ -46,6 +58,10 @@ export class Kernel {
         this.lastHandler = null; // of the latest execute_request
         this.statusListeners = new Set();
         this.closeListeners = new Set();
+        this.lastMsgId = null; // of the last message received: the server replays what came after
+        this.reconnecting = null; // a Promise while the socket is being opened again
+        this.wakeReconnect = null; // ends the wait before the next attempt
+        this.gone = false; // the server said the session is no more
     }
 
     setStatus(status) {
@@ -86,7 +102,7 @@ export class Kernel {
     }
 
     connect() {
-        const url = this.server.channelsURL(this.id, this.sessionId);
+        const url = this.server.channelsURL(this.id, this.sessionId, this.lastMsgId);
         return new Promise((resolve, reject) => {
             let opened = false;
             let ws;
@@ -113,12 +129,19 @@ export class Kernel {
                 }
                 resolve();
             };
-            ws.onmessage = (event) => this.onFrame(event.data);
+            ws.onmessage = (event) => {
+                if (this.ws === ws) {
+                    this.onFrame(event.data);
+                }
+            };
             ws.onerror = () => {
                 // The close event that follows carries the code and reason.
             };
             ws.onclose = (event) => {
                 clearTimeout(timer);
+                if (this.ws !== ws) {
+                    return; // a socket replaced by a newer one
+                }
                 this.ws = null;
                 if (!opened) {
                     this.setStatus("disconnected");
@@ -134,6 +157,15 @@ export class Kernel {
     }
 
     onClose(code, reason) {
+        if (!this.closed && this.status !== "dead" && this.id) {
+            this.reconnect({ code, reason });
+            return;
+        }
+        this.lost(code, reason);
+    }
+
+    /** Tell every run and listener that the connection is gone for good. */
+    lost(code, reason) {
         if (!this.closed && this.status !== "dead") {
             this.setStatus("disconnected");
         }
@@ -156,6 +188,90 @@ export class Kernel {
         }
     }
 
+    /**
+     * The socket dropped while the session lives: open it again with backoff
+     * (reconnectDelay), telling runs and status listeners, until it opens,
+     * the server says the session is gone, or RECONNECT_GIVE_UP_MS pass.
+     * The server replays what was sent after lastMsgId.
+     */
+    reconnect(info) {
+        if (this.reconnecting) {
+            return this.reconnecting;
+        }
+        this.setStatus("reconnecting");
+        this.tellHandlers("reconnecting", info);
+        const started = Date.now();
+        const online = () => this.reconnectNow();
+        window.addEventListener("online", online);
+        this.reconnecting = (async () => {
+            for (let attempt = 0; !this.closed; attempt++) {
+                await new Promise((resolve) => {
+                    const timer = setTimeout(resolve, reconnectDelay(attempt));
+                    this.wakeReconnect = () => {
+                        clearTimeout(timer);
+                        resolve();
+                    };
+                });
+                this.wakeReconnect = null;
+                if (this.closed) {
+                    break;
+                }
+                try {
+                    await this.connect();
+                    window.removeEventListener("online", online);
+                    this.reconnecting = null;
+                    this.tellHandlers("reconnected", { attempts: attempt + 1 });
+                    return true;
+                } catch (e) {
+                    // Refused, or no answer: is the session still there?
+                }
+                if (await this.sessionGone() || Date.now() - started > RECONNECT_GIVE_UP_MS) {
+                    break;
+                }
+                this.setStatus("reconnecting");
+            }
+            window.removeEventListener("online", online);
+            this.reconnecting = null;
+            this.lost(info.code, this.gone ? "the session has ended on the server" : "could not reconnect");
+            return false;
+        })();
+        return this.reconnecting;
+    }
+
+    /** Try the next reconnect now (the browser says it is online again). */
+    reconnectNow() {
+        if (this.wakeReconnect) {
+            this.wakeReconnect();
+        }
+    }
+
+    async sessionGone() {
+        try {
+            const response = await fetch(this.server.url(`/api/kernels/${encodeURIComponent(this.id)}`), {
+                headers: this.server.token ? { Authorization: `token ${this.server.token}` } : {},
+                mode: "cors",
+                credentials: "omit",
+                cache: "no-store",
+            });
+            this.gone = response.status === 404;
+        } catch (e) {
+            this.gone = false; // unreachable: it may come back
+        }
+        return this.gone;
+    }
+
+    tellHandlers(what, info) {
+        for (const handler of this.handlers.values()) {
+            if (handler[what]) {
+                try {
+                    handler[what](info);
+                } catch (e) {
+                    console.error(e);
+                }
+            }
+        }
+    }
+
     onFrame(data) {
         let msg;
         try {
@@ -163,6 +279,9 @@ export class Kernel {
         } catch (e) {
             console.warn("sagecell: could not decode a message from the server", e);
             return;
+        }
+        if (msg.header && msg.header.msg_id) {
+            this.lastMsgId = msg.header.msg_id;
         }
         const channel = msg.channel || "iopub";
         const msgType = msg.header ? msg.header.msg_type : msg.msg_type;
@@ -277,6 +396,7 @@ export class Kernel {
         }
         this.closed = true;
         this.setStatus("closed");
+        this.reconnectNow();
         if (this.ws) {
             try {
                 this.ws.close(1000, "closed by the page");
@@ -329,6 +449,10 @@ export class KernelGroup {
     ensure() {
         if (this.kernel && this.kernel.alive) {
             return Promise.resolve(this.kernel);
+        }
+        if (this.kernel && this.kernel.reconnecting) {
+            // Its socket is being opened again: wait for it rather than lose the session.
+            return this.kernel.reconnecting.then(() => this.ensure());
         }
         if (this.starting) {
             return this.starting;

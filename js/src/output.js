@@ -277,7 +277,7 @@ export class OutputArea {
             }
             const item = el("li", "sagecell-file");
             item.dataset.path = f.path;
-            const href = this.server.url(f.url || "") + (f.mtime ? `?v=${encodeURIComponent(f.mtime)}` : "");
+            const href = this.server.resolve(f.url || "") + (f.mtime ? `?v=${encodeURIComponent(f.mtime)}` : "");
             const a = el("a", "sagecell-file-link", f.path);
             a.href = href;
             a.download = f.path.split("/").pop();

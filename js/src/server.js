@@ -76,6 +76,14 @@ export class Server {
         return this.base + (path.startsWith("/") ? path : "/" + path);
     }
 
+    /**
+     * A URL the server wrote (a file's "url"): an absolute path already holds
+     * the server's path prefix (--base-url), so it is taken from the origin.
+     */
+    resolve(href) {
+        return new URL(href, this.base + "/").href;
+    }
+
     /** ws:// or wss:// URL for a path, following the base URL's scheme. */
     wsURL(path) {
         return this.url(path).replace(/^http(s?):\/\//i, "ws$1://");
@@ -125,11 +133,12 @@ export class Server {
         return model;
     }
 
-    channelsURL(kernelId, sessionId = uuid()) {
+    /** The kernel's WebSocket; `lastMsgId`: the server replays what came after it (a reconnect). */
+    channelsURL(kernelId, sessionId = uuid(), lastMsgId = null) {
         const token = this.token ? `&token=${encodeURIComponent(this.token)}` : "";
-        return this.wsURL(
-            `/api/kernels/${encodeURIComponent(kernelId)}/channels?session_id=${encodeURIComponent(sessionId)}${token}`,
-        );
+        const last = lastMsgId ? `&last_msg_id=${encodeURIComponent(lastMsgId)}` : "";
+        const query = `session_id=${encodeURIComponent(sessionId)}${token}${last}`;
+        return this.wsURL(`/api/kernels/${encodeURIComponent(kernelId)}/channels?${query}`);
     }
 
     async interruptKernel(kernelId) {

@@ -50,6 +50,8 @@ class WebSession:
     #: iopub held back (from an execution's "idle" on) until the news of its
     #: files, which comes from a worker host, is out
     hold: IopubHold = field(default_factory=IopubHold)
+    #: what was delivered lately, for connections that drop and come back (replay.Journal; None: no replay)
+    journal: Any = None
 
     def model(self) -> dict:
         """The Jupyter Server kernel model."""

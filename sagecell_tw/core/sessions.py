@@ -26,6 +26,7 @@ from ..messages import DAEMON_SESSION, Message
 from .grants import new_grant
 from .kernels import KernelManager, NoKernelAvailable
 from .limits import Execution, Lifetimes, OutputCap, RateLimit
+from .replay import Journal
 from .router import Routes, WebSession
 
 log = Logger()
@@ -141,6 +142,8 @@ class SessionManager:
         # The id is the session's capability for anonymous callers (web.policy.Policy): 128 random
         # bits, after this daemon's name for the balancer to route by (core/grants.py).
         session = WebSession(new_grant(self.config.daemon_name), client, name, now, now, disconnected_since=now)
+        replay_bytes = getattr(self.config, "replay_bytes", 0)
+        session.journal = Journal(replay_bytes) if replay_bytes else None
         self.routes.add(session)
         log.info("session {session} started for {client}", event="session_start", session=session.id, client=client)
         self._tell(lambda o: o.session_started(session))
@@ -369,14 +372,55 @@ class SessionManager:
     # -- connections ----------------------------------------------------------
 
     def connect(self, session: WebSession, conn) -> None:
+        """
+        A WebSocket opened. One that names a client session
+        (``conn.session_id``) seen before gets what was delivered for it
+        while it was away (``replay.Journal``), and replaces any connection
+        of that client session still open here: that one is stale (its
+        network went away unnoticed) and would only hold the output back.
+        """
+        cid = getattr(conn, "session_id", "")
+        if cid:
+            for stale in [c for c in session.connections if getattr(c, "session_id", "") == cid]:
+                stale.close_for("replaced by a new connection of the same client session")
+                self.disconnect(session, stale)
         session.connections.add(conn)
         session.disconnected_since = None
+        if session.journal is not None and cid:
+            self._replay(session, conn, session.journal.resume(cid, getattr(conn, "last_msg_id", None)))
         conn.deliver(messages.status(session.execution_state, DAEMON_SESSION))
         self._ensure_kernel(session).addErrback(lambda _f: None)
 
+    def _replay(self, session: WebSession, conn, replay) -> None:
+        if replay.lost:
+            limit = session.journal.limit
+            notice = (
+                f"\n[sagecell] The connection was lost for a while: {replay.lost} messages of output "
+                f"(about {replay.lost_bytes} bytes) produced meanwhile could not be kept for you "
+                f"(this server keeps the last {limit} bytes per session) and are missing here.\n"
+            )
+            self._tell(lambda o: o.limit_hit(session, "replay_bytes"))
+            conn.deliver(messages.stream(notice, DAEMON_SESSION))
+        for msg in replay.messages:
+            conn.deliver(msg)
+        if replay.messages or replay.lost:
+            log.info(
+                "replayed {n} messages to a reconnected client of session {session} ({lost} lost)",
+                event="ws_replay",
+                session=session.id,
+                n=len(replay.messages),
+                lost=replay.lost,
+            )
+
     def disconnect(self, session: WebSession, conn) -> None:
+        if conn not in session.connections:
+            return
         session.connections.discard(conn)
         self.resume(session, conn)
+        cid = getattr(conn, "session_id", "")
+        if session.journal is not None and cid:
+            if not any(getattr(c, "session_id", "") == cid for c in session.connections):
+                session.journal.park(cid)  # its last connection: what comes from now on, it misses
         if not session.connections:
             session.disconnected_since = self.clock.seconds()
 
@@ -487,6 +531,8 @@ class SessionManager:
         if parent.get("session") == DAEMON_SESSION:
             return  # a reply to the daemon's own request
         target = str(parent.get("session", ""))
+        if session.journal is not None:
+            session.journal.record(msg, _size(msg), target)
         conns = [c for c in session.connections if target in c.client_sessions]
         for conn in conns or list(session.connections):
             conn.deliver(msg)
@@ -534,7 +580,10 @@ class SessionManager:
         self._deliver(session, [msg])
 
     def _deliver(self, session: WebSession, msgs: list[Message]) -> None:
+        journal = session.journal
         for msg in msgs:
+            if journal is not None:
+                journal.record(msg, _size(msg))
             for conn in list(session.connections):
                 conn.deliver(msg)
 

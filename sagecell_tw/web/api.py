@@ -237,7 +237,7 @@ class Kernels(JsonResource):
             if not isinstance(body, dict):
                 raise HTTPError(400, "the body must be a JSON object")
             session = api.new_kernel(request, body.get("name"))
-            return Response(201, session.model(), {"Location": f"/api/kernels/{session.id}"})
+            return Response(201, session.model(), {"Location": f"{api.config.base_url}/api/kernels/{session.id}"})
         api.refuse_listing("kernels")
         return [s.model() for s in api.sessions.routes]
 
@@ -342,7 +342,7 @@ class Sessions(JsonResource):
         else:
             session = api.new_kernel(request, kernel.get("name"))
         sid = api.notebooks.add(client, session, fields)
-        return Response(201, api.notebooks.model(sid), {"Location": f"/api/sessions/{sid}"})
+        return Response(201, api.notebooks.model(sid), {"Location": f"{api.config.base_url}/api/sessions/{sid}"})
 
     def _patch(self, request):
         api = self.api

@@ -125,7 +125,7 @@ def parse_seconds(value, name: str, default: float) -> float:
 
 def ws_base(request, base_url: str = "") -> str:
     """What SageMathCell calls ``ws_url``: ``ws://host/``, the socket's base."""
-    secure = request.isSecure() or (request.getHeader(b"x-forwarded-proto") or b"").lower() == b"https"
+    secure = request.isSecure()  # or a trusted proxy's X-Forwarded-Proto says so (proxies.ForwardedRequest)
     host = (request.getHeader(b"host") or b"").decode("ascii", errors="replace")
     if not _HOST_RE.fullmatch(host):
         addr = request.getHost()

@@ -26,7 +26,8 @@ from . import api as jupyter
 from . import sagecell
 from .api import Api
 from .files import KernelFiles
-from .policy import LimitedRequest, NotFound, error_body, write_json
+from .policy import LimitedRequest, NotFound, client_address, error_body, write_json
+from .proxies import ForwardedRequest, TrustedProxies
 from .sagecell import SageCellCompat
 from .websocket import KernelWebSocketFactory
 
@@ -77,9 +78,12 @@ class ConnectionsPerClient(WrappingFactory):
 
     protocol = _Counted
 
-    def __init__(self, site: server.Site, limit: int):
+    def __init__(self, site: server.Site, limit: int, proxies: TrustedProxies | None = None):
         super().__init__(site)
         self.limit = limit
+        #: --trusted-proxies: each carries many visitors' connections, so it is not held to one
+        #: client's limit (the proxy limits its visitors: etc/nginx-sagecell.conf's limit_conn)
+        self.proxies = proxies or TrustedProxies()
         #: client address -> the sockets of its open connections
         self.open: dict[str, set] = {}
         self.refused = 0
@@ -103,7 +107,7 @@ class ConnectionsPerClient(WrappingFactory):
         if self._built % 1024 == 0:
             for other in list(self.open):
                 self._live(other)
-        if len(self._live(host)) >= self.limit:
+        if len(self._live(host)) >= self.limit and not self.proxies.trusts(host):
             self.refused += 1
             if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
                 log.warn(
@@ -162,6 +166,7 @@ class KernelSocketResource(WebSocketResource):
     def render(self, request):
         if request.getHeader(b"upgrade") is None and self.policy.session_for(self.kernel_id) is None:
             return NotFound(self.policy).render(request)  # a plain GET for a kernel that is not there
+        self._factory.client = client_address(request)  # the visitor's, behind a trusted proxy
         channel = request.channel
         if isinstance(channel.transport, _Counted):
             channel.transport = channel.transport.hand_over()
@@ -178,12 +183,15 @@ class _BoundFactory:
         self.factory = factory
         self.kernel_id = kernel_id
         self.sagecell = sagecell
+        #: the client address of the upgrade request (``ForwardedRequest``)
+        self.client: str | None = None
 
     def buildProtocol(self, addr):
         protocol = self.factory.buildProtocol(addr)
         if protocol is not None:
             protocol.kernel_id = self.kernel_id
             protocol.sagecell = self.sagecell
+            protocol.forwarded_client = self.client
         return protocol
 
 
@@ -271,13 +279,23 @@ class Root(resource.Resource):
     a JSON 404.
     """
 
-    def __init__(self, table: list[Route], policy):
+    def __init__(self, table: list[Route], policy, base_url: str = ""):
         super().__init__()
         self.table = [(_segments(route.path), route.serve) for route in table]
         self.policy = policy
+        #: --base-url's segments: every route lies under them, and nothing else is served
+        self.prefix = [p.encode() for p in _segments(base_url)]
 
     def getChild(self, name, request):
         path = [name] + request.postpath
+        prefix = self.prefix
+        if prefix:
+            if path[: len(prefix)] != prefix:
+                return NotFound(self.policy)
+            if len(path) == len(prefix):
+                return _ToSlash(self.policy)  # "/prefix": the page's relative links need "/prefix/"
+            request.prepath += prefix
+            path = path[len(prefix) :]
         for pattern, serve in self.table:
             found = _match(pattern, path)
             if found is None:
@@ -318,6 +336,25 @@ def _match(pattern: list[str], path: list[bytes]) -> tuple[dict, list[bytes]] | 
     if tail:
         values["rest"] = [p.decode(errors="replace") for p in rest]
     return values, rest
+
+
+class _ToSlash(resource.Resource):
+    """``/prefix`` (the --base-url without its slash): a redirect to ``/prefix/``, query kept (``?z=``)."""
+
+    isLeaf = True
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def render(self, request):
+        if request.method not in (b"GET", b"HEAD"):
+            return NotFound(self.policy).render(request)
+        path, sep, query = request.uri.partition(b"?")
+        request.setResponseCode(301)
+        request.setHeader(b"location", path + b"/" + sep + query)
+        request.setHeader(b"content-length", b"0")
+        return b""
 
 
 class _NoSuchFile(resource.Resource):
@@ -394,9 +431,11 @@ def build_site(svc, config, reactor) -> server.Site:
         )
     )
     table = routes(api, compat, sockets, api.files, permalinks, static_dir, svc.health, svc.metrics.resource())
-    site = server.Site(Root(table, api.policy), timeout=config.http_idle_timeout, logFormatter=access_log_line)
+    root = Root(table, api.policy, config.base_url)
+    site = server.Site(root, timeout=config.http_idle_timeout, logFormatter=access_log_line)
     site.displayTracebacks = False
     limits = {"json": config.max_message_size, "upload": config.max_upload_size}
-    request_factory = type("Request", (LimitedRequest,), {"body_limits": limits})
+    proxies = TrustedProxies(config.trusted_proxies)
+    request_factory = type("Request", (ForwardedRequest, LimitedRequest), {"body_limits": limits, "proxies": proxies})
     site.requestFactory = request_factory
     return site

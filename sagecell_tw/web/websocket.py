@@ -34,10 +34,15 @@ class KernelWebSocket(WebSocketServerProtocol):
 
     session = None
     framing = "default"
+    #: the Jupyter client session (``?session_id=``) and the id of the last message it had (``?last_msg_id=``)
+    session_id = ""
+    last_msg_id: str | None = None
     #: set by the route (``site.KernelSocketResource``): the kernel id in the path, and
     #: whether it is SageMathCell's path (``/kernel/{id}/channels``) rather than Jupyter's
     kernel_id: str | None = None
     sagecell = False
+    #: the client address of the upgrade request, the visitor's behind a trusted proxy (set by the route)
+    forwarded_client: str | None = None
 
     def onConnect(self, request):
         factory = self.factory
@@ -58,12 +63,15 @@ class KernelWebSocket(WebSocketServerProtocol):
                 429, f"session {kernel_id} already has {config.max_sockets_per_session} WebSockets open"
             )
         self.session = session
-        self.client = getattr(self.transport.getPeer(), "host", None) or "?"
+        self.client = self.forwarded_client or getattr(self.transport.getPeer(), "host", None) or "?"
         self.client_sessions: set[str] = set()
         qs = parse_qs(urlsplit(request.path).query)
         sid = (request.params.get("session_id") or qs.get("session_id") or [""])[0]
         if sid:
             self.client_sessions.add(sid)
+        # Who comes back after a drop, and what it saw last: what it missed is replayed (core/replay.py).
+        self.session_id = sid[:128]
+        self.last_msg_id = (request.params.get("last_msg_id") or qs.get("last_msg_id") or [""])[0][:128] or None
         if messages.V1_SUBPROTOCOL in request.protocols:
             self.framing = "v1"
             return messages.V1_SUBPROTOCOL
