@@ -28,6 +28,8 @@ done
 # namespaces for the worker-host tests), procps (pgrep).
 packages=(python3 python3-venv)
 test_packages=(chromium curl iproute2 procps)
+# postgresql: a server of their own for the tests of the PostgreSQL permalink store.
+test_packages+=(postgresql)
 if [ "${SAGECELL_TEST_PACKAGES:-1}" != 0 ]; then
     packages+=("${test_packages[@]}")
 fi

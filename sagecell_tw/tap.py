@@ -54,7 +54,8 @@ HELP = {
     "max_output_bytes": "output cap per execution, bytes",
     "interrupt_on_output_cap": "interrupt the code when it hits the output cap (true/false)",
     "requires_tos": "SageMathCell's /kernel and /service refuse (403) requests without accepted_tos=true (true/false)",
-    "permalink_db": "SQLite file for permalinks (default: in the run dir)",
+    "permalink_db": "where permalinks live: a SQLite file (default: /var/lib/sagecell/permalinks.sqlite3 as root, "
+    "else under $XDG_DATA_HOME), or postgresql://USER@HOST/DB for a database several daemons share",
     "permalink_db_max_size": "most bytes the permalink database may fill; new permalinks past it are refused (507)",
     "permalinks_per_minute": "new permalinks one client address may make per minute (and at once); more are refused (429)",
     "max_upload_size": "largest file upload, bytes",
