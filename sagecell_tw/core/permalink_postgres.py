@@ -53,7 +53,6 @@ class PostgresBackend(Backend):
     """Permalinks in a PostgreSQL database, named by a ``postgresql://`` URL."""
 
     dialect = "postgresql"
-    name = "PostgreSQL"
     begin_sql = "BEGIN"
     paramstyle = "format"
 

@@ -41,7 +41,6 @@ class SQLiteBackend(Backend):
     """Permalinks in one SQLite file."""
 
     dialect = "sqlite"
-    name = "SQLite"
     begin_sql = "BEGIN IMMEDIATE"
     paramstyle = "qmark"
     #: "unable to open database file", "disk I/O error", "database is locked", ...

@@ -61,6 +61,7 @@ __all__ = [
     "ID_BYTES",
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "VERSION_TABLE",
     "Backend",
     "Cursor",
     "PermalinkStore",
@@ -69,7 +70,9 @@ __all__ = [
     "PermalinkStoreFull",
     "PermalinkStoreUnavailable",
     "SchemaVersionError",
+    "backend_for",
     "is_valid_id",
+    "migrate",
     "open_store",
 ]
 
@@ -152,8 +155,6 @@ class Backend:
 
     #: what migration steps see as ``cursor.dialect``
     dialect = ""
-    #: for messages: "SQLite", "PostgreSQL"
-    name = ""
     #: the statement that opens a write transaction
     begin_sql = "BEGIN"
     #: the driver's DB-API paramstyle ("qmark" takes the SQL as written, others get ``%s``)
@@ -183,7 +184,7 @@ class Backend:
         raise NotImplementedError
 
     def unversioned_version(self, cur: Cursor) -> int:
-        """The version of a database that has no version table (0: none; SQLite files of old kept one)."""
+        """The version of a database without the version table: 0, or what older sagecell_tw noted elsewhere."""
         return 0
 
     def foreign(self, cur: Cursor) -> str | None:
