@@ -42,6 +42,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from sagecell_tw.core.permalinks import (
     MIGRATIONS,
+    RETRY_AFTER,
     SCHEMA_VERSION,
     PermalinkStore,
     PermalinkStoreClosed,
@@ -474,6 +475,10 @@ class PostgresStoreTests(PostgresStores, StoreContract, TestCase):
         self.assertIn(name, said[0]["where"])
 
         self.pg.execute(f"CREATE DATABASE {name}")
+        # For RETRY_AFTER seconds after a failure it answers at once, without
+        # trying (a server dropping packets would hold each try for seconds).
+        yield self.assertFailure(store.store("now", "python", "[]"), PermalinkStoreUnavailable)
+        self.clock.advance(RETRY_AFTER)
         ident = yield store.store("now", "python", "[]")
         self.assertEqual((yield store.fetch(ident))["code"], "now")
         self.assertEqual(len(logged.matching("can be used again")), 1)

@@ -36,10 +36,11 @@ one transaction, so a failed step changes nothing.
 A database that cannot be used (down, refusing connections, a dropped
 connection, a disk error) fails an operation with
 ``PermalinkStoreUnavailable``, which the web answers 503. The store says so in
-the log once when the database goes away and once when it is back; it tries
-again at the next operation, so a database that returns is used again without
-a restart. A connection the database dropped is replaced, and the operation
-run once more on the new one, so a database restart costs no request.
+the log once when the database goes away and once when it is back. It tries
+the database again at the first operation ``RETRY_AFTER`` seconds later (those
+between fail at once), so a database that returns is used again without a
+restart. A connection the database dropped is replaced, and the operation run
+once more on the new one, so a database restart costs no request.
 """
 
 from __future__ import annotations
@@ -87,6 +88,11 @@ ID_BYTES = 16
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 _INSERT_ATTEMPTS = 5
+
+#: Seconds after the database failed during which operations fail at once,
+#: without trying it: a server that drops packets makes each try wait for the
+#: connect timeout, and requests must not queue up behind those waits.
+RETRY_AFTER = 2.0
 
 #: The table that holds the schema version: one row, one column.
 VERSION_TABLE = "permalink_schema"
@@ -402,6 +408,8 @@ class PermalinkStore:
         self._waiting: list[defer.Deferred[None]] = []
         #: None until the database answered or failed once; then whether it is usable
         self._usable: bool | None = None
+        self._last_error: BaseException | None = None
+        self._retry_at = 0.0
         self._check_schema()
 
     # -- lifecycle ---------------------------------------------------------
@@ -537,6 +545,8 @@ class PermalinkStore:
         """Run ``fn(cursor, *args)`` on the pool once the schema is usable."""
         if self._closed:
             return defer.fail(PermalinkStoreClosed("permalink store is closed"))
+        if self._usable is False and self._clock.seconds() < self._retry_at:
+            return defer.fail(self._last_error)
         d = self._when_ready()
         d.addCallback(lambda _: self._operate(fn, *args))
         return self._track(d)
@@ -570,7 +580,9 @@ class PermalinkStore:
         return failure
 
     def _note_failure(self, error: BaseException) -> None:
-        """Say once (not at every request) that the database cannot be used, and why."""
+        """Rest the database a moment; say once (not at every request) that it cannot be used, and why."""
+        self._last_error = error
+        self._retry_at = self._clock.seconds() + RETRY_AFTER
         if self._usable is False:
             return
         self._usable = False
