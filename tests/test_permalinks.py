@@ -485,6 +485,13 @@ class PostgresStoreTests(PostgresStores, StoreContract, TestCase):
         yield store.close()
         self.pg.execute(f"DROP DATABASE {name}")
 
+    @defer.inlineCallbacks
+    def test_closed_after_a_failed_check_answers_at_once(self):
+        store = self.make_store(self.pg.url("missing_" + uuid.uuid4().hex[:12]))
+        yield self.assertFailure(store.ready(), PermalinkStoreUnavailable)
+        yield store.close()
+        yield self.assertFailure(store.ready().addTimeout(5, reactor), PermalinkStoreClosed)
+
     def test_password_never_in_messages(self):
         from sagecell_tw.core.permalink_postgres import redact
 

@@ -535,9 +535,11 @@ class PermalinkStore:
             return defer.fail(self._schema_error)
         if self._schema_ok:
             return defer.succeed(None)
+        if self._closed and not self._checking:
+            return defer.fail(PermalinkStoreClosed("permalink store is closed"))
         d: defer.Deferred[None] = defer.Deferred()
         self._waiting.append(d)
-        if not self._checking and not self._closed:
+        if not self._checking:
             self._check_schema()
         return d
 
