@@ -58,6 +58,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..config import is_postgres_url
+
 __all__ = [
     "ID_BYTES",
     "MIGRATIONS",
@@ -346,8 +348,6 @@ class _Connection(adbapi.Connection):
 
 def backend_for(where: str) -> Backend:
     """The back end for a ``--permalink-db`` value: a PostgreSQL URL, else a SQLite file."""
-    from ..config import is_postgres_url
-
     if is_postgres_url(where):
         from .permalink_postgres import PostgresBackend
 
