@@ -3,6 +3,11 @@
 
 from setuptools import find_packages, setup
 
+# --permalink-db postgresql://...: psycopg 3, the maintained successor of psycopg2 (which now gets
+# fixes only), a DB-API 2.0 driver that twisted.enterprise.adbapi drives as it is; [binary] is its
+# wheel with libpq inside, so no system library or compiler is needed. <4: a new major may change the API.
+POSTGRESQL = ["psycopg[binary]>=3.2,<4"]
+
 setup(
     name="sagecell_tw",
     version="0.1.0",
@@ -29,7 +34,8 @@ setup(
         # Sage kernels (sage_kernel.py): the whole Sage library, ~4.3 GB, ~2 min
         # to install. kernel/sage.py adapts passagemath 10.8's Jupyter kernel.
         "sage": ["passagemath-standard==10.8.*"],
-        "test": ["pytest>=8", "pytest-timeout", "playwright", "websocket-client", "jupyter_client", "ruff"],
+        "postgresql": POSTGRESQL,
+        "test": ["pytest>=8", "pytest-timeout", "playwright", "websocket-client", "jupyter_client", "ruff", *POSTGRESQL],
     },
     entry_points={
         "console_scripts": ["sagecell-spawner=sagecell_tw.worker.spawner:main", "sagecell-keys=sagecell_tw.keys:main"]

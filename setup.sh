@@ -30,6 +30,8 @@ done
 packages=(python3 python3-venv)
 test_packages=(chromium curl iproute2 procps nginx)
 test_packages+=(haproxy)  # tests/test_haproxy.py, bench/bench_haproxy.py: daemons behind a real HAProxy
+# postgresql: a server of their own for the tests of the PostgreSQL permalink store.
+test_packages+=(postgresql)
 if [ "${SAGECELL_TEST_PACKAGES:-1}" != 0 ]; then
     packages+=("${test_packages[@]}")
 fi

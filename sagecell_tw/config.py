@@ -82,7 +82,7 @@ class Config:
     # -- several daemons behind a load balancer
     daemon_name: str = ""  # "" : ids name no daemon (core/grants.py)
     # -- storage
-    permalink_db: str = ""  # "" : {run_dir}/permalinks.sqlite3
+    permalink_db: str = ""  # a SQLite file or a postgresql:// URL; "" : web.site.default_permalink_db()
     permalink_db_max_size: int = 1 << 30  # bytes the permalink database may fill
     permalinks_per_minute: int = 30  # new permalinks per client address (a burst of as many)
     # -- files
@@ -156,6 +156,7 @@ class Config:
             )
         if not self.port:
             raise ConfigError("--port must be a Twisted endpoint string such as tcp:8888")
+        _check_permalink_db(self.permalink_db)
         if self.kernels is not None:
             self._check_kernels()
 
@@ -227,6 +228,33 @@ def _check_proxies(values: tuple[str, ...]) -> None:
             raise ConfigError(
                 f"--trusted-proxies: {value!r} is not an address or network such as 127.0.0.1 or 10.0.0.0/8"
             ) from None
+
+
+def is_postgres_url(where: str) -> bool:
+    """Whether a ``--permalink-db`` value names a PostgreSQL database (else it is a SQLite file)."""
+    return where.startswith(("postgresql://", "postgres://"))
+
+
+def _check_permalink_db(where: str) -> None:
+    """A file path, or a PostgreSQL URL that parses and whose driver is installed."""
+    if not is_postgres_url(where):
+        if "://" in where:
+            raise ConfigError(
+                f"--permalink-db: {where.split('://', 1)[0]}:// is not a database this server uses;"
+                " give a SQLite file path or a postgresql:// URL"
+            )
+        return
+    try:
+        from psycopg import conninfo
+    except ImportError:
+        raise ConfigError(
+            "--permalink-db postgresql://...: the PostgreSQL driver psycopg is not installed"
+            " (pip install 'sagecell_tw[postgresql]')"
+        ) from None
+    try:
+        conninfo.conninfo_to_dict(where)
+    except Exception as e:  # psycopg.ProgrammingError; its message names the bad part, never the password
+        raise ConfigError(f"--permalink-db: not a valid PostgreSQL URL: {e}") from None
 
 
 #: the kernels a server may run: Sage (passagemath's ``sagemath`` kernel) and Python

@@ -60,7 +60,8 @@ HELP = {
     "requires_tos": "SageMathCell's /kernel and /service refuse (403) requests without accepted_tos=true (true/false)",
     "daemon_name": "this daemon's name in the ids it makes (d1-...), for a load balancer over several daemons "
     "to send each kernel's requests back to it (etc/haproxy.cfg); the balancer's name for its server",
-    "permalink_db": "SQLite file for permalinks (default: in the run dir)",
+    "permalink_db": "where permalinks live: a SQLite file (default: /var/lib/sagecell/permalinks.sqlite3 as root, "
+    "else under $XDG_DATA_HOME), or postgresql://USER@HOST/DB for a database several daemons share",
     "permalink_db_max_size": "most bytes the permalink database may fill; new permalinks past it are refused (507)",
     "permalinks_per_minute": "new permalinks one client address may make per minute (and at once); more are refused (429)",
     "max_upload_size": "largest file upload, bytes",

@@ -19,6 +19,20 @@ def daemon():
         d.stop()
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL server for the whole test session (pgserver.py), stopped by its PID at the end."""
+    from pgserver import PostgresServer, bindir
+
+    if bindir() is None and not os.environ.get("CI"):
+        pytest.skip("PostgreSQL is not installed (./setup.sh installs Debian's postgresql)")
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
 #: test modules whose skips, when the suite runs as root (as in CI), are failures: as root every
 #: one of their preconditions can be had, so a skip there means an attack went untried. A module
 #: names in ``SKIPS_ROOT_CANNOT_HELP`` the skips that are about the install, not the privileges.

@@ -1,10 +1,13 @@
 # -*- test-case-name: tests.test_permalinks -*-
 """
-Tests for ``sagecell_tw.core.permalinks`` and ``sagecell_tw.web.permalinks``.
+Tests for ``sagecell_tw.core.permalinks`` (and its two back ends,
+``permalink_sqlite`` and ``permalink_postgres``) and ``sagecell_tw.web.permalinks``.
 
-Storage runs on real SQLite files in a temporary directory; the HTTP tests run
-a real ``Site`` on ``tcp:0`` and talk to it with ``Agent``, so form parsing,
-status codes and headers are what a browser would see.
+The store's contract (``StoreContract``) runs against both back ends: real
+SQLite files in a temporary directory, and a real PostgreSQL server (one per
+test session, the ``postgres`` fixture; a fresh schema per test). The HTTP
+tests run a real ``Site`` on ``tcp:0`` and talk to it with ``Agent``, so form
+parsing, status codes and headers are what a browser would see.
 """
 
 from __future__ import annotations
@@ -17,15 +20,18 @@ import sqlite3
 import string
 import tempfile
 import tracemalloc
+import uuid
 import zlib
 from io import BytesIO
 from typing import Any
 from urllib.parse import urlencode
 
+import pytest
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
@@ -36,13 +42,15 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from sagecell_tw.core.permalinks import (
     MIGRATIONS,
+    RETRY_AFTER,
     SCHEMA_VERSION,
     PermalinkStore,
     PermalinkStoreClosed,
     PermalinkStoreError,
     PermalinkStoreFull,
+    PermalinkStoreUnavailable,
     SchemaVersionError,
-    migrate,
+    open_store,
 )
 from sagecell_tw.web.permalinks import (
     PermalinkResource,
@@ -53,35 +61,99 @@ from sagecell_tw.web.permalinks import (
 
 URLSAFE = set(string.ascii_letters + string.digits + "-_")
 
+#: A file made by sagecell_tw before the schema version table (schema 1, the
+#: version in PRAGMA user_version only), through its own PermalinkStore with a
+#: Clock at 1_700_000_000: three permalinks stored 60 s apart, the first then
+#: fetched once. Its ids and contents:
+V1_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "permalinks-v1.sqlite3")
+V1_ROWS = {
+    "4SwivvFFmRO6lXuwAvO9Hg": ['print("héllo")\n\x00# NUL and non-ASCII survive\n', "python", "[]"],
+    "XuRNlhI8jCdxBVmIEnEZNg": ["plot(sin(x), (x, 0, pi))", "sage", '[{"state": {"n": 3}}]'],
+    "AHDjhkgGj4EMeu74ev7DGg": ["1+1", "python", "[]"],
+}
 
-def _user_version(path: str) -> int:
-    """Read the schema version straight from the file, bypassing the store."""
-    conn = sqlite3.connect(path)
-    try:
-        return conn.execute("PRAGMA user_version").fetchone()[0]
-    finally:
-        conn.close()
+
+def _random_text(n: int) -> str:
+    """Text no database compresses: what the size cap counts is then what was stored."""
+    return base64.b64encode(os.urandom(n)).decode()[:n]
 
 
-class StoreTestsMixin:
-    """Make stores on fresh files and close them after each test."""
+class LogEvents:
+    """Collect the log events of a test (the store's sentences about its database)."""
+
+    def __init__(self, case: TestCase) -> None:
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        case.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def matching(self, words: str) -> list[dict]:
+        return [e for e in self.events if words in e.get("log_format", "")]
+
+
+class SQLiteStores:
+    """Stores on fresh SQLite files; ``query`` reads a file straight, bypassing the store."""
+
+    dialect = "sqlite"
 
     def setUp(self) -> None:
         # Not self.mktemp(): under pytest that litters the working directory.
         self.dir = tempfile.mkdtemp(prefix="sagecell-permalinks-")
         self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
-        self.path = os.path.join(self.dir, "permalinks.sqlite")
+        self.path = self.where = os.path.join(self.dir, "permalinks.sqlite")
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
 
-    def make_store(self, path: str | None = None, **kw: Any) -> PermalinkStore:
-        store = PermalinkStore(path or self.path, reactor, self.clock, **kw)
+    def other_where(self) -> str:
+        return os.path.join(self.dir, f"other-{uuid.uuid4().hex}.sqlite")
+
+    def query(self, sql: str, params: tuple = (), where: str | None = None) -> list:
+        conn = sqlite3.connect(where or self.where, isolation_level=None)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def table_exists(self, name: str) -> bool:
+        return bool(self.query("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)))
+
+    def make_store(self, where: str | None = None, **kw: Any) -> PermalinkStore:
+        store = open_store(where or self.where, reactor, self.clock, **kw)
         self.addCleanup(store.close)
         return store
 
 
-class PermalinkStoreTests(StoreTestsMixin, TestCase):
-    """The SQLite store: round trips, restarts, clocks, ids and schema."""
+@pytest.fixture(scope="class")
+def _postgres_for_class(request, postgres):
+    request.cls.pg = postgres
+
+
+@pytest.mark.usefixtures("_postgres_for_class")
+class PostgresStores(SQLiteStores):
+    """Stores in fresh schemas of the session's PostgreSQL server; ``query`` goes straight to it."""
+
+    dialect = "postgresql"
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.where = self.pg.new_schema()
+
+    def other_where(self) -> str:
+        return self.pg.new_schema()
+
+    def query(self, sql: str, params: tuple = (), where: str | None = None) -> list:
+        import psycopg
+
+        with psycopg.connect(where or self.where, autocommit=True) as conn:
+            cur = conn.execute(sql.replace("?", "%s"), params or None)
+            return cur.fetchall() if cur.description else []
+
+    def table_exists(self, name: str) -> bool:
+        return self.query("SELECT to_regclass(?) IS NOT NULL", (name,))[0][0]
+
+
+class StoreContract:
+    """What every back end does the same: round trips, restarts, clocks, ids, dedup, caps and schema."""
 
     @defer.inlineCallbacks
     def test_round_trip(self):
@@ -120,11 +192,9 @@ class PermalinkStoreTests(StoreTestsMixin, TestCase):
         self.assertEqual((first["requested"], second["requested"]), (1, 2))
         yield store.close()
         # The access was committed, not just reported.
-        conn = sqlite3.connect(self.path)
-        self.addCleanup(conn.close)
         self.assertEqual(
-            conn.execute("SELECT last_access, requested FROM permalinks WHERE id = ?", (ident,)).fetchone(),
-            (1_700_003_660, 2),
+            self.query("SELECT last_access, requested FROM permalinks WHERE id = ?", (ident,)),
+            [(1_700_003_660, 2)],
         )
 
     @defer.inlineCallbacks
@@ -145,6 +215,7 @@ class PermalinkStoreTests(StoreTestsMixin, TestCase):
             ]
         )
         self.assertEqual(len({a, *others}), 4)
+        self.assertEqual(self.query("SELECT count(*) FROM permalinks"), [(4,)])
 
     @defer.inlineCallbacks
     def test_ids_are_unguessable(self):
@@ -161,7 +232,7 @@ class PermalinkStoreTests(StoreTestsMixin, TestCase):
             self.assertGreater(len({ident[position] for ident in ids}), 20)
         self.assertGreater(len(set("".join(ids))), 60)
         # Not derived from the content: the same code gets another id elsewhere.
-        other = self.make_store(os.path.join(self.dir, "other.sqlite"))
+        other = self.make_store(self.other_where())
         again = yield other.store("print(0)", "python", "[]")
         self.assertNotEqual(again, ids[0])
 
@@ -174,55 +245,43 @@ class PermalinkStoreTests(StoreTestsMixin, TestCase):
             self.assertIsNone(row, ident)
 
     @defer.inlineCallbacks
-    def test_schema_version_recorded(self):
+    def test_schema_version_recorded_in_its_table(self):
         store = self.make_store()
         same = yield store.ready()
         self.assertIs(same, store)
         yield store.close()
-        self.assertEqual(_user_version(self.path), SCHEMA_VERSION)
+        self.assertEqual(self.query("SELECT version FROM permalink_schema"), [(SCHEMA_VERSION,)])
         self.assertEqual(SCHEMA_VERSION, len(MIGRATIONS))
 
     @defer.inlineCallbacks
     def test_open_fires_with_a_usable_store(self):
-        store = yield PermalinkStore.open(self.path, reactor, self.clock)
+        store = yield PermalinkStore.open(self.where, reactor, self.clock)
         self.addCleanup(store.close)
         ident = yield store.store("1", "python", "[]")
         self.assertIsNotNone((yield store.fetch(ident)))
 
     @defer.inlineCallbacks
     def test_newer_schema_refused(self):
-        conn = sqlite3.connect(self.path)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-        conn.close()
+        yield self.make_store().close()
+        self.query("UPDATE permalink_schema SET version = ?", (SCHEMA_VERSION + 1,))
 
         store = self.make_store()
         error = yield self.assertFailure(store.ready(), SchemaVersionError)
         self.assertIn(f"schema version {SCHEMA_VERSION + 1}", str(error))
         self.assertIn("newer", str(error))
-        # Operations fail the same clear way instead of touching the file.
+        # Operations fail the same clear way instead of touching the database.
         yield self.assertFailure(store.store("1", "python", "[]"), SchemaVersionError)
         yield self.assertFailure(store.fetch("AAAAAAAAAAAAAAAAAAAAAA"), SchemaVersionError)
         yield store.close()
-        self.assertEqual(_user_version(self.path), SCHEMA_VERSION + 1)
-        self.flushLoggedErrors()
+        self.assertEqual(self.query("SELECT version FROM permalink_schema"), [(SCHEMA_VERSION + 1,)])
 
     @defer.inlineCallbacks
     def test_foreign_database_refused(self):
-        conn = sqlite3.connect(self.path)
-        conn.execute("CREATE TABLE something_else (x)")
-        conn.commit()
-        conn.close()
+        self.query("CREATE TABLE permalinks (x INTEGER)")
         store = self.make_store()
         error = yield self.assertFailure(store.ready(), SchemaVersionError)
         self.assertIn("no sagecell_tw schema version", str(error))
-
-    @defer.inlineCallbacks
-    def test_not_a_database(self):
-        with open(self.path, "wb") as f:
-            f.write(b"this is not sqlite\n" * 100)
-        store = self.make_store()
-        error = yield self.assertFailure(store.ready(), PermalinkStoreError)
-        self.assertIn(self.path, str(error))
+        self.assertFalse(self.table_exists("permalink_schema"))
 
     @defer.inlineCallbacks
     def test_upgrades_older_schema_keeping_rows(self):
@@ -233,35 +292,34 @@ class PermalinkStoreTests(StoreTestsMixin, TestCase):
         def add_tags(cursor: Any) -> None:
             cursor.execute("ALTER TABLE permalinks ADD COLUMN tags TEXT")
 
+        logged = LogEvents(self)
         upgraded = self.make_store(migrations=(*MIGRATIONS, add_tags))
         yield upgraded.ready()
         row = yield upgraded.fetch(ident)
         self.assertEqual(row["code"], "kept")
         yield upgraded.close()
-        self.assertEqual(_user_version(self.path), SCHEMA_VERSION + 1)
-        conn = sqlite3.connect(self.path)
-        self.addCleanup(conn.close)
-        columns = [r[1] for r in conn.execute("PRAGMA table_info(permalinks)")]
-        self.assertIn("tags", columns)
+        self.assertEqual(self.query("SELECT version FROM permalink_schema"), [(SCHEMA_VERSION + 1,)])
+        self.assertEqual(self.query("SELECT tags FROM permalinks"), [(None,)])
+        self.assertEqual(len(logged.matching("upgraded from schema")), 1)
 
+    @defer.inlineCallbacks
     def test_failed_migration_changes_nothing(self):
-        conn = sqlite3.connect(self.path, isolation_level=None)
-        self.addCleanup(conn.close)
-        self.assertEqual(migrate(conn.cursor()), (0, SCHEMA_VERSION))
+        yield self.make_store().close()
 
         def half_done(cursor: Any) -> None:
-            cursor.execute("CREATE TABLE new_things (x)")
+            cursor.execute("CREATE TABLE new_things (x INTEGER)")
             raise RuntimeError("step failed")
 
-        self.assertRaises(RuntimeError, migrate, conn.cursor(), (*MIGRATIONS, half_done))
-        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
-        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
-        self.assertNotIn("new_things", names)
-        self.assertFalse(conn.in_transaction)
+        store = self.make_store(migrations=(*MIGRATIONS, half_done))
+        error = yield self.assertFailure(store.ready(), PermalinkStoreError)
+        self.assertIn("step failed", str(error))
+        yield store.close()
+        self.assertEqual(self.query("SELECT version FROM permalink_schema"), [(SCHEMA_VERSION,)])
+        self.assertFalse(self.table_exists("new_things"))
 
     @defer.inlineCallbacks
     def test_close_lets_queued_work_finish_then_refuses(self):
-        store = PermalinkStore(self.path, reactor, self.clock)
+        store = open_store(self.where, reactor, self.clock)
         stored = store.store("queued", "python", "[]")
         closed = store.close()
         ident = yield stored
@@ -272,7 +330,7 @@ class PermalinkStoreTests(StoreTestsMixin, TestCase):
 
     @defer.inlineCallbacks
     def test_second_close_waits_for_the_first(self):
-        store = PermalinkStore(self.path, reactor, self.clock)
+        store = open_store(self.where, reactor, self.clock)
         stored = store.store("queued", "python", "[]")
         first, second = store.close(), store.close()
         self.assertFalse(second.called)
@@ -283,6 +341,168 @@ class PermalinkStoreTests(StoreTestsMixin, TestCase):
     def test_store_rejects_non_text(self):
         store = self.make_store()
         return self.assertFailure(store.store(b"bytes", "python", "[]"), TypeError)
+
+    @defer.inlineCallbacks
+    def test_store_refuses_past_its_size(self):
+        store = self.make_store()
+        yield store.store("1", "python", "[]")
+        empty = yield store.used_bytes()
+        # Room for 100 kB and then some, not for 200 kB more (each back end fills whole pages).
+        store.max_bytes = empty + 256 * 1024
+        yield store.store(_random_text(100_000), "python", "[]")
+        yield self.assertFailure(store.store(_random_text(200_000), "python", "[]"), PermalinkStoreFull)
+        ident = yield store.store(_random_text(1000), "python", "[]")  # a small one still fits
+        self.assertTrue(ident)
+        self.assertEqual(self.query("SELECT count(*) FROM permalinks"), [(3,)])
+
+
+class SQLiteStoreTests(SQLiteStores, StoreContract, TestCase):
+    """The contract on SQLite, and what only a SQLite file has."""
+
+    @defer.inlineCallbacks
+    def test_version_mirrored_for_older_sagecell_tw(self):
+        # sagecell_tw of before the table read only PRAGMA user_version: it
+        # must see there a version too new for it, not an empty file.
+        yield self.make_store().close()
+        self.assertEqual(self.query("PRAGMA user_version"), [(SCHEMA_VERSION,)])
+
+    @defer.inlineCallbacks
+    def test_newer_schema_in_user_version_refused(self):
+        self.query(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        store = self.make_store()
+        error = yield self.assertFailure(store.ready(), SchemaVersionError)
+        self.assertIn(f"schema version {SCHEMA_VERSION + 1}", str(error))
+        yield store.close()
+        self.assertFalse(self.table_exists("permalink_schema"))
+
+    @defer.inlineCallbacks
+    def test_not_a_database(self):
+        with open(self.path, "wb") as f:
+            f.write(b"this is not sqlite\n" * 100)
+        store = self.make_store()
+        error = yield self.assertFailure(store.ready(), PermalinkStoreError)
+        self.assertIn(self.path, str(error))
+
+    @defer.inlineCallbacks
+    def test_file_of_schema_1_migrates_in_place_keeping_its_permalinks(self):
+        shutil.copy(V1_FILE, self.path)
+        self.assertFalse(self.table_exists("permalink_schema"))
+        store = self.make_store()
+        yield store.ready()
+        for ident, content in V1_ROWS.items():
+            row = yield store.fetch(ident)
+            self.assertEqual([row["code"], row["language"], row["interacts"]], content)
+        first = yield store.fetch("4SwivvFFmRO6lXuwAvO9Hg")
+        self.assertEqual((first["created"], first["requested"]), (1_700_000_060, 3))  # one fetch before, two now
+        # Deduplication still knows the old content; new permalinks go beside it.
+        again = yield store.store("1+1", "python", "[]")
+        self.assertEqual(again, "AHDjhkgGj4EMeu74ev7DGg")
+        new = yield store.store("2+2", "python", "[]")
+        yield store.close()
+        self.assertEqual(self.query("SELECT version FROM permalink_schema"), [(1,)])
+        self.assertEqual(self.query("SELECT count(*) FROM permalinks"), [(4,)])
+
+        # A later schema step upgrades such a file in place too, every row kept.
+        def add_tags(cursor: Any) -> None:
+            cursor.execute("ALTER TABLE permalinks ADD COLUMN tags TEXT")
+
+        shutil.copy(V1_FILE, self.path)
+        for suffix in ("-wal", "-shm"):
+            if os.path.exists(self.path + suffix):
+                os.remove(self.path + suffix)
+        upgraded = self.make_store(migrations=(*MIGRATIONS, add_tags))
+        rows = yield defer.gatherResults([upgraded.fetch(ident) for ident in V1_ROWS])
+        self.assertEqual([[r["code"], r["language"], r["interacts"]] for r in rows], list(V1_ROWS.values()))
+        yield upgraded.close()
+        self.assertEqual(self.query("SELECT version FROM permalink_schema"), [(2,)])
+        self.assertEqual(self.query("PRAGMA user_version"), [(2,)])
+        self.assertNotIn(new, V1_ROWS)
+
+
+class PostgresStoreTests(PostgresStores, StoreContract, TestCase):
+    """The contract on PostgreSQL, and what several daemons on one database need."""
+
+    @defer.inlineCallbacks
+    def test_two_stores_share_one_database(self):
+        # Two daemons' stores: what one writes, the other reads; the same
+        # content stored through both at once still gets one id.
+        one, two = self.make_store(), self.make_store()
+        ident = yield one.store("shared", "python", "[]")
+        row = yield two.fetch(ident)
+        self.assertEqual(row["code"], "shared")
+        self.assertEqual((yield two.store("shared", "python", "[]")), ident)
+        raced = yield defer.gatherResults(
+            [s.store(f"raced {i}", "python", "[]") for i in range(20) for s in (one, two)]
+        )
+        self.assertEqual(len(set(raced)), 20)
+        self.assertEqual(raced[0::2], raced[1::2])
+        self.assertEqual(self.query("SELECT count(*) FROM permalinks"), [(21,)])
+
+    @defer.inlineCallbacks
+    def test_daemons_starting_at_once_migrate_once(self):
+        stores = [self.make_store() for _ in range(4)]
+        yield defer.gatherResults([s.ready() for s in stores])
+        self.assertEqual(self.query("SELECT version FROM permalink_schema"), [(SCHEMA_VERSION,)])
+
+    @defer.inlineCallbacks
+    def test_a_dropped_connection_costs_no_request(self):
+        store = self.make_store()
+        ident = yield store.store("kept", "python", "[]")
+        # The server ends the store's connection (a restart, a failover, an operator's kill).
+        ended = self.query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'sagecell_tw'"
+            " AND pid <> pg_backend_pid() AND query NOT LIKE '%pg_terminate_backend%'"
+        )
+        self.assertGreaterEqual(len(ended), 1)
+        logged = LogEvents(self)
+        row = yield store.fetch(ident)
+        self.assertEqual(row["code"], "kept")
+        self.assertEqual(logged.matching("cannot be used"), [])
+
+    @defer.inlineCallbacks
+    def test_unreachable_at_start_then_used_once_it_is_there(self):
+        # The database does not exist yet: every connection is refused, as
+        # when the server is down; once it exists, the same store uses it.
+        name = "late_" + uuid.uuid4().hex[:12]
+        logged = LogEvents(self)
+        store = self.make_store(self.pg.url(name))
+        error = yield self.assertFailure(store.ready(), PermalinkStoreUnavailable)
+        self.assertIn(f'database "{name}" does not exist', str(error))
+        yield self.assertFailure(store.store("1", "python", "[]"), PermalinkStoreUnavailable)
+        yield self.assertFailure(store.fetch("AAAAAAAAAAAAAAAAAAAAAA"), PermalinkStoreUnavailable)
+        said = logged.matching("cannot be used")
+        self.assertEqual(len(said), 1, "one sentence, not one per request")
+        self.assertIn(name, said[0]["where"])
+
+        self.pg.execute(f"CREATE DATABASE {name}")
+        # For RETRY_AFTER seconds after a failure it answers at once, without
+        # trying (a server dropping packets would hold each try for seconds).
+        yield self.assertFailure(store.store("now", "python", "[]"), PermalinkStoreUnavailable)
+        self.clock.advance(RETRY_AFTER)
+        ident = yield store.store("now", "python", "[]")
+        self.assertEqual((yield store.fetch(ident))["code"], "now")
+        self.assertEqual(len(logged.matching("can be used again")), 1)
+        yield store.close()
+        self.pg.execute(f"DROP DATABASE {name}")
+
+    @defer.inlineCallbacks
+    def test_closed_after_a_failed_check_answers_at_once(self):
+        store = self.make_store(self.pg.url("missing_" + uuid.uuid4().hex[:12]))
+        yield self.assertFailure(store.ready(), PermalinkStoreUnavailable)
+        yield store.close()
+        yield self.assertFailure(store.ready().addTimeout(5, reactor), PermalinkStoreClosed)
+
+    def test_password_never_in_messages(self):
+        from sagecell_tw.core.permalink_postgres import redact
+
+        self.assertEqual(redact("postgresql://u:s3cret@db.example/cell"), "postgresql://u:***@db.example/cell")
+        self.assertEqual(
+            redact("postgres://db/cell?password=s3cret&sslmode=require"),
+            "postgres://db/cell?password=***&sslmode=require",
+        )
+        store = self.make_store("postgresql://u:s3cret@127.0.0.1:1/cell?connect_timeout=2")
+        self.assertNotIn("s3cret", store.where)
+        return self.assertFailure(store.ready(), PermalinkStoreUnavailable)
 
 
 class ZipTests(TestCase):
@@ -431,12 +651,12 @@ class WebTestsMixin:
             self.assertIn(word, body["error"])
 
 
-class PermalinkResourceTests(StoreTestsMixin, WebTestsMixin, TestCase):
+class PermalinkResourceTests(SQLiteStores, WebTestsMixin, TestCase):
     """The HTTP API against a real store, shaped like SageMathCell's."""
 
     @defer.inlineCallbacks
     def setUp(self):
-        StoreTestsMixin.setUp(self)
+        SQLiteStores.setUp(self)
         self.store = self.make_store()
         yield self.serve(PermalinkResource(self.store, max_code_bytes=1000))
 
@@ -535,9 +755,7 @@ class PermalinkResourceTests(StoreTestsMixin, WebTestsMixin, TestCase):
         for d, status, words in cases:
             self.assertJSONError((yield d), status, words)
         yield self.store.close()
-        conn = sqlite3.connect(self.path)
-        self.addCleanup(conn.close)
-        self.assertEqual(conn.execute("SELECT count(*) FROM permalinks").fetchone(), (0,))
+        self.assertEqual(self.query("SELECT count(*) FROM permalinks"), [(0,)])
 
     @defer.inlineCallbacks
     def test_oversize_is_413(self):
@@ -661,12 +879,12 @@ class RateLimitTests(TestCase):
         self.assertEqual(len(rate.buckets), 45)
 
 
-class PermalinkLimitsTests(StoreTestsMixin, WebTestsMixin, TestCase):
-    """429 past the rate, 507 once the store is full; neither stores anything."""
+class PermalinkLimitsContract(WebTestsMixin):
+    """429 past the rate, 507 once the store is full; neither stores anything. On both back ends."""
 
     @defer.inlineCallbacks
     def setUp(self):
-        StoreTestsMixin.setUp(self)
+        super().setUp()
         self.store = self.make_store(max_bytes=256 * 1024)
         self.rate = RateLimit(self.clock, per_minute=3)
         yield self.serve(PermalinkResource(self.store, max_code_bytes=64 * 1024, rate=self.rate))
@@ -682,29 +900,31 @@ class PermalinkLimitsTests(StoreTestsMixin, WebTestsMixin, TestCase):
         self.clock.advance(20)
         status, _, _ = yield self.post_form({"code": "print(3)"})
         self.assertEqual(status, 200)
+        self.assertEqual(self.query("SELECT count(*) FROM permalinks"), [(4,)])
 
     @defer.inlineCallbacks
     def test_a_full_store_is_507_and_keeps_what_it_has(self):
         stored = []
         for i in range(40):
             self.clock.advance(60)
-            status, _, body = yield self.post_form({"code": f"# {i}\n" + os.urandom(24 * 1024).hex()[: 40 * 1024]})
+            status, _, body = yield self.post_form({"code": f"# {i}\n" + _random_text(40 * 1024)})
             if status != 200:
                 break
             stored.append(body["query"])
         self.assertJSONError((status, _, body), 507, "full")
         self.assertTrue(3 <= len(stored) < 10, len(stored))
-        self.assertLessEqual(os.path.getsize(self.path), 256 * 1024 + 64 * 1024)
+        self.assertLessEqual((yield self.store.used_bytes()), 256 * 1024 + 64 * 1024)
+        self.assertEqual(self.query("SELECT count(*) FROM permalinks"), [(len(stored),)])
         # What is stored still answers, and so does a repeat of it.
         status, _, row = yield self.request(b"GET", b"/permalink?q=" + stored[0].encode())
         self.assertEqual(status, 200)
         again = yield self.post_form({"code": row[0]})
         self.assertEqual((again[0], again[2]["query"]), (200, stored[0]))
 
-    @defer.inlineCallbacks
-    def test_store_refuses_past_its_size(self):
-        store = self.make_store(os.path.join(self.dir, "small.sqlite"), max_bytes=64 * 1024)
-        yield store.store("x" * 30_000, "python", "[]")
-        yield self.assertFailure(store.store("y" * 40_000, "python", "[]"), PermalinkStoreFull)
-        ident = yield store.store("z" * 1000, "python", "[]")  # a small one still fits
-        self.assertTrue(ident)
+
+class SQLiteLimitsTests(PermalinkLimitsContract, SQLiteStores, TestCase):
+    """The limits on SQLite."""
+
+
+class PostgresLimitsTests(PermalinkLimitsContract, PostgresStores, TestCase):
+    """The limits on PostgreSQL."""

@@ -1,22 +1,46 @@
 # -*- test-case-name: tests.test_permalinks -*-
 """
-Permalink storage: code, language and interact state kept in SQLite under an
+Permalink storage: code, language and interact state kept under an
 unguessable id, so a shared link (``/?q=ID``) outlives the kernel that ran it.
 
-All SQLite access happens on the one worker thread of a
+Two back ends behave the same: a SQLite file, the embedded default for one
+daemon (``permalink_sqlite``), and a PostgreSQL database that several daemons
+share (``permalink_postgres``). ``open_store`` picks one from the
+``--permalink-db`` value, a ``postgresql://`` URL or a file path. A back end
+says only what differs: how to connect, how to lock and where to read the
+schema version, how full the database is. Ids, deduplication, the size cap,
+migrations and what a failure means are written here, once.
+
+All database access happens on the threads of a
 ``twisted.enterprise.adbapi.ConnectionPool``, so the reactor never waits for the
-disk. Time comes from an injected ``IReactorTime``, so tests drive it with
+database. Time comes from an injected ``IReactorTime``, so tests drive it with
 ``twisted.internet.task.Clock``.
 
 Identical (code, language, interacts) triples share one id: the JS client asks
 for a permalink every time the permalink box opens, and deduplication keeps
 those repeats from growing the database. Because ids are random (not derived
 from the content), knowing the content gives no more than the id of that same
-content.
+content. Several daemons storing the same content at once get one id too: the
+content hash is unique in the table, and the loser of the race reads the
+winner's row.
 
-The database has a size cap (``max_bytes``): a new permalink that would take
-it past the cap fails with ``PermalinkStoreFull``; repeats of stored content
-still answer, and nothing already stored is touched.
+The database has a size cap (``max_bytes``), in bytes the database fills as
+its back end counts them: a new permalink that would take it past the cap
+fails with ``PermalinkStoreFull``; repeats of stored content still answer, and
+nothing already stored is touched.
+
+The schema carries a version, in a table of its own (``permalink_schema``);
+``MIGRATIONS`` take a database from any older version to ``SCHEMA_VERSION`` in
+one transaction, so a failed step changes nothing.
+
+A database that cannot be used (down, refusing connections, a dropped
+connection, a disk error) fails an operation with
+``PermalinkStoreUnavailable``, which the web answers 503. The store says so in
+the log once when the database goes away and once when it is back. It tries
+the database again at the first operation ``RETRY_AFTER`` seconds later (those
+between fail at once), so a database that returns is used again without a
+restart. A connection the database dropped is replaced, and the operation run
+once more on the new one, so a database restart costs no request.
 """
 
 from __future__ import annotations
@@ -25,7 +49,6 @@ import hashlib
 import json
 import re
 import secrets
-import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,17 +58,25 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..config import is_postgres_url
+
 __all__ = [
     "ID_BYTES",
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "VERSION_TABLE",
+    "Backend",
+    "Cursor",
     "PermalinkStore",
     "PermalinkStoreClosed",
     "PermalinkStoreError",
     "PermalinkStoreFull",
+    "PermalinkStoreUnavailable",
     "SchemaVersionError",
+    "backend_for",
     "is_valid_id",
     "migrate",
+    "open_store",
 ]
 
 log = Logger()
@@ -60,9 +91,23 @@ _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 _INSERT_ATTEMPTS = 5
 
+#: Seconds after the database failed during which operations fail at once,
+#: without trying it: a server that drops packets makes each try wait for the
+#: connect timeout, and requests must not queue up behind those waits.
+RETRY_AFTER = 2.0
+
+#: The table that holds the schema version: one row, one column.
+VERSION_TABLE = "permalink_schema"
+
+_ROW_KEYS = ("id", "code", "language", "interacts", "created", "last_access", "requested")
+
 
 class PermalinkStoreError(Exception):
     """The permalink database cannot be used (bad file, I/O error, ...)."""
+
+
+class PermalinkStoreUnavailable(PermalinkStoreError):
+    """The database cannot be reached or used just now (down, refused, dropped); later it may."""
 
 
 class PermalinkStoreFull(Exception):
@@ -70,7 +115,7 @@ class PermalinkStoreFull(Exception):
 
 
 class SchemaVersionError(PermalinkStoreError):
-    """The database file was written by a newer or unknown schema."""
+    """The database was written by a newer or unknown schema."""
 
 
 class PermalinkStoreClosed(PermalinkStoreError):
@@ -82,83 +127,189 @@ def is_valid_id(ident: str) -> bool:
     return isinstance(ident, str) and _ID_RE.fullmatch(ident) is not None
 
 
-def _create_v1(cursor: Any) -> None:
-    """Schema 1: one row per permalink, content hash unique for dedupe."""
+class Cursor:
+    """
+    A DB-API cursor that takes ``?`` placeholders on every back end, so the SQL
+    here and in migration steps is written once; ``dialect`` (``"sqlite"`` or
+    ``"postgresql"``) names the back end for the few statements that differ.
+    """
+
+    def __init__(self, raw: Any, dialect: str, paramstyle: str) -> None:
+        self.raw = raw
+        self.dialect = dialect
+        self._format = paramstyle != "qmark"
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        if self._format:
+            sql = sql.replace("?", "%s")
+        if params:
+            self.raw.execute(sql, tuple(params))
+        else:
+            self.raw.execute(sql)
+        return self
+
+    def fetchone(self) -> Any:
+        return self.raw.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return self.raw.fetchall()
+
+
+class Backend:
+    """
+    One kind of database: what differs between SQLite and PostgreSQL. The
+    methods taking a cursor run on the pool's threads, never in the reactor.
+    """
+
+    #: what migration steps see as ``cursor.dialect``
+    dialect = ""
+    #: the statement that opens a write transaction
+    begin_sql = "BEGIN"
+    #: the driver's DB-API paramstyle ("qmark" takes the SQL as written, others get ``%s``)
+    paramstyle = "qmark"
+    #: driver errors that mean "the database cannot be used now" (answered 503, tried again later)
+    unavailable: tuple[type[BaseException], ...] = ()
+
+    def __init__(self, where: str) -> None:
+        #: the file or the URL (without its password), for messages
+        self.where = where
+
+    def pool(self, reactor: Any) -> adbapi.ConnectionPool:
+        """A connection pool on ``reactor``'s threads."""
+        raise NotImplementedError
+
+    def cursor(self, conn: Any) -> Cursor:
+        return Cursor(conn.cursor(), self.dialect, self.paramstyle)
+
+    def rollback(self, cur: Cursor) -> None:
+        """Roll back if a transaction is still open (the database may have ended it)."""
+        raise NotImplementedError
+
+    def lock_schema(self, cur: Cursor) -> None:
+        """Keep other processes from migrating at the same time, until this transaction ends."""
+
+    def table_exists(self, cur: Cursor, name: str) -> bool:
+        raise NotImplementedError
+
+    def unversioned_version(self, cur: Cursor) -> int:
+        """The version of a database without the version table: 0, or what older sagecell_tw noted elsewhere."""
+        return 0
+
+    def foreign(self, cur: Cursor) -> str | None:
+        """Why a database without a schema version is not ours to take, or None when it is."""
+        raise NotImplementedError
+
+    def record_version(self, cur: Cursor, version: int) -> None:
+        """Write ``version`` in the version table, creating it if missing."""
+        cur.execute(f"CREATE TABLE IF NOT EXISTS {VERSION_TABLE} (version INTEGER NOT NULL)")
+        cur.execute(f"DELETE FROM {VERSION_TABLE}")
+        cur.execute(f"INSERT INTO {VERSION_TABLE} (version) VALUES (?)", (version,))
+
+    def used_bytes(self, cur: Cursor) -> int:
+        """Bytes the permalinks fill, as the size cap counts them."""
+        raise NotImplementedError
+
+    def to_db(self, text: str) -> Any:
+        """Code or interacts as its column holds it."""
+        return text
+
+    def from_db(self, value: Any) -> str:
+        return value
+
+    def lost(self, conn: Any) -> bool:
+        """Whether the database dropped this connection (so a fresh one may succeed)."""
+        return False
+
+    def why(self, error: BaseException) -> str:
+        """A driver error in one line, for the log and the operator."""
+        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _create_v1(cursor: Cursor) -> None:
+    """
+    Schema 1: one row per permalink, content hash unique for dedupe. In
+    PostgreSQL, code and interacts are BYTEA (UTF-8): its text type cannot hold
+    a NUL character, which code may contain.
+    """
+    content, real, count = (
+        ("TEXT", "REAL", "INTEGER") if cursor.dialect == "sqlite" else ("BYTEA", "DOUBLE PRECISION", "BIGINT")
+    )
     cursor.execute(
-        """
+        f"""
         CREATE TABLE permalinks (
             id           TEXT PRIMARY KEY,
-            code         TEXT NOT NULL,
+            code         {content} NOT NULL,
             language     TEXT NOT NULL,
-            interacts    TEXT NOT NULL,
+            interacts    {content} NOT NULL,
             content_hash TEXT NOT NULL UNIQUE,
-            created      REAL NOT NULL,
-            last_access  REAL NOT NULL,
-            requested    INTEGER NOT NULL DEFAULT 0
+            created      {real} NOT NULL,
+            last_access  {real} NOT NULL,
+            requested    {count} NOT NULL DEFAULT 0
         )
         """
     )
 
 
 #: Upgrade steps: ``MIGRATIONS[n]`` takes a database from version ``n`` to
-#: ``n + 1``. Append a step (never edit one) to change the schema.
-MIGRATIONS: tuple[Callable[[Any], None], ...] = (_create_v1,)
+#: ``n + 1``; each is given a ``Cursor`` (``cursor.dialect`` tells the back end).
+#: Append a step (never edit one) to change the schema.
+MIGRATIONS: tuple[Callable[[Cursor], None], ...] = (_create_v1,)
 
 #: The schema version this code reads and writes.
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
 def migrate(
-    cursor: Any,
-    steps: Sequence[Callable[[Any], None]] = MIGRATIONS,
+    backend: Backend,
+    cursor: Cursor,
+    steps: Sequence[Callable[[Cursor], None]] = MIGRATIONS,
 ) -> tuple[int, int]:
     """
     Bring the database up to ``len(steps)``, atomically, and return
     ``(old_version, new_version)``.
 
-    The version lives in ``PRAGMA user_version``, which SQLite changes inside
-    the same transaction as the tables, so a failed step leaves the file
-    exactly as it was. A version newer than ``len(steps)`` raises
-    ``SchemaVersionError``: old code must not write a newer layout it does not
-    understand. ``cursor`` must be on a connection in autocommit mode
-    (``isolation_level=None``), because this function runs its own
-    transaction.
+    The version lives in the ``permalink_schema`` table, changed inside the
+    same transaction as the tables, so a failed step leaves the database
+    exactly as it was; processes starting at once migrate one after the other.
+    A database without that table is taken as new (and refused if it holds
+    tables of someone else's), or at the version an older sagecell_tw noted
+    elsewhere (SQLite's ``user_version``). A version newer than ``len(steps)``
+    raises ``SchemaVersionError``: old code must not write a newer layout it
+    does not understand.
     """
     target = len(steps)
-    cursor.execute("BEGIN IMMEDIATE")
+    cursor.execute(backend.begin_sql)
     try:
-        cursor.execute("PRAGMA user_version")
-        (version,) = cursor.fetchone()
+        backend.lock_schema(cursor)
+        recorded = backend.table_exists(cursor, VERSION_TABLE)
+        if recorded:
+            rows = cursor.execute(f"SELECT version FROM {VERSION_TABLE}").fetchall()
+            if len(rows) != 1:
+                raise SchemaVersionError(f"table {VERSION_TABLE} holds {len(rows)} rows, not the one version row")
+            version = rows[0][0]
+        else:
+            version = backend.unversioned_version(cursor)
         if version > target:
             raise SchemaVersionError(
                 f"permalink database has schema version {version}, newer than "
                 f"version {target} that this sagecell_tw understands; upgrade "
-                f"sagecell_tw or point it at another database file"
+                f"sagecell_tw or point it at another database"
             )
         if version == 0:
-            cursor.execute("SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")
-            (objects,) = cursor.fetchone()
-            if objects:
+            why = backend.foreign(cursor)
+            if why:
                 raise SchemaVersionError(
-                    "file is a SQLite database with tables but no sagecell_tw "
-                    "schema version; refusing to use it as the permalink database"
+                    f"{why} but no sagecell_tw schema version; refusing to use it as the permalink database"
                 )
         for step in steps[version:]:
             step(cursor)
-        if version != target:
-            # PRAGMA takes no parameters; target is an int we computed.
-            cursor.execute(f"PRAGMA user_version = {int(target)}")
+        if version != target or not recorded:
+            backend.record_version(cursor, target)
         cursor.execute("COMMIT")
     except BaseException:
-        _rollback(cursor)
+        backend.rollback(cursor)
         raise
     return version, target
-
-
-def _rollback(cursor: Any) -> None:
-    """Roll back if a transaction is still open (SQLite may have ended it)."""
-    if cursor.connection.in_transaction:
-        cursor.execute("ROLLBACK")
 
 
 def _content_hash(code: str, language: str, interacts: str) -> str:
@@ -172,70 +323,101 @@ def _new_id() -> str:
     return secrets.token_urlsafe(ID_BYTES)
 
 
-def _open_connection(conn: sqlite3.Connection) -> None:
-    """Per-connection settings, run on the pool's thread at connect time."""
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
+class _Connection(adbapi.Connection):
+    """
+    adbapi's connection, but one the database dropped is closed and forgotten
+    instead of rolled back: the next operation opens a fresh one, and an
+    outage the store already reports logs no "Rollback failed" traceback.
+    """
+
+    def rollback(self) -> None:
+        if self._connection is None:
+            return
+        if getattr(self._connection, "closed", False):
+            self._pool.disconnect(self._connection)
+            self._connection = None
+            return
+        super().rollback()
+
+    def reconnect(self) -> None:
+        if self._connection is not None:
+            self._pool.disconnect(self._connection)
+            self._connection = None
+        self._connection = self._pool.connect()
+
+
+def backend_for(where: str) -> Backend:
+    """The back end for a ``--permalink-db`` value: a PostgreSQL URL, else a SQLite file."""
+    if is_postgres_url(where):
+        from .permalink_postgres import PostgresBackend
+
+        return PostgresBackend(where)
+    from .permalink_sqlite import SQLiteBackend
+
+    return SQLiteBackend(where)
+
+
+def open_store(where: str, reactor: Any, clock: IReactorTime | None = None, **kw: Any) -> PermalinkStore:
+    """A store on the database ``where`` names (see ``backend_for``); ``kw`` as ``PermalinkStore`` takes."""
+    return PermalinkStore(backend_for(where), reactor, clock, **kw)
 
 
 class PermalinkStore:
     """
-    Permalinks in one SQLite file, reached only from a one-thread pool.
+    Permalinks in one database, reached only from its back end's pool.
 
     Construct it anywhere (even before the reactor runs): the schema check is
-    queued first on the pool's single thread and every later operation waits
-    for it. ``ready`` fires with the store once the schema is usable, or fails
-    with ``SchemaVersionError``/``PermalinkStoreError``; operations made after a
-    failed check fail with the same error.
+    queued first and every later operation waits for it. ``ready`` fires with
+    the store once the schema is usable, or fails with why. A schema this
+    code must not touch (``SchemaVersionError``) fails every later operation
+    the same way; any other failure of the check (the database is down, say)
+    is tried again by the next operation.
     """
 
     def __init__(
         self,
-        path: str,
+        backend: Backend | str,
         reactor: Any,
         clock: IReactorTime | None = None,
         *,
-        migrations: Sequence[Callable[[Any], None]] = MIGRATIONS,
+        migrations: Sequence[Callable[[Cursor], None]] = MIGRATIONS,
         max_bytes: int | None = None,
     ) -> None:
         """
-        :param path: the SQLite file (created if missing).
-        :param max_bytes: most bytes the database may fill (pages in use);
-            None for no cap.
+        :param backend: the database (a ``Backend``, or a ``--permalink-db``
+            value for ``backend_for``).
+        :param max_bytes: most bytes the database may fill; None for no cap.
         :param reactor: provides the threads the pool uses (``IReactorThreads``,
             ``IReactorCore``); only the tap should pass the global reactor.
         :param clock: where timestamps come from; defaults to ``reactor``.
         :param migrations: schema steps; tests pass their own.
         """
-        self.path = path
+        self.backend = backend_for(backend) if isinstance(backend, str) else backend
+        self.where = self.backend.where
         self.max_bytes = max_bytes
         self._clock: IReactorTime = clock if clock is not None else reactor
-        self._pool = adbapi.ConnectionPool(
-            "sqlite3",
-            path,
-            check_same_thread=False,
-            isolation_level=None,
-            cp_min=1,
-            cp_max=1,
-            cp_openfun=_open_connection,
-            cp_reactor=reactor,
-        )
+        self._pool = self.backend.pool(reactor)
+        self._pool.connectionFactory = _Connection
+        self._migrations = migrations
         self._closed = False
         self._pending = 0
         self._idle: list[defer.Deferred[None]] = []
         self._schema_error: BaseException | None = None
-        self._schema_checked = False
+        self._schema_ok = False
+        self._checking = False
         self._waiting: list[defer.Deferred[None]] = []
-        d = self._pool.runWithConnection(self._migrate, migrations)
-        d.addBoth(self._schema_result)
-        self._track(d)
+        #: None until the database answered or failed once; then whether it is usable
+        self._usable: bool | None = None
+        self._last_error: BaseException | None = None
+        self._retry_at = 0.0
+        self._check_schema()
 
     # -- lifecycle ---------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str, reactor: Any, clock: IReactorTime | None = None) -> defer.Deferred[PermalinkStore]:
+    def open(cls, where: str, reactor: Any, clock: IReactorTime | None = None) -> defer.Deferred[PermalinkStore]:
         """Make a store and fire with it once the schema is usable."""
-        return cls(path, reactor, clock).ready()
+        return cls(where, reactor, clock).ready()
 
     def ready(self) -> defer.Deferred[PermalinkStore]:
         """Fire with this store once the schema check passed, or fail with why."""
@@ -274,6 +456,8 @@ class PermalinkStore:
         ):
             if not isinstance(value, str):
                 return defer.fail(TypeError(f"{name} must be str, not {type(value).__name__}"))
+        if "\x00" in language:
+            return defer.fail(ValueError("language must not contain NUL"))
         now = self._clock.seconds()
         return self._run(self._store, code, language, interacts, now)
 
@@ -289,6 +473,10 @@ class PermalinkStore:
             return defer.succeed(None)
         now = self._clock.seconds()
         return self._run(self._fetch, ident, now)
+
+    def used_bytes(self) -> defer.Deferred[int]:
+        """Fire with the bytes the database fills, as the size cap counts them."""
+        return self._run(lambda cur: self.backend.used_bytes(cur))
 
     # -- plumbing ----------------------------------------------------------
 
@@ -307,156 +495,186 @@ class PermalinkStore:
         d.addBoth(done)
         return d
 
+    def _check_schema(self) -> None:
+        """Run the migrations on the pool; operations wait for the outcome."""
+        self._checking = True
+        d = self._pool.runWithConnection(self._call, self._migrate, self._migrations)
+        d.addErrback(self._translate)
+        d.addBoth(self._schema_result)
+        self._track(d)
+
     def _schema_result(self, result: object) -> None:
         """Record the schema check's outcome and release waiting operations."""
-        self._schema_checked = True
+        self._checking = False
         if isinstance(result, Failure):
             error = result.value
-            if not isinstance(error, PermalinkStoreError):
-                error = PermalinkStoreError(f"cannot open permalink database {self.path!r}: {error}")
-                error.__cause__ = result.value
-            self._schema_error = error
-            log.error(
-                "Permalink database {path} unusable: {error}",
-                path=self.path,
-                error=str(error),
-            )
+            if isinstance(error, SchemaVersionError):
+                self._schema_error = error
+            self._note_failure(error)
         else:
+            self._schema_ok = True
+            self._note_success()
             old, new = result  # type: ignore[misc]
             if old != new:
                 log.info(
-                    "Permalink database {path} upgraded from schema {old} to {new}",
-                    path=self.path,
+                    "Permalink database {where} upgraded from schema {old} to {new}",
+                    where=self.where,
                     old=old,
                     new=new,
                 )
         waiting, self._waiting = self._waiting, []
         for w in waiting:
-            self._fire_ready(w)
-
-    def _fire_ready(self, d: defer.Deferred[None]) -> None:
-        if self._schema_error is not None:
-            d.errback(self._schema_error)
-        else:
-            d.callback(None)
+            if isinstance(result, Failure):
+                w.errback(result.value)
+            else:
+                w.callback(None)
 
     def _when_ready(self) -> defer.Deferred[None]:
-        """A fresh Deferred that fires when the schema check is done."""
+        """A fresh Deferred that fires when the schema is usable (checking it again if the last check failed)."""
+        if self._schema_error is not None:
+            return defer.fail(self._schema_error)
+        if self._schema_ok:
+            return defer.succeed(None)
+        if self._closed and not self._checking:
+            return defer.fail(PermalinkStoreClosed("permalink store is closed"))
         d: defer.Deferred[None] = defer.Deferred()
-        if self._schema_checked:
-            self._fire_ready(d)
-        else:
-            self._waiting.append(d)
+        self._waiting.append(d)
+        if not self._checking:
+            self._check_schema()
         return d
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        """Run ``fn(connection, *args)`` on the pool once the schema is usable."""
+        """Run ``fn(cursor, *args)`` on the pool once the schema is usable."""
         if self._closed:
             return defer.fail(PermalinkStoreClosed("permalink store is closed"))
+        if self._usable is False and self._clock.seconds() < self._retry_at:
+            return defer.fail(self._last_error)
         d = self._when_ready()
-        d.addCallback(lambda _: self._pool.runWithConnection(fn, *args))
+        d.addCallback(lambda _: self._operate(fn, *args))
         return self._track(d)
 
-    # The methods below run on the pool's thread, never in the reactor.
+    def _operate(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        d = self._pool.runWithConnection(self._call, fn, *args)
+        d.addErrback(self._translate)
+        d.addCallbacks(self._succeeded, self._failed)
+        return d
 
-    def _migrate(self, conn: sqlite3.Connection, migrations: Sequence[Callable[[Any], None]]) -> tuple[int, int]:
-        return migrate(conn.cursor(), migrations)
+    def _translate(self, failure: Failure) -> Failure:
+        """A driver's error that means "cannot use the database now" becomes ``PermalinkStoreUnavailable``."""
+        if failure.check(PermalinkStoreError, PermalinkStoreFull):
+            return failure
+        if failure.check(adbapi.ConnectionLost, *self.backend.unavailable):
+            error: PermalinkStoreError = PermalinkStoreUnavailable(self.backend.why(failure.value))
+        elif self._schema_ok:
+            return failure  # a bug of ours, not the database's: 500
+        else:
+            error = PermalinkStoreError(f"cannot open permalink database {self.where}: {failure.value}")
+        error.__cause__ = failure.value
+        return Failure(error)
 
-    def _store(
-        self,
-        conn: sqlite3.Connection,
-        code: str,
-        language: str,
-        interacts: str,
-        now: float,
-    ) -> str:
-        digest = _content_hash(code, language, interacts)
-        cur = conn.cursor()
-        cur.execute("BEGIN IMMEDIATE")
+    def _succeeded(self, result: object) -> object:
+        self._note_success()
+        return result
+
+    def _failed(self, failure: Failure) -> Failure:
+        if failure.check(PermalinkStoreUnavailable):
+            self._note_failure(failure.value)
+        return failure
+
+    def _note_failure(self, error: BaseException) -> None:
+        """Rest the database a moment; say once (not at every request) that it cannot be used, and why."""
+        self._last_error = error
+        self._retry_at = self._clock.seconds() + RETRY_AFTER
+        if self._usable is False:
+            return
+        self._usable = False
+        if isinstance(error, PermalinkStoreUnavailable):
+            log.error(
+                "Permalink database {where} cannot be used ({why}): permalinks answer 503 until it can,"
+                " and cells are served as usual",
+                where=self.where,
+                why=str(error),
+            )
+        else:
+            log.error("Permalink database {where} unusable: {error}", where=self.where, error=str(error))
+
+    def _note_success(self) -> None:
+        if self._usable is False:
+            log.info("Permalink database {where} can be used again", where=self.where)
+        self._usable = True
+
+    # The methods below run on the pool's threads, never in the reactor.
+
+    def _call(self, conn: Any, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(cursor, *args)``; on a connection the database dropped, once more on a fresh one."""
         try:
-            cur.execute("SELECT id FROM permalinks WHERE content_hash = ?", (digest,))
-            row = cur.fetchone()
-            if row is not None:
-                ident = row[0]
-                cur.execute(
-                    "UPDATE permalinks SET last_access = ? WHERE id = ?",
-                    (now, ident),
-                )
-            else:
+            return fn(self.backend.cursor(conn), *args)
+        except self.backend.unavailable:
+            if not self.backend.lost(conn):
+                raise
+        conn.reconnect()
+        return fn(self.backend.cursor(conn), *args)
+
+    def _migrate(self, cur: Cursor, migrations: Sequence[Callable[[Cursor], None]]) -> tuple[int, int]:
+        return migrate(self.backend, cur, migrations)
+
+    def _store(self, cur: Cursor, code: str, language: str, interacts: str, now: float) -> str:
+        digest = _content_hash(code, language, interacts)
+        cur.execute(self.backend.begin_sql)
+        try:
+            ident = self._touch(cur, digest, now)
+            if ident is None:
                 self._check_room(cur, code, language, interacts)
                 ident = self._insert(cur, code, language, interacts, digest, now)
             cur.execute("COMMIT")
         except BaseException:
-            _rollback(cur)
+            self.backend.rollback(cur)
             raise
         return ident
 
-    def _check_room(self, cur: sqlite3.Cursor, code: str, language: str, interacts: str) -> None:
+    @staticmethod
+    def _touch(cur: Cursor, digest: str, now: float) -> str | None:
+        """The id of stored content (now accessed), or None."""
+        rows = cur.execute(
+            "UPDATE permalinks SET last_access = ? WHERE content_hash = ? RETURNING id", (now, digest)
+        ).fetchall()
+        return rows[0][0] if rows else None
+
+    def _check_room(self, cur: Cursor, code: str, language: str, interacts: str) -> None:
         """Raise ``PermalinkStoreFull`` unless the new row fits under ``max_bytes``."""
         if self.max_bytes is None:
             return
-        values = {}
-        for pragma in ("page_size", "page_count", "freelist_count"):
-            cur.execute(f"PRAGMA {pragma}")
-            values[pragma] = cur.fetchone()[0]
-        used = (values["page_count"] - values["freelist_count"]) * values["page_size"]
+        used = self.backend.used_bytes(cur)
         need = sum(len(v.encode("utf-8", "surrogatepass")) for v in (code, language, interacts)) + 256
         if used + need > self.max_bytes:
             raise PermalinkStoreFull(f"the permalink database holds {used} bytes, and its limit is {self.max_bytes}")
 
-    @staticmethod
-    def _insert(
-        cur: sqlite3.Cursor,
-        code: str,
-        language: str,
-        interacts: str,
-        digest: str,
-        now: float,
-    ) -> str:
+    def _insert(self, cur: Cursor, code: str, language: str, interacts: str, digest: str, now: float) -> str:
         for _ in range(_INSERT_ATTEMPTS):
             ident = _new_id()
-            try:
-                cur.execute(
-                    "INSERT INTO permalinks (id, code, language, interacts,"
-                    " content_hash, created, last_access, requested)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
-                    (ident, code, language, interacts, digest, now, now),
-                )
-            except sqlite3.IntegrityError:
-                # Only an id collision can get here (the hash was just checked
-                # inside this transaction); 2**-128 odds, but try another.
-                continue
-            return ident
+            rows = cur.execute(
+                "INSERT INTO permalinks (id, code, language, interacts, content_hash, created, last_access, requested)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT DO NOTHING RETURNING id",
+                (ident, self.backend.to_db(code), language, self.backend.to_db(interacts), digest, now, now),
+            ).fetchall()
+            if rows:
+                return ident
+            # A conflict: another daemon stored the same content since _touch
+            # looked (PostgreSQL), or the id was taken (2**-128 odds).
+            stored = self._touch(cur, digest, now)
+            if stored is not None:
+                return stored
         raise PermalinkStoreError("could not allocate a unique permalink id")
 
-    @staticmethod
-    def _fetch(conn: sqlite3.Connection, ident: str, now: float) -> dict[str, Any] | None:
-        cur = conn.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
-            cur.execute(
-                "UPDATE permalinks SET last_access = ?, requested = requested + 1 WHERE id = ?",
-                (now, ident),
-            )
-            if cur.rowcount == 0:
-                cur.execute("ROLLBACK")
-                return None
-            cur.execute(
-                "SELECT id, code, language, interacts, created, last_access, requested FROM permalinks WHERE id = ?",
-                (ident,),
-            )
-            row = cur.fetchone()
-            cur.execute("COMMIT")
-        except BaseException:
-            _rollback(cur)
-            raise
-        keys = (
-            "id",
-            "code",
-            "language",
-            "interacts",
-            "created",
-            "last_access",
-            "requested",
-        )
-        return dict(zip(keys, row, strict=True))
+    def _fetch(self, cur: Cursor, ident: str, now: float) -> dict[str, Any] | None:
+        rows = cur.execute(
+            "UPDATE permalinks SET last_access = ?, requested = requested + 1 WHERE id = ?"
+            " RETURNING id, code, language, interacts, created, last_access, requested",
+            (now, ident),
+        ).fetchall()
+        if not rows:
+            return None
+        row = dict(zip(_ROW_KEYS, rows[0], strict=True))
+        row["code"] = self.backend.from_db(row["code"])
+        row["interacts"] = self.backend.from_db(row["interacts"])
+        return row

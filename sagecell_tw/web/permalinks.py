@@ -16,8 +16,9 @@ against us unchanged:
 Every error is a JSON ``{"error": "..."}`` with a status a client can act on;
 a bad request stores nothing. A client address may make at most so many
 permalinks a minute (``RateLimit``; beyond that 429 with ``Retry-After``), and
-a full store answers 507. CORS and the token are left to whoever mounts this
-resource (``sagecell.WithCors``).
+a full store answers 507, a database that cannot be used (down, refusing
+connections) 503: only permalinks wait for it, never the kernels. CORS and
+the token are left to whoever mounts this resource (``sagecell.WithCors``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from .. import messages
-from ..core.permalinks import PermalinkStoreError, PermalinkStoreFull, is_valid_id
+from ..core.permalinks import PermalinkStoreError, PermalinkStoreFull, PermalinkStoreUnavailable, is_valid_id
 from .policy import client_address, write_json
 
 __all__ = [
@@ -421,8 +422,13 @@ class PermalinkResource(Resource):
                 {"error": "the permalink store is full: no new permalinks can be made for now"},
             )
         elif failure.check(PermalinkStoreError):
-            log.failure("Permalink {what} failed: database unavailable", failure, what=what)
-            reply.send(http.SERVICE_UNAVAILABLE, {"error": "permalink database unavailable"})
+            if not failure.check(PermalinkStoreUnavailable):
+                log.failure("Permalink {what} failed: database unavailable", failure, what=what)
+            # else the store has said once in the log that the database cannot be used, and why
+            reply.send(
+                http.SERVICE_UNAVAILABLE,
+                {"error": "permalink database unavailable; try again later (running code is not affected)"},
+            )
         else:
             log.failure("Permalink {what} failed", failure, what=what)
             reply.send(

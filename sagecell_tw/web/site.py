@@ -411,15 +411,14 @@ def threejs_files() -> resource.Resource:
 
 
 def build_site(svc, config, reactor) -> server.Site:
-    from ..core.permalinks import PermalinkStore
+    from ..core.permalinks import open_store
     from .permalinks import PermalinkResource, RateLimit
 
     api = Api(svc.sessions, config, reactor)
     sockets = KernelWebSocketFactory(svc.sessions, config, reactor=reactor, policy=api.policy)
     api.files = KernelFiles(svc.sessions, config, reactor, api.policy)
-    db = config.permalink_db or default_permalink_db()
-    os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)
-    store = PermalinkStore(db, reactor, max_bytes=config.permalink_db_max_size)
+    store = open_store(config.permalink_db or default_permalink_db(), reactor, max_bytes=config.permalink_db_max_size)
+    svc.permalinks = store  # closed when the service stops
     static_dir = StaticFiles(STATIC)
     static_dir.indexNames = []
     compat = SageCellCompat(api, reactor)
