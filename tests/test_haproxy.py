@@ -86,11 +86,11 @@ def answered(port: int) -> bool:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             return s.recv(100).startswith(b"HTTP/1.1 503")
-    except ConnectionError:
+    except OSError:  # refused, reset, or no answer in time on a loaded machine: not served
         return False
 
 
-def poll(condition, seconds: float = 5.0) -> bool:
+def poll(condition, seconds: float = 15.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if condition():
