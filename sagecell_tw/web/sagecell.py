@@ -462,6 +462,12 @@ class ServiceRun:
         self._nudges: set[str] = set()
         self._request: Message | None = None
 
+    def pause_input(self) -> None:
+        """Nothing to stop reading: what this connection sends, it makes itself."""
+
+    def resume_input(self) -> None:
+        pass
+
     def start(self, code: str, expressions: dict, timeout: float) -> defer.Deferred:
         content = {
             "code": code,
