@@ -210,10 +210,18 @@ class InputRate:
     def charge(self, key: str, cost: float) -> float:
         """Take ``cost`` units from ``key``; the seconds its sender must now wait (0: none)."""
         now = self.clock.seconds()
-        level, then = self.levels.get(key, (self.rate, now))
-        level = min(self.rate, level + (now - then) * self.rate) - cost
+        level = self._level(key, now) - cost
         self.levels[key] = (level, now)
         return 0.0 if level >= 0 else -level / self.rate
+
+    def wait(self, key: str) -> float:
+        """The seconds ``key``'s sender must still wait (0: none)."""
+        level = self._level(key, self.clock.seconds())
+        return 0.0 if level >= 0 else -level / self.rate
+
+    def _level(self, key: str, now: float) -> float:
+        level, then = self.levels.get(key, (self.rate, now))
+        return min(self.rate, level + (now - then) * self.rate)
 
     def prune(self) -> None:
         now = self.clock.seconds()

@@ -487,6 +487,15 @@ class SessionManager:
             self.clock.callLater(wait, self._unslow, session, conn)
 
     def _unslow(self, session: WebSession, conn) -> None:
+        """
+        The wait is over, unless what ``conn`` sent meanwhile (the rest of a
+        read, already taken) made it longer: Twisted reads up to 64 KiB at a
+        time, and every frame in it is charged.
+        """
+        wait = self.input_rate.wait(session.id)
+        if wait > 0 and conn in session.slowed_input and conn in session.connections:
+            self.clock.callLater(wait, self._unslow, session, conn)
+            return
         if conn in session.slowed_input:
             session.slowed_input.discard(conn)
             if conn not in session.held_input:
