@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_messages -*-
+# -*- test-case-name: tests.test_messages,tests.test_comms -*-
 """
 Jupyter messages: the zmq wire format (signed) and the two WebSocket framings.
 
@@ -330,7 +330,7 @@ def parse_json_frame(payload: bytes, default_channel: str | None = None) -> Mess
     if isinstance(msg, dict) and msg.get("buffers"):
         header = msg.get("header") if isinstance(msg.get("header"), dict) else None
         channel = msg.get("channel") or default_channel
-        raise BadMessage("buffers must be sent in a binary frame (u32 offsets), not in a JSON text frame", header, channel)
+        raise BadMessage("buffers must come in a binary frame (u32 offsets), not in JSON text", header, channel)
     return from_dict(msg, default_channel)
 
 

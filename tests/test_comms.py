@@ -26,6 +26,7 @@ from fakes import SessionsCase, wire
 from support import Client, Daemon, msg, stdout_of
 
 from sagecell_tw import messages
+from sagecell_tw.config import sage_available
 from sagecell_tw.core.limits import MAX_IN_FLIGHT, RESUME_IN_FLIGHT, InputRate, input_cost
 from sagecell_tw.messages import Message
 
@@ -378,18 +379,8 @@ def _model(outputs: list[dict], name: str) -> str:
 
 def set_value(c: Client, comm_id: str, state: dict, timeout: float = 30.0) -> list[dict]:
     """Change a control as ipywidgets' page code does; the iopub messages of its re-run, to idle."""
-    sent = c.send(msg("comm_msg", {"comm_id": comm_id, "data": {"method": "update", "state": state, "buffer_paths": []}}))
-    mid = sent["header"]["msg_id"]
-    out = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        m = c.recv(max(0.1, deadline - time.monotonic()))
-        if m.get("parent_header", {}).get("msg_id") != mid:
-            continue
-        out.append(m)
-        if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
-            return out
-    raise AssertionError(f"no idle for the change; got {[m['msg_type'] for m in out]}")
+    update = {"method": "update", "state": state, "buffer_paths": []}
+    return _until_idle(c, c.send(msg("comm_msg", {"comm_id": comm_id, "data": update})), timeout)
 
 
 def test_python_interact_follows_its_slider(daemon):
@@ -434,7 +425,9 @@ def test_two_sockets_of_one_kernel_share_its_widgets(daemon):
     rerun = set_value(b, slider, {"value": 9})
     assert stdout_of(rerun) == "x is 9\n"
     seen_by_a = []
-    while not (seen_by_a and seen_by_a[-1]["msg_type"] == "status" and seen_by_a[-1]["content"]["execution_state"] == "idle"):
+    while not (
+        seen_by_a and seen_by_a[-1]["msg_type"] == "status" and seen_by_a[-1]["content"]["execution_state"] == "idle"
+    ):
         seen_by_a.append(a.recv(10))
     assert stdout_of(seen_by_a) == "x is 9\n"
     assert any(m["msg_type"] == "comm_msg" and m["content"]["data"].get("method") == "echo_update" for m in seen_by_a)
@@ -562,3 +555,120 @@ def _rss(pid: int) -> int:
                 return int(line.split()[1]) << 10
     raise AssertionError("no VmRSS")
 
+
+# -- end to end: Sage's @interact ---------------------------------------------------------------
+
+
+def _models(outputs: list[dict], name: str) -> list[str]:
+    """The comm ids of the widget models ``name`` among ``outputs``, in the order they were opened."""
+    return [
+        m["content"]["comm_id"]
+        for m in outputs
+        if m["msg_type"] == "comm_open" and m["content"]["data"]["state"]["_model_name"] == name
+    ]
+
+
+@pytest.fixture(scope="module")
+def sage():
+    """A client of a Sage kernel (a daemon of Sage kernels: its master warms up in ~10 s)."""
+    if not sage_available():
+        pytest.skip("passagemath is not installed (setup.sh installs it)")
+    d = Daemon(pool_size=1, kernels="sagemath").start(timeout=120)
+    status, body, _ = d.request("POST", "/api/kernels", {"name": "sagemath"})
+    assert status == 201, body
+    yield Client(d, body["id"])
+    d.stop()
+
+
+def _interact(client: Client, code: str) -> list[dict]:
+    reply, out = client.execute(code)
+    assert reply["status"] == "ok", reply
+    assert any("application/vnd.jupyter.widget-view+json" in m["content"].get("data", {}) for m in out), out
+    return out
+
+
+def test_sage_slider_moved_and_the_output_follows(sage):
+    out = _interact(sage, "@interact\ndef f(n=slider(1, 10, 1, 3), k=(0, 5)):\n    print('n =', n, 'k =', k, n^k)\n")
+    assert stdout_of(out) == "n = 3 k = 2 9\n"
+    n, k = _models(out, "IntSliderModel")
+    assert stdout_of(set_value(sage, n, {"value": 7})) == "n = 7 k = 2 49\n"
+    assert stdout_of(set_value(sage, k, {"value": 5})) == "n = 7 k = 5 16807\n"  # a Sage Integer power
+
+
+def test_sage_input_box_selector_checkbox_and_colour(sage):
+    out = _interact(
+        sage,
+        "@interact\n"
+        "def f(s=input_box('abc', type=str), e=input_box(2), c=selector(['red', 'green']), b=checkbox(True),"
+        " col=color_selector('red')):\n"
+        "    print(repr(s), e, type(e).__name__, c, b, col.html_color())\n",
+    )
+    assert stdout_of(out) == "'abc' 2 Integer red True #ff0000\n"
+    s, e = _models(out, "TextModel")[:2]
+    [c] = _models(out, "DropdownModel")
+    [b] = _models(out, "CheckboxModel")
+    [col] = _models(out, "ColorPickerModel")
+    assert stdout_of(set_value(sage, s, {"value": "xyz"})) == "'xyz' 2 Integer red True #ff0000\n"
+    assert stdout_of(set_value(sage, e, {"value": "3^4"})) == "'xyz' 81 Integer red True #ff0000\n"
+    assert stdout_of(set_value(sage, c, {"index": 1})) == "'xyz' 81 Integer green True #ff0000\n"
+    assert stdout_of(set_value(sage, b, {"value": False})) == "'xyz' 81 Integer green False #ff0000\n"
+    assert stdout_of(set_value(sage, col, {"value": "#00ff00"})) == "'xyz' 81 Integer green False #00ff00\n"
+
+
+def test_sage_guesses_controls_from_defaults(sage):
+    out = _interact(
+        sage,
+        "@interact\ndef f(t=(1, 9), l=['a', 'b'], s='text', b=False, c=Color('blue'), m=matrix(QQ, [[1, 2], [3, 4]])):\n"
+        "    print(t, l, s, b, c.html_color(), m.det())\n",
+    )
+    assert stdout_of(out) == "5 a text False #0000ff -2\n"
+    for name in ("IntSliderModel", "DropdownModel", "CheckboxModel", "ColorPickerModel"):
+        assert len(_models(out, name)) == 1, name
+    text = _models(out, "TextModel")
+    assert len(text) == 1 + 4  # the string's box, and the matrix's grid of four
+    assert stdout_of(set_value(sage, text[1], {"value": "5"})) == "5 a text False #0000ff 14\n"  # det [[5, 2], [3, 4]]
+
+
+def test_sage_interact_without_auto_update_waits_for_its_button(sage):
+    out = _interact(sage, "@interact\ndef f(n=(1, 10), auto_update=False):\n    print('n is', n)\n")
+    [n] = _models(out, "IntSliderModel")
+    [update] = _models(out, "ButtonModel")
+    assert stdout_of(set_value(sage, n, {"value": 8})) == ""
+    click = sage.send(msg("comm_msg", {"comm_id": update, "data": {"method": "custom", "content": {"event": "click"}}}))
+    assert stdout_of(_until_idle(sage, click)) == "n is 8\n"
+
+
+def test_sage_interact_plot_is_replaced_on_change(sage):
+    out = _interact(sage, "@interact\ndef f(n=(1, 4)):\n    show(plot(sin(n*x), (x, 0, 1)))\n")
+    rerun = set_value(sage, _models(out, "IntSliderModel")[0], {"value": 3})
+    types = [m["msg_type"] for m in rerun]
+    assert "clear_output" in types, types
+    images = [m for m in rerun if m["msg_type"] == "display_data" and "image/png" in m["content"]["data"]]
+    assert len(images) == 1, types
+
+
+def test_sage_kernel_answers_a_page_asking_for_every_widget_state(sage):
+    out = _interact(sage, "@interact\ndef f(n=(1, 4)):\n    pass\n")
+    [n] = _models(out, "IntSliderModel")
+    control = uuid.uuid4().hex
+    opening = msg("comm_open", {"comm_id": control, "target_name": "jupyter.widget.control", "data": {}})
+    opening["metadata"] = {"version": "1.0.0"}
+    sage.send(opening)
+    request = sage.send(msg("comm_msg", {"comm_id": control, "data": {"method": "request_states"}}))
+    answer = [m for m in _until_idle(sage, request) if m["msg_type"] == "comm_msg"]
+    assert answer and answer[0]["content"]["data"]["method"] == "update_states", answer
+    assert answer[0]["content"]["data"]["states"][n]["state"]["value"] == 2
+
+
+def _until_idle(c: Client, sent: dict, timeout: float = 30.0) -> list[dict]:
+    """The iopub messages of ``sent``, up to the kernel's idle for it."""
+    mid = sent["header"]["msg_id"]
+    out = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = c.recv(max(0.1, deadline - time.monotonic()))
+        if m.get("parent_header", {}).get("msg_id") == mid:
+            out.append(m)
+            if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+                return out
+    raise AssertionError(f"no idle; got {[m['msg_type'] for m in out]}")

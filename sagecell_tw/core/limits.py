@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_lifecycle_clock,tests.test_bounds -*-
+# -*- test-case-name: tests.test_lifecycle_clock,tests.test_bounds,tests.test_comms -*-
 """
 A session's limits as plain decisions: what output of an execution passes
 under ``max_output_bytes``, which wall-clock limit (disconnection, idle,

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_lifecycle_clock -*-
+# -*- test-case-name: tests.test_lifecycle_clock,tests.test_comms -*-
 """
 Web sessions: each gets its own kernel, and its messages go to that kernel.
 

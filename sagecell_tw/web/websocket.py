@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_bounds,tests.test_e2e_kernel_api -*-
+# -*- test-case-name: tests.test_bounds,tests.test_e2e_kernel_api,tests.test_comms -*-
 """
 The browser's WebSocket to a session: ``/api/kernels/{id}/channels``.
 
