@@ -385,6 +385,8 @@ def set_value(c: Client, comm_id: str, state: dict, timeout: float = 30.0) -> li
 
 def test_python_interact_follows_its_slider(daemon):
     c = Client(daemon, daemon.new_kernel())
+    reply, out = c.execute("import sys\nprint('ipywidgets' in sys.modules)")
+    assert stdout_of(out) == "True\n"  # the master imported it: the first interact does not wait for it
     reply, out = c.execute(INTERACT)
     assert reply["status"] == "ok", reply
     [view] = [m for m in out if m["msg_type"] == "display_data"]

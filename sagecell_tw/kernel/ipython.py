@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_e2e_kernel_api -*-
+# -*- test-case-name: tests.test_e2e_kernel_api,tests.test_comms -*-
 """
 The IPython kernel a forked child runs: ipykernel's app, kernel and shell,
 adapted, and what the fork server prepares of them before forking.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_forkserver -*-
+# -*- test-case-name: tests.test_forkserver,tests.test_comms -*-
 """
 The warm master every kernel is forked from: ``python -m sagecell_tw.worker.zygote FD TEMPLATE``.
 
