@@ -28,6 +28,7 @@ from support import Client, Daemon, msg, stdout_of
 from sagecell_tw import messages
 from sagecell_tw.config import sage_available
 from sagecell_tw.core.limits import MAX_IN_FLIGHT, RESUME_IN_FLIGHT, InputRate, input_cost
+from sagecell_tw.core.sessions import SessionObserver
 from sagecell_tw.messages import Message
 
 # -- task.Clock: comm messages as executions, and how fast a browser is read ---------------
@@ -145,12 +146,17 @@ class InputRateTests(Base):
     def test_a_client_past_the_rate_is_not_read_until_it_may_send_again(self):
         session, conn = self.session_with_kernel()
         other_session, other = self.session_with_kernel()
+        hits = []
+        observer = SessionObserver()
+        observer.limit_hit = lambda s, kind: hits.append((s, kind))
+        self.sessions.observers.append(observer)
         for value in range(100):
             moved = self.move(session, conn, value)
             self.idle(session, moved)
         self.assertTrue(conn.reading)
         self.move(session, conn, 100)
         self.assertFalse(conn.reading)
+        self.assertEqual(hits, [(session, "max_messages_per_second")])  # counted in /metrics
         self.move(other_session, other, 1)  # the rate is the session's own
         self.assertTrue(other.reading)
         self.clock.advance(0.005)

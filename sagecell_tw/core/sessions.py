@@ -484,6 +484,7 @@ class SessionManager:
         if wait > 0 and conn not in session.slowed_input:
             session.slowed_input.add(conn)
             conn.pause_input()
+            self._tell(lambda o: o.limit_hit(session, "max_messages_per_second"))
             self.clock.callLater(wait, self._unslow, session, conn)
 
     def _unslow(self, session: WebSession, conn) -> None:
