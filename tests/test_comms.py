@@ -601,6 +601,10 @@ def test_sage_slider_moved_and_the_output_follows(sage):
     n, k = _models(out, "IntSliderModel")
     assert stdout_of(set_value(sage, n, {"value": 7})) == "n = 7 k = 2 49\n"
     assert stdout_of(set_value(sage, k, {"value": 5})) == "n = 7 k = 5 16807\n"  # a Sage Integer power
+    out = _interact(sage, "@interact\ndef g(r=range_slider(0, 10, 1, (2, 5))):\n    print('from', r[0], 'to', r[1])\n")
+    assert stdout_of(out) == "from 2 to 5\n"
+    [r] = _models(out, "IntRangeSliderModel")
+    assert stdout_of(set_value(sage, r, {"value": [1, 9]})) == "from 1 to 9\n"
 
 
 def test_sage_input_box_selector_checkbox_and_colour(sage):
