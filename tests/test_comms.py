@@ -533,7 +533,7 @@ def test_a_client_pushing_controls_as_fast_as_it_can_is_slowed_and_others_stay_f
     # reading (a read is up to 64 KiB), once as it first stopped and once as it looked again
     in_a_read = (64 << 10) // len(frame)
     assert 50 <= taken <= 50 * seconds + 50 + 2 * in_a_read + 20, (taken, in_a_read)
-    assert statistics.median(during) < 5 * before + 10, (before, statistics.median(during))
+    assert statistics.median(during) < 5 * before + 25, (before, statistics.median(during))
 
 
 def test_a_kernel_opening_comms_in_a_loop_is_bounded(slow_daemon):
