@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import statistics
 import threading
@@ -118,7 +119,14 @@ def round_trips(ws: RawWS, seconds: float) -> list[float]:
     return times
 
 
-def flood(port: int, seconds: float) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def flood(port: int, seconds: float, daemon_pid: int) -> dict:
     """A client pushing comm messages as fast as it can; what reaches its kernel each second."""
     flooder_kernel = new_kernel(port)
     flooder = RawWS(port, flooder_kernel)
@@ -154,9 +162,12 @@ def flood(port: int, seconds: float) -> dict:
 
     flooder.sock.settimeout(None)
     workers = [threading.Thread(target=push), threading.Thread(target=drain)]
+    cpu0 = cpu_seconds(daemon_pid)
     for w in workers:
         w.start()
     try:
+        time.sleep(seconds)  # the daemon's CPU for the flood alone
+        cpu = cpu_seconds(daemon_pid) - cpu0
         during = round_trips(other, seconds)
     finally:
         stop.set()
@@ -172,6 +183,7 @@ def flood(port: int, seconds: float) -> dict:
     taken = int("".join(m["content"]["text"] for m in out if m["msg_type"] == "stream"))
     return {
         "taken_per_s": taken / seconds,
+        "daemon_cpu": cpu / seconds,
         "sent_per_s": sent[0] / seconds,
         "other_quiet_median": 1000 * statistics.median(quiet),
         "other_during_median": 1000 * statistics.median(during),
@@ -199,9 +211,9 @@ def main() -> None:
                     f"{name}: change to output {f['output_median']:.2f} / {f['output_p99']:.2f} ms, "
                     f"to idle {f['idle_median']:.2f} / {f['idle_p99']:.2f} ms (median / p99, {args.samples} changes)"
                 )
-        f = flood(d.port, args.flood_seconds)
+        f = flood(d.port, args.flood_seconds, d.proc.pid)
         print(
-            f"flood, --max-messages-per-second 100: the kernel took {f['taken_per_s']:.0f} updates/s; another "
+            f"flood, --max-messages-per-second 100: the kernel took {f['taken_per_s']:.0f} updates/s, the daemon used {100 * f['daemon_cpu']:.0f}% of a core; another "
             f"session's round trip {f['other_quiet_median']:.2f} ms quiet, {f['other_during_median']:.2f} / "
             f"{f['other_during_p99']:.2f} ms during"
         )
@@ -209,9 +221,9 @@ def main() -> None:
         d.stop()
     d = Daemon(pool_size=2, max_messages_per_second=100000).start()
     try:
-        f = flood(d.port, args.flood_seconds)
+        f = flood(d.port, args.flood_seconds, d.proc.pid)
         print(
-            f"flood, limit out of the way (100000): the kernel took {f['taken_per_s']:.0f} updates/s; another "
+            f"flood, limit out of the way (100000): the kernel took {f['taken_per_s']:.0f} updates/s, the daemon used {100 * f['daemon_cpu']:.0f}% of a core; another "
             f"session's round trip {f['other_quiet_median']:.2f} ms quiet, {f['other_during_median']:.2f} / "
             f"{f['other_during_p99']:.2f} ms during"
         )
