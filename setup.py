@@ -30,7 +30,10 @@ setup(
         "prometheus_client>=0.20",
     ],
     extras_require={
-        "scientific": ["numpy", "sympy", "matplotlib"],
+        # ipywidgets 8: interacts (Sage's @interact is built on it, and Python's
+        # ipywidgets.interact); the fork server imports it once. 8.1's comm
+        # protocol (2.1.0) is the one the widget's @jupyter-widgets packages speak.
+        "scientific": ["numpy", "sympy", "matplotlib", "ipywidgets==8.1.*"],
         # Sage kernels (sage_kernel.py): the whole Sage library, ~4.3 GB, ~2 min
         # to install. kernel/sage.py adapts passagemath 10.8's Jupyter kernel.
         "sage": ["passagemath-standard==10.8.*"],

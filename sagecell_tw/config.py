@@ -61,6 +61,7 @@ class Config:
     max_kernels_per_client: int = 8
     max_kernels_per_page: int = 4  # SageMathCell's POST /kernel, per CellSessionID
     max_restarts_per_minute: int = 6  # per session; per client address, three times this
+    max_messages_per_second: int = 100  # a session's browsers' messages (64 KiB counts as one more), bursts as many
     address_space: int = 1 << 30
     cpu_seconds: int = 600
     processes: int = 64
@@ -98,6 +99,7 @@ class Config:
             "max_kernels_per_client",
             "max_kernels_per_page",
             "max_restarts_per_minute",
+            "max_messages_per_second",
             "max_message_size",
             "open_files",
             "max_sockets_per_session",
@@ -114,6 +116,7 @@ class Config:
         _positive("max-kernels-per-client", self.max_kernels_per_client)
         _positive("max-kernels-per-page", self.max_kernels_per_page)
         _positive("max-restarts-per-minute", self.max_restarts_per_minute)
+        _positive("max-messages-per-second", self.max_messages_per_second)
         _positive("max-message-size", self.max_message_size)
         _positive("max-sockets-per-session", self.max_sockets_per_session)
         _positive("max-connections-per-client", self.max_connections_per_client)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_messages -*-
+# -*- test-case-name: tests.test_messages,tests.test_comms -*-
 """
 Jupyter messages: the zmq wire format (signed) and the two WebSocket framings.
 
@@ -318,14 +318,23 @@ def from_dict(msg, default_channel: str | None = None, buffers: list[bytes] | No
 
 
 def parse_json_frame(payload: bytes, default_channel: str | None = None) -> Message:
+    """
+    A text frame: one JSON message. Its buffers (a comm's binary data) can
+    only come in a binary frame: in JSON they would be text, which no kernel
+    takes for bytes, so a text frame naming any is refused, not cut short.
+    """
     try:
         msg = loads(payload)
     except (ValueError, UnicodeDecodeError):
         raise BadMessage("the frame is not valid JSON") from None
+    if isinstance(msg, dict) and msg.get("buffers"):
+        header = msg.get("header") if isinstance(msg.get("header"), dict) else None
+        channel = msg.get("channel") or default_channel
+        raise BadMessage("buffers must come in a binary frame (u32 offsets), not in JSON text", header, channel)
     return from_dict(msg, default_channel)
 
 
-def parse_default_binary(payload: bytes) -> Message:
+def parse_default_binary(payload: bytes, default_channel: str | None = None) -> Message:
     """The default framing's binary form: u32 BE count and offsets, JSON, buffers."""
     try:
         (n,) = struct.unpack("!I", payload[:4])
@@ -342,7 +351,7 @@ def parse_default_binary(payload: bytes) -> Message:
         msg = loads(bufs[0])
     except (ValueError, UnicodeDecodeError):
         raise BadMessage("the frame is not valid JSON") from None
-    return from_dict(msg, buffers=bufs[1:])
+    return from_dict(msg, default_channel, buffers=bufs[1:])
 
 
 def parse_v1_frame(payload: bytes) -> Message:

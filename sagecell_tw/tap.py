@@ -40,6 +40,8 @@ HELP = {
     "max_kernels_per_client": "most kernels one client address may have",
     "max_restarts_per_minute": "most kernel restarts (or new kernels after a death) of one session a minute; "
     "of one client address, three times this (more: 429, or a Jupyter error on the socket)",
+    "max_messages_per_second": "most messages a second the browsers of one session may send (a burst of as many; "
+    "each 64 KiB counts as one more); past it their sockets are read no faster",
     "max_kernels_per_page": "most kernels one page (SageMathCell CellSessionID) may have through POST /kernel",
     "address_space": "per-kernel address space limit, bytes (0: none)",
     "cpu_seconds": "per-kernel CPU time limit, seconds",

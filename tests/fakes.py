@@ -131,9 +131,17 @@ class FakeConnection:
         self.got: list[Message] = []
         self.closed_for: str | None = None
         self.client_sessions = {"browser"}
+        #: whether the session manager lets this connection's browser be read
+        self.reading = True
 
     def deliver(self, msg: Message) -> None:
         self.got.append(msg)
+
+    def pause_input(self) -> None:
+        self.reading = False
+
+    def resume_input(self) -> None:
+        self.reading = True
 
     def close_for(self, reason: str) -> None:
         self.closed_for = reason

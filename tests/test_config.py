@@ -44,6 +44,7 @@ def test_the_example_file_is_valid():
     [
         ("pool_size = -1\n", "--pool-size"),
         ("pool_size = 2.5\n", "--pool-size"),
+        ("max_messages_per_second = 0\n", "--max-messages-per-second"),
         ("cpu_seconds = true\n", "--cpu-seconds"),
         ("exec_timeout = 'soon'\n", "--exec-timeout"),
         ("network = 'maybe'\n", "--network"),

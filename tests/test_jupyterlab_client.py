@@ -77,8 +77,10 @@ def test_framing_is_the_one_asked_for(runs, daemon, framing):
         assert wire["sent"]["text"] == 0 and wire["received"]["text"] == 0
         assert wire["sent"]["binary"] > 0 and wire["received"]["binary"] > 0
     else:
+        # Text frames, but for messages with buffers (only the comm step has any): binary frames then
+        binary = steps["comm"]["binary"]
         assert set(wire["protocols"]) == {""}
-        assert wire["sent"]["binary"] == 0 and wire["received"]["binary"] == 0
+        assert wire["sent"]["binary"] == binary["sent"] == 1 and wire["received"]["binary"] == binary["received"] == 2
         assert wire["sent"]["text"] > 0 and wire["received"]["text"] > 0
     # The server's side: every socket of this session (one, and one more after
     # the restart) was opened in that framing.
@@ -187,3 +189,16 @@ def test_refused_listings_leave_the_kernel_working(runs, framing):
     assert poll["kernel_manager_ready"] and poll["session_manager_ready"]
     assert not poll["kernel_disposed"] and poll["kernel_status"] != "dead"
     assert poll["status"] == "ok" and poll["stdout"] == "still here\n"
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_comms_both_ways_with_buffers_and_a_widget(runs, framing):
+    comm = runs(framing)["comm"]
+    assert comm["status"] == "ok"
+    assert comm["opened"] == {"target": "sagecell.node", "data": {"hello": "node"}, "buffers": [[0, 1, 254, 255]]}
+    assert comm["echo"] == {"data": {"echo": {"ping": 2}}, "buffers": [[250, 3, 2, 1]]}
+    assert comm["answer"] == {"opened_with": {"x": 1}}
+    widget = comm["widget"]
+    assert widget["model"] == "IntSliderModel" and widget["value"] == 3 and widget["shown"]
+    assert widget["stdout"] == "value 7\n"
+    assert {"method": "echo_update", "state": {"value": 7}, "buffer_paths": []} in widget["echoes"]

@@ -296,6 +296,23 @@ def test_timeout_is_idle_time_after_an_execution():
     assert w.sessions.get(kid) is None
 
 
+def test_timeout_counts_from_the_end_of_a_control_change_too():
+    """An interact moved near the timeout: the kernel ends a timeout after the change, not never."""
+    w = World()
+    kid = w.call("POST", "/kernel", {"timeout": "30"})[1]["id"]
+    _execute(w, kid)
+    session = w.sessions.get(kid)
+    w.clock.advance(25)
+    change = Message.build("shell", "comm_msg", {"comm_id": "slider", "data": {}}, session="c")
+    w.sessions.send(session, change, None)
+    w.clock.advance(10)  # the timeout's check comes while the change runs
+    session.kernel.on_message(Message.build("iopub", "status", {"execution_state": "idle"}, change.header_dict, "k"))
+    w.clock.advance(25)
+    assert w.sessions.get(kid) is not None
+    w.clock.advance(10)
+    assert w.sessions.get(kid) is None
+
+
 def test_delete_and_method_override():
     w = World()
     kid = w.call("POST", "/kernel")[1]["id"]

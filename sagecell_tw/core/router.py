@@ -47,6 +47,15 @@ class WebSession:
     #: connections whose browser is behind: while any is, the kernel's
     #: output is not read (backpressure)
     paused: set = field(default_factory=set)
+    #: msg_id -> when sent, of the browsers' shell and control messages its
+    #: kernel has not finished, oldest first (limits.MAX_IN_FLIGHT)
+    in_flight: dict = field(default_factory=dict)
+    #: connections not read while the kernel is that far behind
+    held_input: set = field(default_factory=set)
+    #: connections not read until their sender's rate limit allows (limits.InputRate)
+    slowed_input: set = field(default_factory=set)
+    #: since when the kernel's shell is idle (its last status for a shell message), or None
+    shell_idle_since: float | None = None
     #: iopub held back (from an execution's "idle" on) until the news of its
     #: files, which comes from a worker host, is out
     hold: IopubHold = field(default_factory=IopubHold)

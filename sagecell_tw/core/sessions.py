@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_lifecycle_clock -*-
+# -*- test-case-name: tests.test_lifecycle_clock,tests.test_comms -*-
 """
 Web sessions: each gets its own kernel, and its messages go to that kernel.
 
@@ -25,7 +25,17 @@ from .. import messages
 from ..messages import DAEMON_SESSION, Message
 from .grants import new_grant
 from .kernels import KernelManager, NoKernelAvailable
-from .limits import Execution, Lifetimes, OutputCap, RateLimit
+from .limits import (
+    MAX_IN_FLIGHT,
+    RESUME_IN_FLIGHT,
+    RUNS_CODE,
+    Execution,
+    InputRate,
+    Lifetimes,
+    OutputCap,
+    RateLimit,
+    input_cost,
+)
 from .replay import Journal
 from .router import Routes, WebSession
 
@@ -38,6 +48,12 @@ RESTART_WINDOW = 60.0
 CLIENT_RESTARTS_FACTOR = 3
 #: how many kernels in a row a session swaps silently for ones that died before running its code
 MAX_EARLY_DEATHS = 3
+#: a kernel whose shell stayed idle this long runs nothing sent before: what is
+#: still counted as running then was handled without a status (ipykernel runs
+#: comm messages that come during an async cell at once, and says nothing)
+STALE_AFTER = 1.0
+#: a kernel's control requests: their status says nothing of its shell
+CONTROL_TYPES = messages.ALLOWED["control"]
 
 
 def _size(msg: Message) -> int:
@@ -110,6 +126,8 @@ class SessionManager:
         per_session = config.max_restarts_per_minute
         self.restarts = RateLimit(per_session, RESTART_WINDOW, clock)
         self.client_restarts = RateLimit(CLIENT_RESTARTS_FACTOR * per_session, RESTART_WINDOW, clock)
+        #: how fast each session's browsers may send (their sockets are read no faster)
+        self.input_rate = InputRate(config.max_messages_per_second, clock)
         #: ids of sessions that have had a kernel: taking another is a restart
         self._had_kernel: set[str] = set()
         #: kernels' messages dropped for claiming the daemon's session, by kernel id
@@ -227,6 +245,7 @@ class SessionManager:
             return
         self.routes.attach(session, kernel)
         self._unproven[session.id] = (kernel, [])
+        self._forget_in_flight(session, None)
         self._had_kernel.add(session.id)
         if session.paused:
             kernel.pause_reading()
@@ -271,6 +290,7 @@ class SessionManager:
             return
         self.routes.detach(session)
         session.executions.clear()
+        self._forget_in_flight(session, None)
         session.execution_state = "dead"
         log.info(
             "the kernel of session {session} died: {reason}", event="session_kernel_died", session=session.id, reason=reason
@@ -354,6 +374,7 @@ class SessionManager:
             self._count_restart(session, client or session.client)
         old = self.routes.detach(session)
         session.executions.clear()
+        self._forget_in_flight(session, None)
         if old is not None:
             old.on_message = old.on_death = None
             self.kernels.shutdown(old, "restarted")
@@ -416,6 +437,8 @@ class SessionManager:
         if conn not in session.connections:
             return
         session.connections.discard(conn)
+        session.held_input.discard(conn)
+        session.slowed_input.discard(conn)
         self.resume(session, conn)
         cid = getattr(conn, "session_id", "")
         if session.journal is not None and cid:
@@ -456,6 +479,7 @@ class SessionManager:
         session.last_activity = self.clock.seconds()
         if conn is not None:
             conn.client_sessions.add(str(msg.header_dict.get("session", "")))
+            self._meter(session, msg, conn)
         kernel = session.kernel
         if kernel is None:
             if len(session.pending) >= MAX_PENDING:
@@ -471,11 +495,11 @@ class SessionManager:
             if conn is not None:
                 conn.deliver(Message.build("control", "interrupt_reply", {"status": "ok"}, msg.header_dict, DAEMON_SESSION))
             return
-        if msg.msg_type == "execute_request":
-            ex = Execution(msg.msg_id, self.clock.seconds())
+        if msg.msg_type in RUNS_CODE:
+            ex = Execution(msg.msg_id, self.clock.seconds(), msg.msg_type)
             session.executions[msg.msg_id] = ex
             self.output_cap.started(session.outputs, ex)
-            if self.config.log_code:
+            if self.config.log_code and msg.msg_type == "execute_request":
                 log.info("session {session} runs: {code}", event="code", session=session.id, code=msg.content_dict().get("code"))
         self.msgs_to_kernels += 1
         self.bytes_to_kernels += _size(msg)
@@ -483,12 +507,80 @@ class SessionManager:
             session.executions.pop(msg.msg_id, None)
             self._refuse(conn, msg, "the kernel is not keeping up; message dropped")
             return
+        if msg.channel != "stdin" and conn is not None:
+            self._in_flight(session, msg, conn)
         unproven = self._unproven.get(session.id)
         if unproven is not None and unproven[0] is kernel:
             if len(unproven[1]) < MAX_PENDING:
                 unproven[1].append((msg, conn))
             else:  # too much to send again: it counts as having state
                 del self._unproven[session.id]
+
+    # -- what browsers may send, and how fast ------------------------------------
+
+    def _meter(self, session: WebSession, msg: Message, conn) -> None:
+        """
+        Charge ``msg`` to its session's rate (``InputRate``): past it, ``conn``
+        is not read until the rate allows, so a client pushing controls as
+        fast as it can waits in TCP, loses nothing, and leaves the daemon's
+        time to other sessions.
+        """
+        wait = self.input_rate.charge(session.id, input_cost(msg))
+        if wait > 0 and conn not in session.slowed_input:
+            session.slowed_input.add(conn)
+            conn.pause_input()
+            self._tell(lambda o: o.limit_hit(session, "max_messages_per_second"))
+            self.clock.callLater(wait, self._unslow, session, conn)
+
+    def _unslow(self, session: WebSession, conn) -> None:
+        """
+        The wait is over, unless what ``conn`` sent meanwhile (the rest of a
+        read, already taken) made it longer: Twisted reads up to 64 KiB at a
+        time, and every frame in it is charged.
+        """
+        wait = self.input_rate.wait(session.id)
+        if wait > 0 and conn in session.slowed_input and conn in session.connections:
+            self.clock.callLater(wait, self._unslow, session, conn)
+            return
+        if conn in session.slowed_input:
+            session.slowed_input.discard(conn)
+            if conn not in session.held_input:
+                conn.resume_input()
+
+    def _in_flight(self, session: WebSession, msg: Message, conn) -> None:
+        """
+        ``msg`` went to the kernel: it counts until the kernel is idle for it.
+        With MAX_IN_FLIGHT unfinished, ``conn`` is not read until the kernel
+        catches up (``_finished``): what a browser sends faster than its
+        kernel takes it waits in TCP, not in the daemon.
+        """
+        session.in_flight[msg.msg_id] = self.clock.seconds()
+        if len(session.in_flight) >= MAX_IN_FLIGHT and conn not in session.held_input:
+            session.held_input.add(conn)
+            if conn not in session.slowed_input:
+                conn.pause_input()
+
+    def _finished(self, session: WebSession, msg_id) -> None:
+        if session.in_flight.pop(msg_id, None) is not None and len(session.in_flight) <= RESUME_IN_FLIGHT:
+            self._release_held(session)
+
+    def _release_held(self, session: WebSession) -> None:
+        held, session.held_input = session.held_input, set()
+        for conn in held:
+            if conn not in session.slowed_input:
+                conn.resume_input()
+
+    def _forget_in_flight(self, session: WebSession, before: float | None) -> None:
+        """Forget what was sent before ``before`` (None: everything) as running, and read the browsers again."""
+        if before is None:
+            session.in_flight.clear()
+        else:
+            for msg_id in [m for m, sent in session.in_flight.items() if sent <= before]:
+                del session.in_flight[msg_id]
+            for msg_id in [m for m, ex in session.executions.items() if ex.started <= before]:
+                del session.executions[msg_id]
+        if len(session.in_flight) <= RESUME_IN_FLIGHT:
+            self._release_held(session)
 
     def _refuse(self, conn, msg: Message, why: str) -> None:
         if conn is None:
@@ -519,7 +611,12 @@ class SessionManager:
                 if isinstance(state, str):
                     session.execution_state = state
                     session.last_activity = self.clock.seconds()
-                    if state == "idle" and session.executions.pop(parent.get("msg_id"), None) is not None:
+                    if parent.get("msg_type") not in CONTROL_TYPES:
+                        session.shell_idle_since = session.last_activity if state == "idle" else None
+                    ex = session.executions.pop(parent.get("msg_id"), None) if state == "idle" else None
+                    if state == "idle":
+                        self._finished(session, parent.get("msg_id"))
+                    if ex is not None and ex.msg_type == "execute_request":
                         # Before "idle", so clients still count it as part of the execution.
                         waits = [hook(session, parent) for hook in list(self.on_execute_done)]
                         waits = [d for d in waits if isinstance(d, defer.Deferred)]
@@ -606,6 +703,7 @@ class SessionManager:
         now = self.clock.seconds()
         self.restarts.prune()
         self.client_restarts.prune()
+        self.input_rate.prune()
         for kernel_id in [k for k in self.forged if k not in self.kernels.kernels]:
             del self.forged[kernel_id]
         for session in self.routes:
@@ -614,8 +712,11 @@ class SessionManager:
             reason = self.lifetimes.end_reason(session, now)
             if reason is not None:
                 self.shutdown(session, reason)
-            else:
-                self._check_executions(session, now)
+                continue
+            idle_since = session.shell_idle_since
+            if idle_since is not None and now - idle_since >= STALE_AFTER and not session.paused:
+                self._forget_in_flight(session, idle_since)
+            self._check_executions(session, now)
 
     def _check_executions(self, session: WebSession, now: float) -> None:
         limit = self.config.exec_timeout
@@ -623,7 +724,7 @@ class SessionManager:
             if self.lifetimes.must_interrupt(ex, now):
                 ex.interrupted_at = now
                 self._tell(lambda o: o.limit_hit(session, "exec_timeout"))
-                parent = {"msg_id": ex.msg_id, "msg_type": "execute_request"}
+                parent = {"msg_id": ex.msg_id, "msg_type": ex.msg_type}
                 self._broadcast(
                     session,
                     messages.stream(
@@ -634,7 +735,7 @@ class SessionManager:
                 )
                 self.interrupt(session)
             elif self.lifetimes.must_restart(ex, now):
-                parent = {"msg_id": ex.msg_id, "msg_type": "execute_request"}
+                parent = {"msg_id": ex.msg_id, "msg_type": ex.msg_type}
                 self._broadcast(
                     session,
                     messages.stream(

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_e2e_kernel_api -*-
+# -*- test-case-name: tests.test_e2e_kernel_api,tests.test_comms -*-
 """
 The IPython kernel a forked child runs: ipykernel's app, kernel and shell,
 adapted, and what the fork server prepares of them before forking.
@@ -516,7 +516,26 @@ def kernel_app(private: str, ipc_prefix: str, key: str):
         _inline_matplotlib()
         _first_format(app.shell)
     _lossless_iopub(app)
+    _widget_targets()
     return app
+
+
+def _widget_targets() -> None:
+    """
+    Register ipywidgets' comm targets with this kernel, where the master
+    imported ipywidgets (``worker.zygote.preload``, Sage's own imports).
+    ipywidgets registers them as it is imported, but only under a running
+    kernel: imported in the master, before any, it registered nothing, and
+    a browser opening ``jupyter.widget.control`` (how ipywidgets' page code
+    asks for every widget's state, as a second cell of the kernel does)
+    would hear "No such comm target registered".
+    """
+    widgets = sys.modules.get("ipywidgets")
+    if widgets is not None:
+        try:
+            widgets.register_comm_target()
+        except Exception:  # a kernel without widgets beats no kernel
+            traceback.print_exc()
 
 
 class _SysWithoutModules:

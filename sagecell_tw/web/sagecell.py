@@ -233,8 +233,13 @@ class SageCellCompat(SessionObserver):
     def _end_if_idle(self, session) -> None:
         self._enders.pop(session.id, None)
         timeout = self.timeouts.get(session.id)
-        if session.closed or timeout is None or session.executions:
-            return  # a running execution re-arms this when it ends
+        if session.closed or timeout is None:
+            return
+        if session.executions:
+            # A cell's execution re-arms this when it ends; a control change (a
+            # comm message, an execution too) does not: look again a timeout later.
+            self._arm(session, max(timeout, END_GRACE))
+            return
         if timeout == 0:
             self.sessions.shutdown(session, "shut down")
             return
@@ -461,6 +466,12 @@ class ServiceRun:
         self._nudge = None
         self._nudges: set[str] = set()
         self._request: Message | None = None
+
+    def pause_input(self) -> None:
+        """Nothing to stop reading: what this connection sends, it makes itself."""
+
+    def resume_input(self) -> None:
+        pass
 
     def start(self, code: str, expressions: dict, timeout: float) -> defer.Deferred:
         content = {

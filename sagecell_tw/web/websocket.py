@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_bounds,tests.test_e2e_kernel_api -*-
+# -*- test-case-name: tests.test_bounds,tests.test_e2e_kernel_api,tests.test_comms -*-
 """
 The browser's WebSocket to a session: ``/api/kernels/{id}/channels``.
 
@@ -6,8 +6,10 @@ Both Jupyter Server framings: the default one (JSON text frames; binary
 frames with u32 big-endian offsets when there are buffers) and the
 ``v1.kernel.websocket.jupyter.org`` subprotocol (u64 little-endian offsets).
 SageMathCell's ``/kernel/{id}/channels`` speaks its own plain framing: JSON
-text frames only, a missing ``channel`` means shell (its server sends every
-browser message to shell), and buffers are dropped on the way out.
+text frames, a missing ``channel`` means shell (its server sends every
+browser message to shell). SageMathCell has no comms; here a message with
+buffers (a widget's binary data, either way) goes in the default framing's
+binary frame, which its page script never gets unless it opens widgets.
 Every frame goes to the session manager as a checked ``Message``; anything
 we refuse gets a Jupyter error reply, and the connection stays open.
 """
@@ -20,6 +22,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import implementer
 
 from .. import messages
@@ -112,8 +115,9 @@ class KernelWebSocket(WebSocketServerProtocol):
                 msg = messages.parse_v1_frame(payload)
             elif self.framing == "sagecell":
                 if isBinary:
-                    raise BadMessage("this socket takes JSON text frames")
-                msg = messages.parse_json_frame(payload, default_channel="shell")
+                    msg = messages.parse_default_binary(payload, default_channel="shell")
+                else:
+                    msg = messages.parse_json_frame(payload, default_channel="shell")
             elif isBinary:
                 msg = messages.parse_default_binary(payload)
             else:
@@ -168,15 +172,33 @@ class KernelWebSocket(WebSocketServerProtocol):
             return
         if self.framing == "v1":
             self.sendMessage(msg.to_v1_frame(), isBinary=True)
-        elif self.framing == "sagecell":
-            self.sendMessage(msg.to_json_frame(), isBinary=False)
         else:
             payload, binary = msg.to_default_frame()
             self.sendMessage(payload, isBinary=binary)
 
+    def pause_input(self) -> None:
+        """Read no more of this browser's frames (TCP then slows it) until ``resume_input``."""
+        reader = _reader(self.transport)
+        if reader is not None and self.state == self.STATE_OPEN:
+            reader.pauseProducing()
+
+    def resume_input(self) -> None:
+        reader = _reader(self.transport)
+        if reader is not None and self.state == self.STATE_OPEN:
+            reader.resumeProducing()
+
     def close_for(self, reason: str) -> None:
         if self.state == self.STATE_OPEN:
             self.sendClose(1000, reason[:120])
+
+
+def _reader(transport):
+    """The socket's transport under any wrapper (TLS), whose reading can be paused; None if closed."""
+    for _ in range(8):
+        if not isinstance(transport, ProtocolWrapper):
+            break
+        transport = transport.transport
+    return transport if hasattr(transport, "pauseProducing") else None
 
 
 @implementer(IPushProducer)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_forkserver -*-
+# -*- test-case-name: tests.test_forkserver,tests.test_comms -*-
 """
 The warm master every kernel is forked from: ``python -m sagecell_tw.worker.zygote FD TEMPLATE``.
 
@@ -35,6 +35,10 @@ from collections.abc import Callable
 
 #: the manager's one command: fork a kernel
 FORK = b"F"
+#: imported in every master, where installed: a kernel's first interact then
+#: takes ~10 ms, not ~100 (its import); each kernel registers its comm
+#: targets (``kernel.ipython._widget_targets``)
+WIDGETS = ("ipywidgets",)
 
 
 def preload(modules: tuple[str, ...], kernel_name: str = "python3") -> list[str]:
@@ -59,7 +63,7 @@ def preload(modules: tuple[str, ...], kernel_name: str = "python3") -> list[str]
     import ipykernel.kernelapp  # noqa: F401
 
     failed = []
-    for name in modules:
+    for name in (*WIDGETS, *modules):
         try:
             importlib.import_module(name)
         except Exception:

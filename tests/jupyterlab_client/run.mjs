@@ -187,6 +187,67 @@ step('display', async () => {
   return { status: reply.status, displays: shown };
 });
 
+// Comms both ways, with binary buffers, and an ipywidgets slider moved from here.
+const COMM_KERNEL_CODE = `
+from comm import create_comm
+import ipywidgets
+def _echo_on(comm):
+    comm.on_msg(lambda m: comm.send({"echo": m["content"]["data"]}, buffers=[bytes(b)[::-1] for b in m["buffers"]]))
+_page = create_comm(target_name="sagecell.node", data={"hello": "node"}, buffers=[b"\\x00\\x01\\xfe\\xff"])
+_echo_on(_page)
+def _opened(comm, msg):
+    comm.send({"opened_with": msg["content"]["data"]})
+get_ipython().kernel.comm_manager.register_target("sagecell.echo", _opened)
+_slider = ipywidgets.IntSlider(value=3)
+_slider.observe(lambda change: print("value", change["new"]), "value")
+display(_slider)
+`;
+
+const bytesOf = b => Array.from(ArrayBuffer.isView(b) ? new Uint8Array(b.buffer, b.byteOffset, b.byteLength) : new Uint8Array(b));
+
+step('comm', async () => {
+  const kernel = state.kernel;
+  const binaryBefore = { sent: wire.sent.binary, received: wire.received.binary };
+  const kernelComms = [];
+  const opened = new Promise(resolve => {
+    kernel.registerCommTarget('sagecell.node', (comm, msg) => resolve({ comm, msg }));
+  });
+  kernel.registerCommTarget('jupyter.widget', (comm, msg) => kernelComms.push({ comm, msg }));
+  const setup = await execute(kernel, COMM_KERNEL_CODE);
+  // Kernel -> client: the comm the kernel opened, with its buffer; a message both ways on it.
+  const { comm, msg: openMsg } = await withTimeout(opened, 'comm_open from the kernel');
+  const echoed = new Promise(resolve => (comm.onMsg = m => resolve(m)));
+  comm.send({ ping: 2 }, undefined, [new Uint8Array([1, 2, 3, 250])]);
+  const echo = await withTimeout(echoed, 'the echo on the kernel comm');
+  // Client -> kernel: a comm opened on the kernel's target, answered.
+  const mine = kernel.createComm('sagecell.echo');
+  const answered = new Promise(resolve => (mine.onMsg = m => resolve(m)));
+  mine.open({ x: 1 });
+  const answer = await withTimeout(answered, 'the answer on the comm we opened');
+  // The widget: its model came as a comm; moving it runs the kernel's observer.
+  const slider = kernelComms.find(c => c.msg.content.data.state._model_name === 'IntSliderModel');
+  const echoes = [];
+  slider.comm.onMsg = m => echoes.push(m.content.data);
+  const future = slider.comm.send({ method: 'update', state: { value: 7 }, buffer_paths: [] });
+  const moved = [];
+  future.onIOPub = m => moved.push(m);
+  await withTimeout(future.done, 'the slider update to go idle');
+  return {
+    status: setup.reply.status,
+    opened: { target: openMsg.content.target_name, data: openMsg.content.data, buffers: openMsg.buffers.map(bytesOf) },
+    echo: { data: echo.content.data, buffers: echo.buffers.map(bytesOf) },
+    answer: answer.content.data,
+    widget: {
+      model: slider.msg.content.data.state._model_name,
+      value: slider.msg.content.data.state.value,
+      shown: setup.iopub.some(m => m.header.msg_type === 'display_data' && 'application/vnd.jupyter.widget-view+json' in m.content.data),
+      stdout: streamText(moved),
+      echoes
+    },
+    binary: { sent: wire.sent.binary - binaryBefore.sent, received: wire.received.binary - binaryBefore.received }
+  };
+});
+
 step('interrupt', async () => {
   await execute(state.kernel, 'import time');
   const future = state.kernel.requestExecute({ code: 'time.sleep(30)' });
