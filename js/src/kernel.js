@@ -3,6 +3,7 @@
 // Replies and output are routed back to whoever sent the request by the
 // parent header's msg_id, so several cells can share one kernel (linked cells).
 
+import { CommRouter } from "./comms.js";
 import { uuid } from "./ids.js";
 
 const CONNECT_TIMEOUT_MS = 20000;
@@ -46,6 +47,7 @@ export class Kernel {
         this.lastHandler = null; // of the latest execute_request
         this.statusListeners = new Set();
         this.closeListeners = new Set();
+        this.comms = new CommRouter(this); // comms and widgets, loaded on the first comm_open
     }
 
     setStatus(status) {
@@ -164,6 +166,11 @@ export class Kernel {
             console.warn("sagecell: could not decode a message from the server", e);
             return;
         }
+        this.comms.receive(msg, (m) => this.dispatch(m));
+    }
+
+    /** Hand one message to the request that caused it (and the kernel's status). */
+    dispatch(msg) {
         const channel = msg.channel || "iopub";
         const msgType = msg.header ? msg.header.msg_type : msg.msg_type;
         if (channel === "iopub" && msgType === "status") {

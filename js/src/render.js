@@ -4,6 +4,8 @@
 import { AnsiUp } from "ansi_up";
 import renderMathInElement from "katex/contrib/auto-render";
 
+import { WIDGET_MIME, widgetElement } from "./comms.js";
+
 /**
  * MIME types we show, best first; the first one present wins. LaTeX before
  * HTML: what offers both (Sage's show() and typeset results: HTML with
@@ -170,6 +172,12 @@ export function renderBundle(data, metadata, server) {
     const mime = MIME_PRIORITY.find((m) => data[m] !== undefined && data[m] !== null);
     const wrapper = document.createElement("div");
     wrapper.className = "sagecell-display";
+    const widget = widgetElement(data); // an ipywidget that a kernel on this page has
+    if (widget) {
+        wrapper.dataset.mime = WIDGET_MIME;
+        wrapper.appendChild(widget);
+        return wrapper;
+    }
     if (!mime) {
         const note = document.createElement("div");
         note.className = "sagecell-note";
