@@ -92,7 +92,11 @@ async function precompress(dir) {
         if (entry.isDirectory()) {
             await precompress(path);
         } else if (/\.(gz|br)$/.test(entry.name)) {
-            await rm(path);
+            // The copy of a file that is gone (a stale hashed name); the others are rewritten.
+            const source = path.replace(/\.(gz|br)$/, "");
+            if (!(await readdir(dir)).includes(basename(source))) {
+                await rm(path);
+            }
         } else if (COMPRESSIBLE.test(entry.name)) {
             const data = await readFile(path);
             await writeFile(`${path}.gz`, await gzip(data, { level: 9 }));
