@@ -193,7 +193,9 @@ def test_linked_cells_share_one_widget(host: Page) -> None:
     host.keyboard.press("ArrowRight")
     host.keyboard.press("ArrowRight")
     expect(host.locator(f"{second} .widget-readout")).to_have_text("7")
-    host.evaluate("(sel) => sagecell.cells().find(c => c.inputLocation.matches(sel)).setCode('print(shared.value)')", second)
+    host.evaluate(
+        "(sel) => sagecell.cells().find(c => c.inputLocation.matches(sel)).setCode('print(shared.value)')", second
+    )
     host.locator(f"{second} .sagecell-evalButton").click()
     expect(done(host, second)).to_contain_text("7")
 
