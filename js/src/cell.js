@@ -2,6 +2,7 @@
 // kernel group it runs in.
 
 import { createEditor } from "./editor.js";
+import { interactValues, setInteractValues } from "./interacts.js";
 import { OutputArea } from "./output.js";
 import { encodeZ } from "./permalink.js";
 
@@ -422,7 +423,8 @@ export class Cell {
             add("Permalink", `${this.server.base}/?c=${encodeURIComponent(code)}`);
         }
         try {
-            const answer = await this.server.makePermalink(code);
+            const answer = await this.server.makePermalink(code, "python",
+                await interactValues(this.outputBox).catch(() => []));
             const id = answer && (answer.query || answer.id);
             if (id) {
                 add("Short link", `${this.server.base}/?q=${encodeURIComponent(id)}`);
@@ -443,6 +445,8 @@ export class Cell {
             interrupt: () => this.interrupt(),
             getCode: () => this.getCode(),
             setCode: (code) => this.setCode(code),
+            /** Set a permalink's interact values on the controls once the run shows them. */
+            setInteracts: (values) => setInteractValues(this.outputBox, values),
             upload: (files) => this.upload(files),
             get kernelId() {
                 return cell.group.kernel ? cell.group.kernel.id : null;

@@ -58,6 +58,16 @@ export function widgetElement(data) {
     return el;
 }
 
+/** The widget model with this id, from whichever kernel on the page has it (undefined if none). */
+export async function widgetModel(modelId) {
+    const router = owners.get(modelId);
+    if (!router) {
+        return undefined;
+    }
+    await router.chain;
+    return router.manager ? router.manager.get_model(modelId) : undefined;
+}
+
 /** Jupyter's binary WebSocket frame (default framing): u32 BE count and offsets, JSON, buffers. */
 export function encodeBinaryFrame(msg) {
     const buffers = msg.buffers.map((b) => (b instanceof ArrayBuffer

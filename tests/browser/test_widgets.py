@@ -322,3 +322,35 @@ def test_sage_input_box_selector_and_checkbox(host: Page) -> None:
     expect(out).to_have_text("Grace likes blue")
     host.locator(f"{cell} input[type=checkbox]").check()
     expect(out).to_have_text("GRACE LIKES BLUE")
+
+
+# -- permalinks -----------------------------------------------------------------------
+
+
+def test_a_permalink_keeps_the_interact_values(page: Page, widget_server: str) -> None:
+    page.goto(f"{widget_server}/")
+    page.evaluate(
+        "(code) => demoCell.setCode(code)",
+        "from ipywidgets import interact\n"
+        "@interact(n=(0, 10), word=['alpha', 'beta', 'gamma'], flag=False)\n"
+        "def f(n=5, word='alpha', flag=False):\n"
+        "    print('n', n, word, flag)\n",
+    )
+    page.locator(".sagecell-evalButton").click()
+    out = page.locator(".sagecell-widget-output")
+    expect(out).to_have_text("n 5 alpha False")
+    page.locator(".noUi-handle").focus()
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowRight")
+    page.locator(".sagecell-widget select").select_option("gamma")
+    page.locator(".sagecell-widget input[type=checkbox]").check()
+    expect(out).to_have_text("n 7 gamma True")
+
+    page.locator(".sagecell-permalink").first.click()
+    short = page.locator(".sagecell-permalink-url").nth(1)
+    expect(short).to_have_value(re.compile(r"\?q=\w+"))
+    page.goto(short.input_value())
+    # Opening the link runs the cell and puts the controls back.
+    expect(page.locator(".sagecell-widget-output")).to_have_text("n 7 gamma True", timeout=RUN_TIMEOUT)
+    expect(page.locator(".sagecell-widget .widget-readout")).to_have_text("7")
+    expect(page.locator(".sagecell-widget select")).to_have_value("gamma")
