@@ -27,7 +27,11 @@ that embeds cells. Figures:
                            (ipywidgets sends one at a time, each after the last
                            one's idle, and always ends on the final value)
 
+  before_*                 with --before: the same cold visits with a previous
+                           embed.js, served uncompressed (as the server did before)
+
     .venv/bin/python bench/bench_widgets.py [--samples 200] [--cold 5] [--json out.json]
+        [--before path/to/previous/embed.js]
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import functools
 import http.server
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -79,10 +84,13 @@ class Pages:
         self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
-    def page(self, name: str, server: str, code: str, autoeval: bool) -> str:
+    def page(self, name: str, server: str, code: str, autoeval: bool, script: str = "") -> str:
+        """A page with one cell; its script is the server's embedded_sagecell.js unless ``script`` names another."""
+        src = script or f"{server}/embedded_sagecell.js"
         html = (
             "<!DOCTYPE html><html><head><meta charset='utf-8'>"
-            f"<script src='{server}/embedded_sagecell.js'></script></head><body><div id='c'></div><script>"
+            f"<script>window.sagecell = {{serverURL: {json.dumps(server)}}};</script>"
+            f"<script src='{src}'></script></head><body><div id='c'></div><script>"
             "new MutationObserver((_, obs) => {"
             "  const out = document.querySelector('#c .sagecell-output');"
             "  if (out && out.dataset.state === 'done') { window.firstOutput = performance.now(); obs.disconnect(); }"
@@ -148,7 +156,7 @@ def cold_load(browser, url: str, link: dict | None) -> dict:
         context.close()
 
 
-def bench_cold(browser, pages: Pages, server: str, samples: int) -> dict:
+def bench_cold(browser, pages: Pages, server: str, samples: int, before: str | None) -> dict:
     url = pages.page("plain.html", server, "print('hello')", True)
     out = {}
     for label, link in (("loopback", None), ("10mbit_40ms", SLOW_LINK)):
@@ -156,6 +164,15 @@ def bench_cold(browser, pages: Pages, server: str, samples: int) -> dict:
         out[f"cold_cell_ready_ms_{label}"] = summary([r["cell_ready"] for r in runs])
         out[f"cold_first_output_ms_{label}"] = summary([r["first_output"] for r in runs])
     fetched = runs[-1]["fetched"]
+    if before:
+        # The previous widget as the previous server sent it: one uncompressed file, from a plain static server.
+        shutil.copy(before, os.path.join(pages.root, "before_embed.js"))
+        old = pages.page("before.html", server, "print('hello')", True, script=f"{pages.base}/before_embed.js")
+        for label, link in (("loopback", None), ("10mbit_40ms", SLOW_LINK)):
+            runs_before = [cold_load(browser, old, link) for _ in range(samples)]
+            out[f"before_cold_cell_ready_ms_{label}"] = summary([r["cell_ready"] for r in runs_before])
+            out[f"before_cold_first_output_ms_{label}"] = summary([r["first_output"] for r in runs_before])
+        out["before_page_bytes"] = sum(b + h for _, b, h in runs_before[-1]["fetched"])
     out["page_no_widgets"] = {
         "files": [u.rsplit("/", 1)[-1] for u, _, _ in fetched],
         "body_bytes": sum(b for _, b, _ in fetched),
@@ -250,6 +267,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=200, help="key presses timed (control_to_output_ms)")
     parser.add_argument("--cold", type=int, default=5, help="cold-cache visits per link")
     parser.add_argument("--json", help="write the figures here too")
+    parser.add_argument("--before", help="a previous embed.js, to time the same visits with it (served uncompressed)")
     args = parser.parse_args()
 
     from playwright.sync_api import sync_playwright
@@ -262,7 +280,7 @@ def main() -> None:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
             try:
                 results["chromium"] = browser.version
-                results.update(bench_cold(browser, pages, d.url, args.cold))
+                results.update(bench_cold(browser, pages, d.url, args.cold, args.before))
                 results.update(bench_interact(browser, pages, d.url, args.samples))
             finally:
                 browser.close()

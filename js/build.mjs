@@ -4,7 +4,8 @@
 //   katex/     KaTeX's stylesheet and fonts, served by us (no CDN)
 //   widgets-HASH.js, widgets-HASH.css  ipywidgets' manager and controls (an ES
 //              module and its CSS), loaded by embed.js on a kernel's first
-//              comm_open; named by content, so they are cached for good
+//              comm_open; katex-HASH.js, loaded on the first LaTeX output;
+//              named by content, so they are cached for good
 //   *.gz, *.br  every text file compressed once here, at the best levels, for
 //              the server to send to clients that accept them
 //
@@ -50,11 +51,14 @@ const stubPlugin = {
     },
 };
 
-const widgetOptions = {
-    entryPoints: { widgets: join(widgetsSrc, "manager.js") },
+const lazyOptions = {
+    entryPoints: {
+        widgets: join(widgetsSrc, "manager.js"),
+        katex: join(here, "src", "lazy", "katex.js"),
+    },
     outdir: staticDir,
     entryNames: "[name]-[hash]",
-    assetNames: "widgets-[name]-[hash]",
+    assetNames: "[name]-[hash]",
     bundle: true,
     format: "esm",
     target: ["es2020"],
@@ -68,17 +72,26 @@ const widgetOptions = {
     logLevel: "info",
 };
 
-/** Build the widget code; returns the names of its JS and CSS files under static/. */
-async function buildWidgets() {
+/**
+ * Build the code that pages load only when a cell needs it (src/lazy.js):
+ * returns {entry name: {js, css}}, the names of its files under static/.
+ */
+async function buildLazy() {
+    const names = Object.keys(lazyOptions.entryPoints);
     for (const name of await readdir(staticDir)) {
-        if (/^widgets-/.test(name)) {
+        if (names.some((n) => name.startsWith(`${n}-`))) {
             await rm(join(staticDir, name));
         }
     }
-    const result = await esbuild.build(widgetOptions);
-    const outputs = Object.entries(result.metafile.outputs);
-    const [js, info] = outputs.find(([path, o]) => o.entryPoint && path.endsWith(".js"));
-    return { js: basename(js), css: info.cssBundle ? basename(info.cssBundle) : "" };
+    const result = await esbuild.build(lazyOptions);
+    const files = {};
+    for (const [path, info] of Object.entries(result.metafile.outputs)) {
+        if (info.entryPoint && path.endsWith(".js")) {
+            const name = basename(path).replace(/-[^-]+\.js$/, "");
+            files[name] = { js: basename(path), css: info.cssBundle ? basename(info.cssBundle) : "" };
+        }
+    }
+    return files;
 }
 
 const COMPRESSIBLE = /\.(js|css|html|svg|json|ttf|map)$/;
@@ -138,11 +151,7 @@ async function copyAssets() {
 }
 
 await copyAssets();
-const widgets = await buildWidgets();
-options.define = {
-    __SAGECELL_WIDGETS_JS__: JSON.stringify(widgets.js),
-    __SAGECELL_WIDGETS_CSS__: JSON.stringify(widgets.css),
-};
+options.define = { __SAGECELL_LAZY__: JSON.stringify(await buildLazy()) };
 if (watch) {
     const ctx = await esbuild.context(options);
     await ctx.watch();

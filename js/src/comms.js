@@ -5,7 +5,9 @@
 // widget loads none of it.
 
 import { uuid } from "./ids.js";
+import { loadModule } from "./lazy.js";
 import { OutputArea } from "./output.js";
+import { typeset } from "./render.js";
 
 export const WIDGET_MIME = "application/vnd.jupyter.widget-view+json";
 const WIDGET_TARGET = "jupyter.widget";
@@ -13,33 +15,8 @@ const OUTPUT_TYPES = new Set(["stream", "display_data", "execute_result", "error
     "update_display_data"]);
 const MAX_PENDING = 2000; // callbacks of comm messages still waiting for their idle
 
-/* global __SAGECELL_WIDGETS_JS__, __SAGECELL_WIDGETS_CSS__ */
-// Set by build.mjs: the widget code's content-hashed file names under /static/.
-const WIDGETS_JS = typeof __SAGECELL_WIDGETS_JS__ === "string" ? __SAGECELL_WIDGETS_JS__ : "";
-const WIDGETS_CSS = typeof __SAGECELL_WIDGETS_CSS__ === "string" ? __SAGECELL_WIDGETS_CSS__ : "";
-
 /** widget model id -> the CommRouter of the kernel that has it (model ids are UUIDs, unique on the page). */
 const owners = new Map();
-
-let widgetCode = null; // Promise of the widget module, shared by every kernel on the page
-
-function loadWidgetCode(server) {
-    if (!widgetCode) {
-        if (WIDGETS_CSS && !document.querySelector("link[data-sagecell-widgets]")) {
-            const link = document.createElement("link");
-            link.rel = "stylesheet";
-            link.href = server.url(`/static/${WIDGETS_CSS}`);
-            link.setAttribute("data-sagecell-widgets", "");
-            document.head.appendChild(link);
-        }
-        // A classic script may import() an ES module; the server sends CORS headers for /static/.
-        widgetCode = import(/* webpackIgnore: true */ server.url(`/static/${WIDGETS_JS}`));
-        widgetCode.catch(() => {
-            widgetCode = null; // try again on the next comm_open
-        });
-    }
-    return widgetCode;
-}
 
 /**
  * The element that shows a widget-view bundle, or null when no kernel on the
@@ -173,9 +150,10 @@ export class CommRouter {
 
     async load() {
         try {
-            const code = await loadWidgetCode(this.kernel.server);
+            const code = await loadModule(this.kernel.server, "widgets");
             this.manager = code.createManager(this, {
                 outputArea: (el) => new OutputArea(el, document.createElement("div"), this.kernel.server),
+                typeset: (el) => typeset(el, this.kernel.server).catch(() => {}),
             });
         } catch (e) {
             console.error("sagecell: could not load the widget code", e);

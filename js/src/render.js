@@ -2,9 +2,9 @@
 // kernel's HTML or JavaScript in the embedding page's origin.
 
 import { AnsiUp } from "ansi_up";
-import renderMathInElement from "katex/contrib/auto-render";
 
 import { WIDGET_MIME, widgetElement } from "./comms.js";
+import { loadModule } from "./lazy.js";
 
 /**
  * MIME types we show, best first; the first one present wins. LaTeX before
@@ -145,21 +145,21 @@ const KATEX_DELIMITERS = [
     { left: "\\(", right: "\\)", display: false },
 ];
 
-export function latexElement(tex, server) {
+/** Typeset the math in el with KaTeX, loaded on the page's first LaTeX output. */
+export async function typeset(el, server) {
     ensureKatexCss(server);
+    const { renderMathInElement } = await loadModule(server, "katex");
+    renderMathInElement(el, { delimiters: KATEX_DELIMITERS, throwOnError: false, trust: false });
+}
+
+export function latexElement(tex, server) {
     const div = document.createElement("div");
     div.className = "sagecell-latex";
     const hasDelimiters = /\$|\\\[|\\\(|\\begin\{/.test(tex);
     div.textContent = hasDelimiters ? tex : `$$${tex}$$`;
-    try {
-        renderMathInElement(div, {
-            delimiters: KATEX_DELIMITERS,
-            throwOnError: false,
-            trust: false,
-        });
-    } catch (e) {
+    typeset(div, server).catch(() => {
         div.textContent = tex;
-    }
+    });
     return div;
 }
 

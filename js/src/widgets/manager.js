@@ -137,12 +137,15 @@ const CONTROLS = { ...controls, HTMLView, HTMLMathView };
 export class WidgetManager extends HTMLManager {
     /**
      * @param {import("../comms.js").CommRouter} router the comms of one kernel
-     * @param {{outputArea: function(HTMLElement): object}} helpers from the cell's code
+     * @param {{outputArea: function(HTMLElement): object, typeset: function(HTMLElement)}} helpers
+     *     from the cell's code
      */
     constructor(router, helpers) {
         super();
         this.router = router;
         this.helpers = helpers;
+        // What the controls typeset their math with ($x$ in a description, HTMLMath): the cell's KaTeX.
+        this._rendermime = { latexTypesetter: { typeset: (el) => helpers.typeset(el) } };
     }
 
     async loadClass(className, moduleName) {
