@@ -21,7 +21,10 @@ that embeds cells. Figures:
                            link of 10 Mbit/s with 40 ms round trips
   control_to_output_ms     an interact's slider moved by a key press (in the page)
                            to the function's printed line on the page
-                                                            median <= 30 (p99 reported)
+                                                            median <= 30 (p99 reported),
+                           split into the page's part before the comm_msg is sent,
+                           the daemon's and kernel's (to the stream message back),
+                           and the page's part after it
   updates_per_s            the slider pressed as fast as the page can for 2 s:
                            how many updates the kernel's function ran per second
                            (ipywidgets sends one at a time, each after the last
@@ -182,16 +185,35 @@ def bench_cold(browser, pages: Pages, server: str, samples: int, before: str | N
     return out
 
 
-#: In the page: press the slider's keys, one at a time, and time each press to the printed line.
+#: Before the page's scripts: note when the page sends on a WebSocket and when a stream message arrives.
+WIRE_TIMES = """
+window.__wire = {sends: [], streams: []};
+const send = WebSocket.prototype.send;
+WebSocket.prototype.send = function (data) { window.__wire.sends.push(performance.now()); return send.call(this, data); };
+const onmessage = Object.getOwnPropertyDescriptor(WebSocket.prototype, 'onmessage');
+Object.defineProperty(WebSocket.prototype, 'onmessage', {
+  get() { return onmessage.get.call(this); },
+  set(fn) {
+    onmessage.set.call(this, (ev) => {
+      if (typeof ev.data === 'string' && ev.data.includes('"stream"')) window.__wire.streams.push(performance.now());
+      return fn(ev);
+    });
+  },
+});
+"""
+
+#: In the page: press the slider's keys, one at a time, and time each press to the printed line:
+#: [total, key to the comm_msg sent, sent to the stream message back, that message to the DOM].
 PRESS_AND_TIME = """
 async ([count]) => {
   const handle = document.querySelector('#c .noUi-handle');
   const out = document.querySelector('#c .sagecell-widget-output');
   const readout = () => Number(document.querySelector('#c .widget-readout').textContent);
-  const times = [];
+  const rows = [];
   for (let i = 0; i < count; i++) {
     const key = i % 2 ? 'ArrowLeft' : 'ArrowRight';
     const want = readout() + (i % 2 ? -1 : 1);
+    window.__wire.sends = []; window.__wire.streams = [];
     const seen = new Promise((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error('no output for n=' + want)), 10000);
       const obs = new MutationObserver(() => {
@@ -203,10 +225,12 @@ async ([count]) => {
     });
     const t0 = performance.now();
     handle.dispatchEvent(new KeyboardEvent('keydown', {key, bubbles: true, cancelable: true}));
-    times.push((await seen) - t0);
+    const t1 = await seen;
+    const sent = window.__wire.sends[0], back = window.__wire.streams[0];
+    rows.push([t1 - t0, sent - t0, back - sent, t1 - back]);
     await new Promise(r => setTimeout(r, 5));
   }
-  return times;
+  return rows;
 }
 """
 
@@ -229,6 +253,7 @@ async ([ms]) => {
 
 def bench_interact(browser, pages: Pages, server: str, samples: int) -> dict:
     context = browser.new_context()
+    context.add_init_script(WIRE_TIMES)
     try:
         page = context.new_page()
         page.goto(pages.page("interact.html", server, INTERACT, True))
@@ -237,7 +262,8 @@ def bench_interact(browser, pages: Pages, server: str, samples: int) -> dict:
             timeout=60_000,
         )
         page.evaluate(PRESS_AND_TIME, [20])  # warm up
-        times = page.evaluate(PRESS_AND_TIME, [samples])
+        rows = page.evaluate(PRESS_AND_TIME, [samples])
+        times = [r[0] for r in rows]
         calls_before = int(page.locator("#c .sagecell-widget-output").inner_text().split("calls=")[1])
         t0 = time.monotonic()
         presses, final = page.evaluate(FLOOD, [2000])
@@ -250,6 +276,10 @@ def bench_interact(browser, pages: Pages, server: str, samples: int) -> dict:
         calls = int(page.locator("#c .sagecell-widget-output").inner_text().split("calls=")[1]) - calls_before
         return {
             "control_to_output_ms": {**summary(times), "p90": pct(times, 90), "mean": statistics.mean(times)},
+            # where the time goes: the page before it sends, the daemon and kernel, the page after
+            "key_to_send_ms": summary([r[1] for r in rows]),
+            "send_to_stream_ms": summary([r[2] for r in rows]),
+            "stream_to_dom_ms": summary([r[3] for r in rows]),
             "updates": {
                 "presses": presses,
                 "kernel_runs": calls,
