@@ -260,6 +260,7 @@ def test_escape_leaves_the_editor_and_tab_reaches_the_controls(host: Page) -> No
         pytest.fail("Tab never reached the slider")
     handle = host.locator(f"{cell} .noUi-handle")
     expect(handle).to_have_attribute("role", "slider")
+    expect(handle).to_have_accessible_name("level")
     host.keyboard.press("ArrowLeft")
     expect(out).to_have_text("level 2")
     expect(handle).to_have_attribute("aria-valuenow", re.compile(r"^2(\.0)?$"))

@@ -131,6 +131,27 @@ class OutputView extends outputBase.OutputView {
     }
 }
 
+/**
+ * Accessible names from a control's description for what ipywidgets leaves
+ * unnamed: a slider's handles (noUiSlider's role="slider" elements), its
+ * editable readout, a colour picker's swatch.
+ */
+function nameControls(el, description) {
+    const name = typeof description === "string" && description ? description : "value";
+    const handles = el.querySelectorAll(".noUi-handle");
+    handles.forEach((handle, i) => {
+        if (!handle.hasAttribute("aria-label")) {
+            const which = handles.length > 1 ? (i === 0 ? " (lower)" : " (upper)") : "";
+            handle.setAttribute("aria-label", name + which);
+        }
+    });
+    for (const part of el.querySelectorAll(".widget-readout, input[type=color]")) {
+        if (!part.hasAttribute("aria-label")) {
+            part.setAttribute("aria-label", part.matches(".widget-readout") ? `${name}: typed value` : name);
+        }
+    }
+}
+
 const OUTPUT = { OutputModel, OutputView };
 const CONTROLS = { ...controls, HTMLView, HTMLMathView };
 
@@ -182,6 +203,13 @@ export class WidgetManager extends HTMLManager {
                 "sup", "ul"],
             ALLOWED_ATTR: ["class", "style", "title", "href", "src", "alt"],
         });
+    }
+
+    /** Every view, once drawn, gets names for the parts a screen reader would otherwise announce bare. */
+    async create_view(model, options = {}) {
+        const view = await super.create_view(model, options);
+        nameControls(view.el, model.get("description"));
+        return view;
     }
 
     /** Show the model's view in el (a widget-view output). */
