@@ -128,6 +128,7 @@ export class CommRouter {
     constructor(kernel) {
         this.kernel = kernel;
         this.chain = null;
+        this.loading = null;
         this.manager = null;
         this.comms = new Map(); // comm_id -> Comm
         this.pending = new Map(); // msg_id of a message we sent -> callbacks
@@ -141,14 +142,22 @@ export class CommRouter {
                 dispatch(msg);
                 return;
             }
-            this.chain = this.load();
+            this.chain = Promise.resolve();
         }
         this.chain = this.chain.then(() => this.handle(msg, dispatch)).catch((e) => {
             console.error("sagecell: a widget message failed", e);
         });
     }
 
-    async load() {
+    /** Load the widget code and make this kernel's widget manager, once (this.manager stays null if that fails). */
+    load() {
+        if (!this.loading) {
+            this.loading = this.makeManager();
+        }
+        return this.loading;
+    }
+
+    async makeManager() {
         try {
             const code = await loadModule(this.kernel.server, "widgets");
             this.manager = code.createManager(this, {
@@ -157,6 +166,7 @@ export class CommRouter {
             });
         } catch (e) {
             console.error("sagecell: could not load the widget code", e);
+            this.loading = null; // the next comm_open tries again
         }
     }
 
@@ -228,6 +238,9 @@ export class CommRouter {
         }
         const comm = new Comm(this, c.comm_id, c.target_name);
         this.comms.set(c.comm_id, comm);
+        if (c.target_name === WIDGET_TARGET) {
+            await this.load();
+        }
         if (c.target_name === WIDGET_TARGET && this.manager) {
             owners.set(c.comm_id, this);
             await this.manager.handle_comm_open(comm, msg).catch((e) => console.error(e));

@@ -122,6 +122,14 @@ def test_widget_code_is_fetched_on_the_first_comm_open_only(
     entry = [f for f in fetched if f[0].endswith("/embedded_sagecell.js")]
     assert entry and entry[0][1] == "br", entry  # Chromium accepts brotli: it gets the build's copy
     assert not [u for u, _, _ in fetched if "/static/widgets-" in u], fetched
+    # A comm for a target the page does not know: closed at once, and still no widget code.
+    cell = add_cell(page, "from comm import create_comm\nother = create_comm(target_name='not.a.widget')")
+    page.evaluate(
+        "(sel) => sagecell.cells().find(c => c.inputLocation.matches(sel)).setCode('print(other._closed)')", cell
+    )
+    page.locator(f"{cell} .sagecell-evalButton").click()
+    expect(done(page, cell)).to_have_text("True")
+    assert not [u for u, _, _ in fetched if "/static/widgets-" in u], fetched
 
     cell = add_cell(page, "from ipywidgets import interact\ninteract(lambda x: print('x =', x), x=(0, 9))")
     expect(widget_output(page, cell)).to_contain_text("x = 4")
