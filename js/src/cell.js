@@ -3,6 +3,7 @@
 
 import { createEditor } from "./editor.js";
 import { LanguageChoice } from "./languages.js";
+import { interactValues, setInteractValues } from "./interacts.js";
 import { OutputArea } from "./output.js";
 import { encodeZ } from "./permalink.js";
 
@@ -441,7 +442,8 @@ export class Cell {
             add("Permalink", `${this.server.base}/?c=${encodeURIComponent(code)}${lang}`);
         }
         try {
-            const answer = await this.server.makePermalink(code, language);
+            const answer = await this.server.makePermalink(code, language,
+                await interactValues(this.outputBox).catch(() => []));
             const id = answer && (answer.query || answer.id);
             if (id) {
                 add("Short link", `${this.server.base}/?q=${encodeURIComponent(id)}`);
@@ -464,6 +466,8 @@ export class Cell {
             setCode: (code) => this.setCode(code),
             getLanguage: () => this.languages.language,
             setLanguage: (language) => this.languages.setLanguage(language),
+            /** Set a permalink's interact values on the controls once the run shows them. */
+            setInteracts: (values) => setInteractValues(this.outputBox, values),
             upload: (files) => this.upload(files),
             get kernelId() {
                 return cell.group.kernel ? cell.group.kernel.id : null;

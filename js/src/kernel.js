@@ -3,6 +3,7 @@
 // Replies and output are routed back to whoever sent the request by the
 // parent header's msg_id, so several cells can share one kernel (linked cells).
 
+import { CommRouter } from "./comms.js";
 import { uuid } from "./ids.js";
 
 const CONNECT_TIMEOUT_MS = 20000;
@@ -62,6 +63,7 @@ export class Kernel {
         this.reconnecting = null; // a Promise while the socket is being opened again
         this.wakeReconnect = null; // ends the wait before the next attempt
         this.gone = false; // the server said the session is no more
+        this.comms = new CommRouter(this); // comms and widgets, loaded on the first comm_open
     }
 
     setStatus(status) {
@@ -283,6 +285,11 @@ export class Kernel {
         if (msg.header && msg.header.msg_id) {
             this.lastMsgId = msg.header.msg_id;
         }
+        this.comms.receive(msg, (m) => this.dispatch(m));
+    }
+
+    /** Hand one message to the request that caused it (and the kernel's status). */
+    dispatch(msg) {
         const channel = msg.channel || "iopub";
         const msgType = msg.header ? msg.header.msg_type : msg.msg_type;
         if (channel === "iopub" && msgType === "status") {

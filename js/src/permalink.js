@@ -43,6 +43,16 @@ export async function encodeZ(code) {
     return bytesToBase64url(await pump(new CompressionStream("deflate"), bytes));
 }
 
+/** A permalink's interact values: a JSON array (as stored) or an array; anything else is none. */
+function storedInteracts(value) {
+    try {
+        const list = typeof value === "string" ? JSON.parse(value) : value;
+        return Array.isArray(list) ? list : [];
+    } catch (e) {
+        return [];
+    }
+}
+
 /**
  * The code a page URL asks for, and its language: ?c= (plain), ?z= (compressed)
  * with ?lang=, or ?q= (stored permalink, fetched from the server, which keeps
@@ -65,7 +75,8 @@ export async function codeFromQuery(search, server) {
         if (typeof code !== "string") {
             throw new Error("The permalink answer has no code");
         }
-        return { code, language, source: "q" };
+        return { code, language, interacts: storedInteracts(Array.isArray(body) ? body[2] : body.interacts),
+            source: "q" };
     }
     return null;
 }

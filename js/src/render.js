@@ -2,7 +2,9 @@
 // kernel's HTML or JavaScript in the embedding page's origin.
 
 import { AnsiUp } from "ansi_up";
-import renderMathInElement from "katex/contrib/auto-render";
+
+import { WIDGET_MIME, widgetElement } from "./comms.js";
+import { loadModule } from "./lazy.js";
 
 import { localThreejs } from "./threejs.js";
 
@@ -148,21 +150,21 @@ const KATEX_DELIMITERS = [
     { left: "\\(", right: "\\)", display: false },
 ];
 
-export function latexElement(tex, server) {
+/** Typeset the math in el with KaTeX, loaded on the page's first LaTeX output. */
+export async function typeset(el, server) {
     ensureKatexCss(server);
+    const { renderMathInElement } = await loadModule(server, "katex");
+    renderMathInElement(el, { delimiters: KATEX_DELIMITERS, throwOnError: false, trust: false });
+}
+
+export function latexElement(tex, server) {
     const div = document.createElement("div");
     div.className = "sagecell-latex";
     const hasDelimiters = /\$|\\\[|\\\(|\\begin\{/.test(tex);
     div.textContent = hasDelimiters ? tex : `$$${tex}$$`;
-    try {
-        renderMathInElement(div, {
-            delimiters: KATEX_DELIMITERS,
-            throwOnError: false,
-            trust: false,
-        });
-    } catch (e) {
+    typeset(div, server).catch(() => {
         div.textContent = tex;
-    }
+    });
     return div;
 }
 
@@ -175,14 +177,16 @@ const MATH_HINT = /\\\(|\\\[|\$|\\begin\{/;
  * MathJax's delimiters (\( \), $ $, \[ \]) for a page that runs MathJax,
  * as SageMathCell's does; the frame that shows HTML runs nothing of ours, so
  * they are typeset here, in an inert copy (a DOMParser document runs no
- * script and loads nothing). HTML with no formula is left as it came.
+ * script and loads nothing), with KaTeX loaded on the page's first formula.
+ * HTML with no formula is left as it came.
  */
-export function typesetHtml(html, server) {
+export async function typesetHtml(html, server) {
     if (!MATH_HINT.test(html) || !server) {
         return { html, head: "" };
     }
     const doc = new DOMParser().parseFromString(html, "text/html");
     try {
+        const { renderMathInElement } = await loadModule(server, "katex");
         renderMathInElement(doc.body, { delimiters: KATEX_DELIMITERS, throwOnError: false, trust: false });
     } catch (e) {
         return { html, head: "" };
@@ -206,6 +210,12 @@ export function renderBundle(data, metadata, server) {
     const mime = MIME_PRIORITY.find((m) => data[m] !== undefined && data[m] !== null);
     const wrapper = document.createElement("div");
     wrapper.className = "sagecell-display";
+    const widget = widgetElement(data); // an ipywidget that a kernel on this page has
+    if (widget) {
+        wrapper.dataset.mime = WIDGET_MIME;
+        wrapper.appendChild(widget);
+        return wrapper;
+    }
     if (!mime) {
         const note = document.createElement("div");
         note.className = "sagecell-note";
@@ -234,8 +244,13 @@ export function renderBundle(data, metadata, server) {
         imageSize(img, mime, metadata);
         wrapper.appendChild(img);
     } else if (mime === "text/html") {
-        const shown = typesetHtml(localThreejs(asText(value), server), server);
-        wrapper.appendChild(sandboxedFrame(shown.html, shown.head));
+        const html = localThreejs(asText(value), server);
+        if (MATH_HINT.test(html)) {
+            // The frame comes once KaTeX has typeset the formulas (or failed to).
+            typesetHtml(html, server).then((shown) => wrapper.appendChild(sandboxedFrame(shown.html, shown.head)));
+        } else {
+            wrapper.appendChild(sandboxedFrame(html, ""));
+        }
     } else if (mime === "text/latex") {
         wrapper.appendChild(latexElement(asText(value), server));
     } else {

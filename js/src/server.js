@@ -216,9 +216,9 @@ export class Server {
         return response.json();
     }
 
-    /** Store code for a short link; the answer carries the id as "query". */
-    async makePermalink(code, language = "python") {
-        const body = new URLSearchParams({ code, language, interacts: "[]" });
+    /** Store code (and interact values) for a short link; the answer carries the id as "query". */
+    async makePermalink(code, language = "python", interacts = []) {
+        const body = new URLSearchParams({ code, language, interacts: JSON.stringify(interacts) });
         const response = await this.request("making a permalink", "POST", "/permalink", {
             body,
         });

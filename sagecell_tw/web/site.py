@@ -29,6 +29,7 @@ from .files import KernelFiles
 from .policy import LimitedRequest, NotFound, client_address, error_body, write_json
 from .proxies import ForwardedRequest, TrustedProxies
 from .sagecell import SageCellCompat
+from .statics import CompressedFile
 from .websocket import KernelWebSocketFactory
 
 STATIC = os.path.join(SOURCE_ROOT, "sagecell_tw", "static")
@@ -367,7 +368,7 @@ class _NoSuchFile(resource.Resource):
         return b""
 
 
-class StaticFiles(static.File):
+class StaticFiles(CompressedFile):
     """The widget's files, for any origin to load; directories are not listed (404)."""
 
     childNotFound = _NoSuchFile()
@@ -377,7 +378,6 @@ class StaticFiles(static.File):
         if self.isdir():
             return self.childNotFound.render(request)
         request.setHeader(b"access-control-allow-origin", b"*")
-        request.setHeader(b"cache-control", b"public, max-age=300")
         return super().render(request)
 
     def directoryListing(self):

@@ -59,7 +59,7 @@ def _bundle_is_stale() -> bool:
         return True
     built = BUNDLE.stat().st_mtime
     sources = [JS_DIR / "package-lock.json", JS_DIR / "build.mjs"]
-    sources += list((JS_DIR / "src").glob("*"))
+    sources += list((JS_DIR / "src").rglob("*"))
     return any(p.stat().st_mtime > built for p in sources if p.exists())
 
 
