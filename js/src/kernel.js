@@ -63,6 +63,7 @@ export class Kernel {
         this.reconnecting = null; // a Promise while the socket is being opened again
         this.wakeReconnect = null; // ends the wait before the next attempt
         this.gone = false; // the server said the session is no more
+        this.goneReason = ""; // what it said, when it said more than 404
         this.comms = new CommRouter(this); // comms and widgets, loaded on the first comm_open
     }
 
@@ -234,7 +235,7 @@ export class Kernel {
             }
             window.removeEventListener("online", online);
             this.reconnecting = null;
-            this.lost(info.code, this.gone ? "the session has ended on the server" : "could not reconnect");
+            this.lost(info.code, this.gone ? this.goneReason || "the session has ended on the server" : "could not reconnect");
             return false;
         })();
         return this.reconnecting;
@@ -255,11 +256,30 @@ export class Kernel {
                 credentials: "omit",
                 cache: "no-store",
             });
-            this.gone = response.status === 404;
+            this.gone = response.status === 404 || (response.status === 503 && await this.kernelLost(response));
         } catch (e) {
             this.gone = false; // unreachable: it may come back
         }
         return this.gone;
+    }
+
+    /**
+     * A 503 that says the daemon holding the kernel is gone (a load balancer's
+     * or another daemon's "kernel lost" answer), rather than a server that is
+     * busy for a moment: nothing to reconnect to.
+     */
+    async kernelLost(response) {
+        try {
+            const body = await response.json();
+            const message = body && typeof body.message === "string" ? body.message : "";
+            if (message.startsWith("kernel lost")) {
+                this.goneReason = message;
+                return true;
+            }
+        } catch (e) {
+            // Not JSON: a proxy's own page; it may come back.
+        }
+        return false;
     }
 
     tellHandlers(what, info) {

@@ -51,6 +51,8 @@ def test_a_dead_daemons_cell_says_so_and_the_next_run_goes_to_the_other(page: Pa
 
     notice = output(page).locator(".sagecell-notice-error")
     expect(notice).to_contain_text("The connection to the server closed", timeout=RUN_TIMEOUT)
+    # The widget tried to reconnect, asked for its kernel, and shows the balancer's answer.
+    expect(notice).to_contain_text("kernel lost")
     expect(notice).to_contain_text("Evaluate again to start a new session")
 
     run(page, "print('back', 'x' in dir())")

@@ -33,7 +33,8 @@ _ids = itertools.count()
 
 @pytest.fixture(scope="module")
 def widget_server(embed_bundle) -> str:
-    d = Daemon(kernels="sagemath,python3" if SAGE else "python3", pool_size=2)
+    # One page of many cells, each with its own kernel, all from one address.
+    d = Daemon(kernels="sagemath,python3" if SAGE else "python3", pool_size=2, max_kernels_per_client=32)
     d.start(timeout=120)
     try:
         if SAGE:
@@ -165,7 +166,7 @@ def test_python_interact_follows_the_mouse_and_the_keyboard(host: Page) -> None:
     host.locator(f"{cell} .noUi-handle").focus()
     host.keyboard.press("ArrowRight")
     expect(out).to_have_text(f"n={n + 1} square={(n + 1) ** 2} alpha")
-    host.locator(f"{cell} select").select_option("gamma")
+    host.locator(f"{cell} .sagecell-widget select").select_option("gamma")
     expect(out).to_have_text(f"n={n + 1} square={(n + 1) ** 2} gamma")
 
 
@@ -327,7 +328,7 @@ def test_sage_input_box_selector_and_checkbox(host: Page) -> None:
     box.fill("Grace")
     box.press("Enter")
     expect(out).to_have_text("Grace likes red")
-    host.locator(f"{cell} select").select_option("blue")
+    host.locator(f"{cell} .sagecell-widget select").select_option("blue")
     expect(out).to_have_text("Grace likes blue")
     host.locator(f"{cell} input[type=checkbox]").check()
     expect(out).to_have_text("GRACE LIKES BLUE")
