@@ -1,0 +1,270 @@
+"""
+The ZMTP guard between kernels and their readers (sagecell_tw.worker.guard).
+
+The parser on hand-made ZMTP 3 streams, fed split at every byte boundary;
+the guard itself between real zmq sockets (and raw ones, to see that it
+holds no more than a chunk per direction); and, against real daemons and
+real forked kernels, hostile code sending one message of 300 frames of
+1 MiB, or of a million empty frames, on its own iopub or shell socket: the
+daemon (or, on a worker host, the spawner) stays small, the kernel is
+ended with a notice its visitor reads, and other sessions work on.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import time
+
+import pytest
+import zmq
+
+from sagecell_tw.worker import guard as guardmod
+from sagecell_tw.worker.guard import Breach, Guard, ZmtpCounter
+
+
+def greeting(major: int = 3, minor: int = 1, mechanism: bytes = b"NULL") -> bytes:
+    return b"\xff" + b"\0" * 8 + b"\x7f" + bytes([major, minor]) + mechanism.ljust(20, b"\0") + b"\0" * 32
+
+
+def frame(body: bytes, more: bool = False, command: bool = False, long: bool | None = None) -> bytes:
+    long = len(body) > 255 if long is None else long
+    flags = (guardmod.MORE if more else 0) | (guardmod.COMMAND if command else 0) | (guardmod.LONG if long else 0)
+    size = struct.pack(">Q", len(body)) if long else bytes([len(body)])
+    return bytes([flags]) + size + body
+
+
+def message(*parts: bytes) -> bytes:
+    return b"".join(frame(p, more=i < len(parts) - 1) for i, p in enumerate(parts))
+
+
+def command(name: bytes, data: bytes = b"") -> bytes:
+    return frame(bytes([len(name)]) + name + data, command=True)
+
+
+#: a greeting, the handshake, and messages of short, long and empty frames, a
+#: short frame sent as long, and a PING between two messages
+STREAM = (
+    greeting()
+    + command(b"READY", b"\x0bSocket-Type\x00\x00\x00\x03PUB")
+    + message(b"topic", b"<IDS|MSG>", b"x" * 300, b"", b"{}")
+    + command(b"PING", b"\x00\x10ctx")
+    + frame(b"short but long", long=True)
+    + message(b"y" * 1000)
+)
+
+
+def feed_split(counter: ZmtpCounter, data: bytes, at: int) -> int:
+    """Feed ``data`` in two reads split at ``at``; the read (1 or 2) that raised Breach, or 0."""
+    for n, part in enumerate((data[:at], data[at:]), 1):
+        try:
+            counter.feed(part)
+        except Breach:
+            return n
+    return 0
+
+
+def test_a_good_stream_passes_split_at_every_byte_and_byte_by_byte():
+    for at in range(len(STREAM) + 1):
+        counter = ZmtpCounter(limit=2000)
+        assert feed_split(counter, STREAM, at) == 0, at
+        assert (counter.bytes, counter.frames) == (0, 0)  # every message ended
+    counter = ZmtpCounter(limit=2000)
+    for i in range(len(STREAM)):
+        counter.feed(STREAM[i : i + 1])
+    assert (counter.bytes, counter.frames) == (0, 0)
+
+
+def test_a_message_over_the_bound_is_caught_at_the_header_that_shows_it():
+    # 3 frames of 400 bytes: with 64 bytes charged per frame, the third header crosses 1300.
+    bad = greeting() + message(b"a" * 400, b"b" * 400, b"c" * 400)
+    third = len(greeting()) + 2 * (9 + 400) + 9  # end of the third frame's (long) header
+    for at in range(len(bad) + 1):
+        counter = ZmtpCounter(limit=1300)
+        assert feed_split(counter, bad, at) == (1 if at >= third else 2), at
+    # The same bytes in messages of one frame each are fine.
+    ok = greeting() + message(b"a" * 400) + message(b"b" * 400) + message(b"c" * 400)
+    assert feed_split(ZmtpCounter(limit=1300), ok, 100) == 0
+
+
+def test_one_long_frame_over_the_bound_is_caught_before_its_body():
+    counter = ZmtpCounter(limit=1 << 20)
+    counter.feed(greeting())
+    with pytest.raises(Breach, match=f"a message of over {1 << 20} bytes"):
+        counter.feed(b"\x02" + struct.pack(">Q", 1 << 40))
+
+
+def test_empty_frames_count_by_the_overhead_and_by_number():
+    counter = ZmtpCounter(limit=1 << 30)
+    counter.feed(greeting() + frame(b"", more=True) * guardmod.MAX_FRAMES)
+    with pytest.raises(Breach, match=f"a message of over {guardmod.MAX_FRAMES} parts"):
+        counter.feed(frame(b""))
+    counter = ZmtpCounter(limit=64 * 100, max_frames=10**9)
+    counter.feed(greeting() + frame(b"", more=True) * 100)
+    with pytest.raises(Breach, match="over 6400 bytes"):
+        counter.feed(frame(b""))
+
+
+def test_commands_count_as_messages_of_their_own():
+    counter = ZmtpCounter(limit=1000)
+    counter.feed(greeting() + command(b"PING", b"p" * 200) * 20)
+    with pytest.raises(Breach):
+        counter.feed(command(b"READY", b"r" * 1000))
+
+
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        (b"\x00" + greeting()[1:], "not zmq"),
+        (greeting()[:9] + b"\x00" + greeting()[10:], "not zmq"),
+        (greeting(major=2), "ZMTP version 2, not 3"),
+        (greeting(major=4), "ZMTP version 4, not 3"),
+        (greeting(mechanism=b"CURVE"), "mechanism"),
+        (greeting() + b"\x08\x00", "reserved flags"),
+    ],
+)
+def test_what_is_not_zmtp_3_null_is_refused_split_anywhere(bad, why):
+    for at in range(len(bad) + 1):
+        with pytest.raises(Breach, match=why):
+            counter = ZmtpCounter(limit=1 << 20)
+            counter.feed(bad[:at])
+            counter.feed(bad[at:])
+
+
+# -- the guard between real sockets -----------------------------------------------------
+
+
+class Rig:
+    """A guard for one "kernel" whose sockets live in ``tmp``; the test turns the guard's loop by hand."""
+
+    def __init__(self, tmp, limit: int = 1 << 20):
+        self.base = str(tmp / "base")
+        os.makedirs(os.path.join(self.base, "k1", "ipc"))
+        self.kernel_prefix = os.path.join(self.base, "k1", "ipc", "k")
+        self.breaches: list[tuple[str, str]] = []
+        self.guard = Guard(self.base, lambda kid, why: self.breaches.append((kid, why)), limit=limit)
+        self.max_held = 0
+
+    def open(self) -> str:
+        info = self.guard.open({"id": "k1", "connection": {"ip": self.kernel_prefix, "key": "k", "shell_port": 1}})
+        assert info["connection"]["key"] == "k"
+        return info["connection"]["ip"]
+
+    def turn(self, until, seconds: float = 10.0) -> None:
+        """Service the guard until ``until()`` (bounded in time); note the most it held."""
+        deadline = time.monotonic() + seconds
+        while not until():
+            assert time.monotonic() < deadline, "timed out"
+            if select.select([self.guard.fileno()], [], [], 0.01)[0]:
+                self.guard.service()
+            self.max_held = max(self.max_held, self.guard.held())
+
+
+@pytest.fixture
+def ctx():
+    c = zmq.Context()
+    yield c
+    c.destroy(linger=0)
+
+
+def _recv(sock: zmq.Socket, got: list):
+    def ready() -> bool:
+        try:
+            got.append(sock.recv_multipart(zmq.NOBLOCK))
+        except zmq.Again:
+            return False
+        return True
+
+    return ready
+
+
+def test_messages_pass_through_unchanged_both_ways(tmp_path, ctx):
+    rig = Rig(tmp_path)
+    kernel_shell = ctx.socket(zmq.ROUTER)
+    kernel_shell.bind(f"ipc://{rig.kernel_prefix}-1")
+    kernel_iopub = ctx.socket(zmq.PUB)
+    kernel_iopub.bind(f"ipc://{rig.kernel_prefix}-2")
+    guarded = rig.open()
+    assert guarded == os.path.join(rig.base, ".guard", "k1")
+    reader = ctx.socket(zmq.DEALER)
+    reader.connect(f"ipc://{guarded}-1")
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"ipc://{guarded}-2")
+    big = os.urandom(900_000)
+    reader.send_multipart([b"request", big])
+    got: list = []
+    rig.turn(_recv(kernel_shell, got))
+    ident, *request = got.pop()
+    assert request == [b"request", big]
+    kernel_shell.send_multipart([ident, b"reply", big[::-1]])
+    rig.turn(_recv(reader, got))
+    assert got.pop() == [b"reply", big[::-1]]
+    # iopub: publish until the subscription has come through the guard
+    rig.turn(lambda: kernel_iopub.send_multipart([b"status", b"x" * 300]) or _recv(sub, got)())
+    kernel_iopub.send_multipart([b"out", *[b""] * 50, big[:500_000]])
+    rig.turn(lambda: _recv(sub, got)() and got[-1][0] == b"out")
+    assert got[-1] == [b"out", *[b""] * 50, big[:500_000]]
+    assert rig.breaches == [] and rig.max_held <= 2 * guardmod.CHUNK
+
+
+def test_a_message_over_the_bound_cuts_the_kernel_off(tmp_path, ctx):
+    rig = Rig(tmp_path, limit=1 << 20)
+    kernel_iopub = ctx.socket(zmq.PUB)
+    kernel_iopub.bind(f"ipc://{rig.kernel_prefix}-2")
+    guarded = rig.open()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"ipc://{guarded}-2")
+    got: list = []
+    rig.turn(lambda: kernel_iopub.send(b"hello") or _recv(sub, got)())
+    chunk = b"z" * (64 << 10)
+    kernel_iopub.send_multipart([chunk] * 300, copy=False)
+    rig.turn(lambda: rig.breaches)
+    assert rig.breaches == [("k1", f"the kernel sent a message of over {1 << 20} bytes (on iopub)")]
+    assert not os.path.exists(f"{guarded}-2")  # no reconnecting to it
+    assert rig.guard.kernels == {} and rig.guard.held() == 0
+    time.sleep(0.2)
+    with pytest.raises(zmq.Again):
+        while True:
+            m = sub.recv_multipart(zmq.NOBLOCK)
+            assert m[0] != chunk
+
+
+def test_the_guard_holds_one_chunk_per_direction_and_stops_reading(tmp_path):
+    """A kernel writing fast to a reader that reads nothing: the guard holds a chunk, and waits."""
+    rig = Rig(tmp_path, limit=1 << 30)
+    kernel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    kernel.bind(f"{rig.kernel_prefix}-2")
+    kernel.listen(1)
+    guarded = rig.open()
+    reader = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    reader.connect(f"{guarded}-2")
+    reader.sendall(greeting())
+    rig.turn(lambda: select.select([kernel], [], [], 0)[0])
+    conn, _ = kernel.accept()
+    conn.setblocking(False)
+    conn.sendall(greeting())
+    body = frame(b"w" * 100_000, more=True)
+    sent = 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            sent += conn.send(body)
+        except BlockingIOError:
+            if not select.select([rig.guard.fileno()], [], [], 0.05)[0]:
+                break  # the guard has nothing to do: it waits on the reader
+            rig.guard.service()
+        rig.max_held = max(rig.max_held, rig.guard.held())
+    assert sent > 4 * guardmod.CHUNK
+    assert 0 < rig.guard.held() <= guardmod.CHUNK and rig.max_held <= 2 * guardmod.CHUNK
+    # The reader reads: bytes flow again, unchanged.
+    received = b""
+    while len(received) < 64 + 2 * len(body):
+        rig.turn(lambda: select.select([reader], [], [], 0)[0])
+        received += reader.recv(1 << 20)
+    assert received[:64] == greeting() and received[64 : 64 + len(body)] == body
+    for s in (reader, conn, kernel):
+        s.close()
