@@ -12,17 +12,26 @@ ended with a notice its visitor reads, and other sessions work on.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import socket
 import struct
+import sys
 import time
 
 import pytest
 import zmq
+from support import ROOT, Daemon
 
+from sagecell_tw.core.kernels import message_bound
+from sagecell_tw.core.sessions import DAEMON_SESSION
 from sagecell_tw.worker import guard as guardmod
 from sagecell_tw.worker.guard import Breach, Guard, ZmtpCounter
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from benchlib import RawWS, execute, new_kernel  # noqa: E402
 
 
 def greeting(major: int = 3, minor: int = 1, mechanism: bytes = b"NULL") -> bytes:
@@ -268,3 +277,123 @@ def test_the_guard_holds_one_chunk_per_direction_and_stops_reading(tmp_path):
     assert received[:64] == greeting() and received[64 : 64 + len(body)] == body
     for s in (reader, conn, kernel):
         s.close()
+
+
+# -- hostile kernels, real daemons ------------------------------------------------------
+
+#: one message on the kernel's own iopub socket: a stream message's four parts,
+#: then 300 buffers of 1 MiB (one buffer, sent zero-copy: cheap for the kernel)
+HOSTILE_IOPUB = """
+import json, time
+k = get_ipython().kernel
+h = json.dumps(k.session.msg_header("stream"), default=str).encode()
+parent = json.dumps(k.get_parent()["header"], default=str).encode()
+big = b"x" * (1 << 20)
+k.session.send_raw(k.iopub_socket, [h, parent, b"{}", b'{"name": "stdout", "text": "hi"}'] + [big] * 300, copy=False)
+time.sleep(30)
+"""
+#: one execute_reply on the kernel's own shell socket, to the daemon's
+#: identity, with a million empty buffers
+HOSTILE_SHELL = """
+import json, time
+k = get_ipython().kernel
+h = json.dumps(k.session.msg_header("execute_reply"), default=str).encode()
+parent = json.dumps(k.get_parent()["header"], default=str).encode()
+k.session.send_raw(k.shell_stream.socket, [h, parent, b"{}", b'{"status": "ok"}'] + [b""] * 1_000_000,
+                   ident=k._parent_ident["shell"])
+time.sleep(30)
+"""
+SMALL_CAP = 64 << 10
+#: the most the daemon (or a worker's spawner) may grow while a kernel sends
+#: one hostile message: a message bound (about 1 MiB here) and zmq's buffers,
+#: with room for the allocator; without the guard it grew by 300 MiB
+GROWTH_MIB = 40
+
+
+def peak_reset(pid: int) -> None:
+    """Start counting ``pid``'s peak resident memory (VmHWM) from now."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+def mib(pid: int, field: str) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def death_notice(ws: RawWS, pid: int, before: float, timeout: float = 60) -> tuple[str, float]:
+    """
+    The daemon's notice to ``ws``'s session that its kernel died, and how
+    much ``pid`` grew (its peak) from ``before`` meanwhile; fails as soon as
+    it grew by ``GROWTH_MIB``, or after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        grew = mib(pid, "VmHWM") - before
+        assert grew < GROWTH_MIB, f"process {pid} grew by {grew:.0f} MiB; notices so far: {seen}"
+        ws.pending.extend(ws.parser.messages())
+        for payload in ws.pending:
+            m = json.loads(payload) if payload[:1] == b"{" else {}  # (not the binary frames of buffers)
+            if m.get("header", {}).get("session") == DAEMON_SESSION and "text" in m["content"]:
+                seen.append(m["content"]["text"])
+                if "The kernel died" in seen[-1]:
+                    time.sleep(0.5)  # whatever was on its way has arrived
+                    return seen[-1], mib(pid, "VmHWM") - before
+        ws.pending.clear()
+        ws.sock.settimeout(0.2)
+        try:
+            chunk = ws.sock.recv(1 << 18)
+        except TimeoutError:
+            continue
+        assert chunk, "the daemon closed the WebSocket"
+        ws.parser.buf += chunk
+    raise AssertionError(f"no notice of the kernel's death in {timeout} s; saw {seen}")
+
+
+def attack(port: int, pid: int, code: str) -> tuple[str, float]:
+    """A new session runs ``code``: the daemon's notice of its kernel's death, and how much ``pid`` grew meanwhile."""
+    ws = RawWS(port, new_kernel(port))
+    try:
+        assert ws.run("1+1")[0]["status"] == "ok"
+        before = mib(pid, "VmRSS")
+        peak_reset(pid)
+        payload, _ = execute(code, ws.session)
+        ws.send(payload)
+        return death_notice(ws, pid, before)
+    finally:
+        ws.close()
+
+
+@pytest.fixture(scope="module")
+def small_daemon():
+    d = Daemon(pool_size=2, max_output_bytes=SMALL_CAP, max_kernels_per_client=32).start()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+@pytest.mark.parametrize(
+    "code, reason",
+    [
+        (HOSTILE_IOPUB, f"the kernel sent a message of over {message_bound(SMALL_CAP)} bytes (on iopub)"),
+        (HOSTILE_SHELL, f"the kernel sent a message of over {guardmod.MAX_FRAMES} parts (on shell)"),
+    ],
+    ids=["300 frames of 1 MiB on iopub", "a million empty frames on shell"],
+)
+def test_a_message_of_many_frames_ends_its_kernel_and_the_daemon_stays_small(small_daemon, code, reason):
+    d = small_daemon
+    bystander = RawWS(d.port, new_kernel(d.port))
+    assert bystander.run("1+1")[0]["status"] == "ok"
+    text, grew = attack(d.port, d.proc.pid, code)
+    print(f"daemon grew by {grew:.1f} MiB")
+    assert reason in text, text
+    assert grew < GROWTH_MIB, grew
+    reply, outputs = bystander.run("print(6 * 7)")
+    bystander.close()
+    assert reply["status"] == "ok"
+    assert [m["content"]["text"] for m in outputs if m["msg_type"] == "stream"] == ["42\n"]
