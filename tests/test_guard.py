@@ -15,15 +15,20 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
+import signal
 import socket
 import struct
+import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 import zmq
 from support import ROOT, Daemon
 
+from sagecell_tw import keys
 from sagecell_tw.core.kernels import message_bound
 from sagecell_tw.core.sessions import DAEMON_SESSION
 from sagecell_tw.worker import guard as guardmod
@@ -393,6 +398,65 @@ def test_a_message_of_many_frames_ends_its_kernel_and_the_daemon_stays_small(sma
     print(f"daemon grew by {grew:.1f} MiB")
     assert reason in text, text
     assert grew < GROWTH_MIB, grew
+    reply, outputs = bystander.run("print(6 * 7)")
+    bystander.close()
+    assert reply["status"] == "ok"
+    assert [m["content"]["text"] for m in outputs if m["msg_type"] == "stream"] == ["42\n"]
+
+
+@pytest.fixture(scope="module")
+def worker_host():
+    """A daemon without a spawner of its own and one worker host's spawner, over CurveZMQ on loopback."""
+    tmp = tempfile.mkdtemp(prefix="sagecell-guard-")  # the worker account must reach its base dir
+    os.chmod(tmp, 0o711)
+    for who in ("daemon", "w1"):
+        keys.generate(f"{tmp}/keys", who)
+    os.makedirs(f"{tmp}/allowed")
+    shutil.copy(f"{tmp}/keys/w1.key", f"{tmp}/allowed/")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "sagecell_tw.worker.spawner", "--control", f"tcp://127.0.0.1:{port}",
+         "--public-host", "127.0.0.1", "--curve-secret", f"{tmp}/keys/w1.key_secret",
+         "--daemon-key", f"{tmp}/keys/daemon.key", "--name", "w1", "--base-dir", f"{tmp}/w1",
+         "--pool-size", "2", "--preload", ""],
+        stdout=open(f"{tmp}/w1.log", "wb"), stderr=subprocess.STDOUT,
+        env=dict(os.environ, PYTHONPATH=ROOT), start_new_session=True,
+    )  # fmt: skip
+    d = Daemon(
+        "--embedded-spawner", "false", "--control", f"tcp://127.0.0.1:{port}",
+        "--curve-secret-key", f"{tmp}/keys/daemon.key_secret", "--worker-keys", f"{tmp}/allowed",
+        pool_size=2, max_output_bytes=SMALL_CAP, max_kernels_per_client=32,
+    )  # fmt: skip
+    try:
+        d.start()
+        yield d, worker
+    finally:
+        d.stop()
+        if worker.poll() is None:
+            worker.terminate()  # the front's own pid: it ends its fork server and kernels
+            try:
+                worker.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait(5)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("code", [HOSTILE_IOPUB, HOSTILE_SHELL], ids=["300 frames of 1 MiB", "a million empty frames"])
+def test_on_a_worker_host_the_spawner_stays_small(worker_host, code):
+    d, worker = worker_host
+    bystander = RawWS(d.port, new_kernel(d.port))
+    assert bystander.run("1+1")[0]["status"] == "ok"
+    assert "on w1" in d.log()  # the sessions' kernels run on the worker host
+    daemon_before = mib(d.proc.pid, "VmRSS")
+    peak_reset(d.proc.pid)
+    text, grew = attack(d.port, worker.pid, code)
+    print(f"worker's spawner grew by {grew:.1f} MiB, the daemon by {mib(d.proc.pid, 'VmHWM') - daemon_before:.1f}")
+    assert "the kernel sent a message of over" in text, text
+    assert grew < GROWTH_MIB, grew
+    assert mib(d.proc.pid, "VmHWM") - daemon_before < GROWTH_MIB
     reply, outputs = bystander.run("print(6 * 7)")
     bystander.close()
     assert reply["status"] == "ok"
