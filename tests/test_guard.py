@@ -194,7 +194,7 @@ def _recv(sock: zmq.Socket, got: list):
     return ready
 
 
-def test_messages_pass_through_unchanged_both_ways(tmp_path, ctx):
+def test_messages_pass_through_unchanged_both_ways_once_iopub_is_subscribed(tmp_path, ctx):
     rig = Rig(tmp_path)
     kernel_shell = ctx.socket(zmq.ROUTER)
     kernel_shell.bind(f"ipc://{rig.kernel_prefix}-1")
@@ -204,12 +204,16 @@ def test_messages_pass_through_unchanged_both_ways(tmp_path, ctx):
     assert guarded == os.path.join(rig.base, ".guard", "k1")
     reader = ctx.socket(zmq.DEALER)
     reader.connect(f"ipc://{guarded}-1")
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.connect(f"ipc://{guarded}-2")
     big = os.urandom(900_000)
     reader.send_multipart([b"request", big])
     got: list = []
+    # Nothing reaches the kernel's shell before a subscription reached its iopub.
+    wait = time.monotonic() + 0.3
+    rig.turn(lambda: _recv(kernel_shell, got)() or time.monotonic() > wait)
+    assert got == []
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"ipc://{guarded}-2")
     rig.turn(_recv(kernel_shell, got))
     ident, *request = got.pop()
     assert request == [b"request", big]

@@ -101,6 +101,8 @@ class ZmtpCounter:
         #: of the message in progress: bytes charged, frames
         self.bytes = 0
         self.frames = 0
+        #: frames (commands included) seen whole so far
+        self.ended = 0
 
     def feed(self, data: bytes) -> None:
         i, n = 0, len(data)
@@ -109,6 +111,8 @@ class ZmtpCounter:
                 step = min(self._skip, n - i)
                 self._skip -= step
                 i += step
+                if not self._skip:
+                    self.ended += 1
             elif self._greeting is not None:
                 take = min(GREETING - len(self._greeting), n - i)
                 self._greeting += data[i : i + take]
@@ -152,6 +156,8 @@ class ZmtpCounter:
         if not flags & MORE:
             self.bytes = self.frames = 0
         self._skip = size
+        if not size:
+            self.ended += 1
 
 
 def guarded_prefix(base_dir: str, kernel_id: str) -> str:
@@ -172,6 +178,8 @@ class _Pipe:
         self.outer = outer
         self.inner = inner
         self.counter = ZmtpCounter(kernel.guard.limit)
+        #: what the reader sends on iopub, followed until its subscription has gone through (``_Kernel.gate``)
+        self.subscribing = ZmtpCounter(1 << 62) if channel == "iopub" and not kernel.subscribed else None
         #: read from the kernel, for the reader
         self.up = b""
         #: read from the reader, for the kernel
@@ -201,11 +209,23 @@ class _Pipe:
             else:
                 data = self._read(self.outer)
                 if data:
+                    self._follow_subscription(data)
                     self.down = self._write(self.inner, data)
         elif events & (select.EPOLLHUP | select.EPOLLERR):
             self.close()  # gone while we did not read it (with bytes for it held)
         if not self.closed:
+            if self.subscribing is not None and self.subscribing.ended >= 2 and not self.down:
+                self.subscribing = None
+                self.kernel.open_gate()
             self._watch()
+
+    def _follow_subscription(self, data: bytes) -> None:
+        """A reader's READY then its subscription: the second frame it sends on iopub."""
+        if self.subscribing is not None:
+            try:
+                self.subscribing.feed(data)
+            except Breach:  # the reader is trusted: whatever it speaks, let it on
+                self.subscribing.ended = 2
 
     def _read(self, sock: socket.socket) -> bytes:
         try:
@@ -266,6 +286,8 @@ class _Kernel:
         self.prefix = guarded_prefix(guard.base_dir, kernel_id)
         self.listeners: dict[str, socket.socket] = {}
         self.pipes: dict[str, list[_Pipe]] = {channel: [] for channel in CHANNELS}
+        #: a reader's subscription to iopub has reached the kernel (``open_gate``)
+        self.subscribed = False
         try:
             for channel, port in CHANNELS.items():
                 self.listeners[channel] = self._listen(f"{self.prefix}-{port}")
@@ -273,7 +295,25 @@ class _Kernel:
             self.close()
             raise
         for channel, sock in self.listeners.items():
-            guard.watch(sock.fileno(), select.EPOLLIN, lambda _fd, _events, channel=channel: self._accept(channel))
+            mask = select.EPOLLIN if channel == "iopub" else 0
+            guard.watch(sock.fileno(), mask, lambda _fd, _events, channel=channel: self._accept(channel))
+
+    def open_gate(self) -> None:
+        """
+        Accept on shell, control and stdin only once a reader's subscription
+        to iopub has gone through to the kernel: a kernel publishes to no
+        one before that, so the output of a request that came earlier would
+        be lost. This matters when all connections come at once: a reader
+        (the daemon) reconnecting to a restarted spawner's guard, whose
+        requests were queued meanwhile. The reader's connections wait in
+        the listeners' backlogs.
+        """
+        if self.subscribed:
+            return
+        self.subscribed = True
+        for channel, sock in self.listeners.items():
+            if channel != "iopub":
+                self.guard.epoll.modify(sock.fileno(), select.EPOLLIN)
 
     def _listen(self, path: str) -> socket.socket:
         try:
