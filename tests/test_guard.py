@@ -465,3 +465,36 @@ def test_on_a_worker_host_the_spawner_stays_small(worker_host, code):
     bystander.close()
     assert reply["status"] == "ok"
     assert [m["content"]["text"] for m in outputs if m["msg_type"] == "stream"] == ["42\n"]
+
+
+#: what a kernel tries against its guard's sockets, knowing where they are
+REACH_THE_GUARD = """
+import os, socket
+kid = os.path.basename(os.path.dirname(os.getcwd()))
+guard = os.path.join(os.path.dirname(os.path.dirname(os.getcwd())), ".guard")
+tries = {
+    "list": lambda: os.listdir(guard),
+    "connect": lambda: socket.socket(socket.AF_UNIX).connect(f"{guard}/{kid}-2"),
+    "remove": lambda: os.unlink(f"{guard}/{kid}-1"),
+    "create": lambda: open(f"{guard}/{kid}-9", "w"),
+    "bind": lambda: socket.socket(socket.AF_UNIX).bind(f"{guard}/x"),
+}
+for name, attempt in tries.items():
+    try:
+        attempt()
+        print(name, "WORKED")
+    except OSError as e:
+        print(name, "refused", type(e).__name__)
+"""
+
+
+def test_a_kernel_cannot_reach_where_its_guard_listens(small_daemon):
+    d = small_daemon
+    ws = RawWS(d.port, new_kernel(d.port))
+    reply, outputs = ws.run(REACH_THE_GUARD)
+    ws.close()
+    assert reply["status"] == "ok", reply
+    text = "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream")
+    assert "WORKED" not in text and text.count("refused") == 5, text
+    # ... and it is there, for the daemon.
+    assert any(name.endswith("-2") for name in os.listdir(os.path.join(d.run_dir, "kernels", guardmod.DIR)))
