@@ -23,7 +23,9 @@ The guard holds at most one read chunk per direction of a connection: while
 bytes read from one side wait to be written to the other, that side is not
 read (the kernel's zmq then queues in the kernel's own memory, up to its
 high-water mark, and waits), so the guard's memory is bounded by
-``CHUNK`` x 2 x connections.
+``CHUNK`` x 2 x connections. Shell, control and stdin connections are
+taken only once a reader's subscription to iopub has reached the kernel
+(``_Kernel.open_gate``), so no output of an early request is lost.
 
 Where it runs: in the spawner front's poll loop (``spawner.Front``), which
 polls this guard's epoll descriptor beside its zmq sockets. The front is
@@ -178,7 +180,7 @@ class _Pipe:
         self.outer = outer
         self.inner = inner
         self.counter = ZmtpCounter(kernel.guard.limit)
-        #: what the reader sends on iopub, followed until its subscription has gone through (``_Kernel.gate``)
+        #: what the reader sends on iopub, followed until its subscription has gone through (``_Kernel.open_gate``)
         self.subscribing = ZmtpCounter(1 << 62) if channel == "iopub" and not kernel.subscribed else None
         #: read from the kernel, for the reader
         self.up = b""
