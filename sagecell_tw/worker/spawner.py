@@ -184,7 +184,6 @@ class Front:
         #: ((public, secret), daemon's public key) on a worker host
         self.curve = curve
         self.relay = None
-        self.guard: Guard | None = None
         self.sock = sock
         self.server_pid = server_pid
         self.args = args
@@ -193,6 +192,8 @@ class Front:
         self.name = args.name or f"{socket.gethostname()}:{os.getpid()}"
         #: the daemon's file commands for kernels here (worker hosts; see files.worker)
         self.files = WorkerFiles(config.base_dir, os.geteuid(), config.disk_quota)
+        #: every kernel here is read through it (guard.py)
+        self.guard = Guard(config.base_dir, self._breach, config.daemon_gid)
 
     def run(self) -> int:
         import zmq
@@ -215,7 +216,6 @@ class Front:
                 poller.register(self.relay.zap, zmq.POLLIN)
         dealer.connect(self.args.control)
         self.dealer = dealer
-        self.guard = Guard(self.config.base_dir, self._breach, self.config.daemon_gid)
         self._hello()
         poller.register(dealer, zmq.POLLIN)
         poller.register(self.sock.fileno(), zmq.POLLIN)
