@@ -10,7 +10,13 @@ the throughput of output (PUB -> SUB) both ways:
 
     .venv/bin/python bench/bench_guard.py [--samples 3000]
 
-(bench_core.py gives the tiny execute round trip through a whole daemon.)
+With ``--against TREE`` (a checkout of other code, main's say), it instead
+starts a real daemon of each tree at once and measures the tiny execute
+round trip (``1+1`` to its reply) on both, samples interleaved, so that the
+load of the machine falls on both alike:
+
+    git archive main | tar -x -C /tmp/main
+    .venv/bin/python bench/bench_guard.py --against /tmp/main --samples 1000
 """
 
 from __future__ import annotations
@@ -27,7 +33,11 @@ import time
 
 import zmq
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from support import Client, Daemon, msg  # noqa: E402
 
 from sagecell_tw.worker.guard import Guard  # noqa: E402
 
@@ -83,10 +93,57 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
+def tiny_execute(c: Client) -> float:
+    req = c.send(msg("execute_request", {"code": "1+1", "silent": False}))
+    mid = req["header"]["msg_id"]
+    t0 = time.perf_counter()
+    rtt, idle = None, False
+    while rtt is None or not idle:
+        m = c.recv(30)
+        if m["parent_header"].get("msg_id") != mid:
+            continue
+        if m["msg_type"] == "execute_reply":
+            rtt = time.perf_counter() - t0
+        elif m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+            idle = True
+    return rtt
+
+
+def against(other: str, samples: int) -> None:
+    """The tiny execute round trip through a daemon of this tree and one of ``other``, interleaved."""
+    daemons = {}
+    try:
+        for name, root in (("this", os.path.abspath(ROOT)), ("other", os.path.abspath(other))):
+            d = Daemon(pool_size=2)
+            d.env["PYTHONPATH"] = root
+            daemons[name] = d.start()
+        clients = {name: Client(d, d.new_kernel()) for name, d in daemons.items()}
+        for c in clients.values():
+            for _ in range(20):
+                tiny_execute(c)
+        rtts: dict[str, list[float]] = {name: [] for name in clients}
+        for i in range(samples):
+            for name in sorted(clients, reverse=bool(i % 2)):
+                rtts[name].append(tiny_execute(clients[name]))
+        for name, v in rtts.items():
+            guarded = os.path.exists(os.path.join(daemons[name].run_dir, "kernels", ".guard"))
+            print(
+                f"{name:6} ({'guarded' if guarded else 'no guard'}) tiny execute round trip: "
+                f"median {statistics.median(v) * 1e3:.2f} ms, p99 {pct(v, 99) * 1e3:.2f} ms, n {len(v)}"
+            )
+    finally:
+        for d in daemons.values():
+            d.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=3000)
+    ap.add_argument("--against", default=None, help="a tree of other code: compare whole daemons")
     args = ap.parse_args()
+    if args.against:
+        against(args.against, args.samples)
+        return
     base = tempfile.mkdtemp(prefix="sagecell-bench-guard-")
     os.makedirs(f"{base}/k1/ipc")
     prefix, guarded = f"{base}/k1/ipc/k", f"{base}/.guard/k1"
