@@ -259,12 +259,15 @@ def test_the_spawner_front_serves_only_kernels_the_fork_server_announced(tmp_pat
 
     (tmp_path / KID / "work").mkdir(parents=True)
     (tmp_path / KID / "work" / "f").write_bytes(b"\x00\x01\x02")
-    front = Front(None, 0, argparse.Namespace(name="t"), types.SimpleNamespace(base_dir=str(tmp_path), disk_quota=0))
+    config = types.SimpleNamespace(base_dir=str(tmp_path), disk_quota=0, daemon_gid=None)
+    front = Front(None, 0, argparse.Namespace(name="t"), config)
     front.dealer = Dealer()
     ask = {"cmd": "files", "req": 1, "op": "list", "kernel": KID, "path": ["f"]}
     front._from_daemon([json.dumps(ask).encode()])
     assert json.loads(front.dealer.sent[-1][0])["status"] == 404  # not announced yet
-    front._relayed(json.dumps({"event": "ready", "kernel": {"id": KID}}).encode())
+    ready = {"id": KID, "connection": {"ip": str(tmp_path / KID / "ipc" / "k")}}
+    told = json.loads(front._relayed(json.dumps({"event": "ready", "kernel": ready}).encode()))
+    assert told["kernel"]["connection"]["ip"] == str(tmp_path / ".guard" / KID)  # the daemon reads it through its guard
     front._from_daemon([json.dumps(ask).encode()])
     tag = json.loads(front.dealer.sent[-1][0])["tag"]
     read = dict(ask, req=2, op="read", offset=1, length=5, tag=tag)
@@ -276,3 +279,4 @@ def test_the_spawner_front_serves_only_kernels_the_fork_server_announced(tmp_pat
     assert json.loads(front.dealer.sent[-1][0])["status"] == 404
     front._from_daemon([b"{}", b"x", b"y"])  # three frames: not ours to answer
     assert len(front.dealer.sent) == 4
+    front.guard.close_all()

@@ -226,6 +226,7 @@ class ControlChannel:
                 # The same process again (it answered several of our
                 # {"cmd": "hello"}): nothing was lost, just sync once more.
                 spawner.last_heard = now
+                self._bound(spawner)
                 spawner.send({"cmd": "sync", "keep": self.manager.adopt(spawner, lambda s: s is spawner)})
                 return
             if spawner is not None:
@@ -244,6 +245,7 @@ class ControlChannel:
                 pool=msg.get("pool_size"),
             )
             self._notify("joined", spawner)
+            self._bound(spawner)
             # Kernels in use whose spawner is gone become this one's; it ends
             # every other kernel it finds that is not its own.
             keep = self.manager.adopt(spawner, lambda s: s is spawner or s not in self.spawners.values())
@@ -266,6 +268,11 @@ class ControlChannel:
             spawner.answered(msg, data)
         elif event == "bye":
             self._lost(spawner, "it shut down")
+
+    def _bound(self, spawner: Spawner) -> None:
+        """Tell the spawner's guard (worker.guard) the largest message we take from a kernel."""
+        if self.manager.max_message is not None:
+            spawner.send({"cmd": "bound", "max_message": self.manager.max_message})
 
     def lost_process(self, pid: int, why: str) -> None:
         """The spawner process ``pid`` (ours) ended: no need to wait for its silence."""

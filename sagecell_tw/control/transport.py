@@ -19,8 +19,9 @@ which would leave that channel silently dead; a socket monitor (``_Watch``)
 notices a disconnection that no reconnection attempt follows and says so
 through ``on_broken``. The bound is per frame: libzmq (4.3) bounds neither
 how many frames one message has nor their total, and hands over a message
-only once all of it is in, so a kernel sending one message of many frames
-each under the bound is still held whole (300 frames of 1 MiB: +300 MB).
+only once all of it is in. Whole messages are bounded before they get here,
+by the guard on the kernel's host (worker.guard), which the daemon connects
+to instead of the kernel; this bound and its monitor are the second line.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ HWM = 10000
 #: holds the rest, in the kernel's memory); 16 rather than 64 took the peak of
 #: eight concurrent 15.6 MB /service prints from +75..96 to +43..62 MB, with
 #: no change in output throughput (bench/bench_abuse.py, bench_output.py).
-#: A kernel bypassing kernel.output can queue this many frames of up to
-#: ``max_message`` bytes (core.kernels.message_bound)
+#: A kernel bypassing kernel.output can queue this many messages of up to
+#: ``max_message`` bytes (core.kernels.message_bound; whole messages, see worker.guard)
 IOPUB_HWM = 16
 #: after a disconnection, how long to wait for libzmq's reconnection attempt
 #: (it follows within a millisecond when the peer merely went away) before

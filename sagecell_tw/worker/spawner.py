@@ -11,6 +11,8 @@ host's CurveZMQ secret key (as root: its file may be root's only), drop to
 the worker account, and open a DEALER socket that *connects* to
 the daemon's control ROUTER, so the spawner may as well run on another host.
 It relays JSON messages both ways; pool accounting lives in the fork server.
+Every kernel is read through its guard (guard.py), polled in the same loop:
+the daemon, or the relay on a worker host, connects to the guard's sockets.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .. import accounts
 from ..files.worker import WorkerFiles
 from ..kernel import sandbox
 from . import forkserver, keeper
+from .guard import Guard
 
 PROTOCOL = 1
 #: Without a word from the daemon for this long, an embedded spawner stops.
@@ -189,6 +192,8 @@ class Front:
         self.name = args.name or f"{socket.gethostname()}:{os.getpid()}"
         #: the daemon's file commands for kernels here (worker hosts; see files.worker)
         self.files = WorkerFiles(config.base_dir, os.geteuid(), config.disk_quota)
+        #: every kernel here is read through it (guard.py)
+        self.guard = Guard(config.base_dir, self._breach, config.daemon_gid)
 
     def run(self) -> int:
         import zmq
@@ -214,6 +219,7 @@ class Front:
         self._hello()
         poller.register(dealer, zmq.POLLIN)
         poller.register(self.sock.fileno(), zmq.POLLIN)
+        poller.register(self.guard.fileno(), zmq.POLLIN)
         heard = nudged = time.monotonic()
         code = 0
         while not self.stopping:
@@ -230,7 +236,11 @@ class Front:
                 if not data:
                     code = 1
                     break
-                self._send_raw(self._relayed(data))
+                relayed = self._relayed(data)
+                if relayed is not None:
+                    self._send_raw(relayed)
+            if self.guard.fileno() in events:
+                self.guard.service()
             if self.relay is not None:
                 for sock in events:
                     if sock is self.relay.zap:
@@ -249,6 +259,7 @@ class Front:
         self._to_daemon({"event": "bye", "name": self.name})
         if self.relay is not None:
             self.relay.close_all()
+        self.guard.close_all()
         dealer.close()
         ctx.term()
         return code
@@ -273,11 +284,13 @@ class Front:
             }
         )
 
-    def _relayed(self, data: bytes) -> bytes:
+    def _relayed(self, data: bytes) -> bytes | None:
         """
-        A fork server event, with ready kernels' addresses turned into the
-        relay's (on a worker host); the kernels it names are the only ones
-        whose files the daemon may ask for.
+        A fork server event for the daemon, with ready kernels' addresses
+        turned into their guard's (and then into the relay's, on a worker
+        host); the kernels it names are the only ones whose files the daemon
+        may ask for. None: nothing to tell (a kernel that cannot be guarded
+        is ended instead, and its death told).
         """
         import zmq
 
@@ -287,20 +300,36 @@ class Front:
             return data
         event = msg.get("event") if isinstance(msg, dict) else None
         if event == "ready" and isinstance(msg.get("kernel"), dict):
-            self.files.kernel_ready(msg["kernel"].get("id"))
-        elif event == "dead":
-            self.files.kernel_dead(str(msg.get("id")))
-        if self.relay is None:
-            return data
-        if event == "ready":
-            info, socks = self.relay.open(msg["kernel"])
-            for sock in socks:
-                self.poller.register(sock, zmq.POLLIN)
+            try:
+                info = self.guard.open(msg["kernel"])
+            except (OSError, KeyError, TypeError) as e:
+                self._end_kernel(str(msg["kernel"].get("id")), f"its sockets could not be guarded ({e})")
+                return None
+            self.files.kernel_ready(info.get("id"))
+            if self.relay is not None:
+                info, socks = self.relay.open(info)
+                for sock in socks:
+                    self.poller.register(sock, zmq.POLLIN)
             return json.dumps(dict(msg, kernel=info)).encode()
         if event == "dead":
-            for sock in self.relay.close(str(msg.get("id"))):
-                self.poller.unregister(sock)
+            kid = str(msg.get("id"))
+            self.files.kernel_dead(kid)
+            if self.relay is not None:
+                for sock in self.relay.close(kid):
+                    self.poller.unregister(sock)
+            self.guard.close(kid)
         return data
+
+    def _breach(self, kernel_id: str, reason: str) -> None:
+        """The guard cut a kernel off (guard.py): end it; its visitor is told ``reason``."""
+        self._end_kernel(kernel_id, reason)
+
+    def _end_kernel(self, kernel_id: str, reason: str) -> None:
+        sys.stderr.write(f"sagecell spawner: ending kernel {kernel_id}: {reason}\n")
+        try:
+            self.sock.send(json.dumps({"cmd": "kill", "id": kernel_id, "reason": reason}).encode())
+        except OSError:
+            pass
 
     def _on_term(self, _signo, _frame) -> None:
         self.stopping = True
@@ -336,6 +365,10 @@ class Front:
             self.stopping = True
         elif cmd == "hello":  # a daemon that does not know us (it restarted)
             self._hello()
+        elif cmd == "bound":  # the largest message the daemon takes from a kernel
+            limit = msg.get("max_message")
+            if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+                self.guard.limit = limit
         elif cmd == "files":
             reply, data = self.files.handle(msg, parts[1] if len(parts) == 2 else None)
             self._send_raw(json.dumps(reply).encode(), data)
