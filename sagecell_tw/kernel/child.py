@@ -21,8 +21,8 @@ import signal
 import sys
 import traceback
 
+from . import cgroup, sandbox
 from . import ipython as ipython_kernel
-from . import sandbox
 
 
 def run(template: dict, ready_fd: int, keep_fds: tuple[int, ...] = ()) -> None:
@@ -31,6 +31,7 @@ def run(template: dict, ready_fd: int, keep_fds: tuple[int, ...] = ()) -> None:
     try:
         spec = _own_identity(template, ready_fd)
         _prepare_process(ready_fd, keep_fds, spec["log"])
+        _memory_cgroup(spec)
         if not spec.get("userns"):
             _leave_to_the_manager(ready_fd)
         missing = _enter_sandbox(spec, ready_fd)
@@ -80,6 +81,26 @@ def _own_identity(template: dict, ready_fd: int) -> dict:
     spec = dict(template, id=kid, dir=kdir, workdir=work, private=private, key=key)
     spec.update(ipc_prefix=os.path.join(private, "k"), log=os.path.join(private, "kernel.log"))
     return spec
+
+
+def _memory_cgroup(spec: dict) -> None:
+    """
+    Into a memory cgroup of our own (kernel.cgroup), before the sandbox:
+    all this kernel forks is then inside its limit. Where the spawner has
+    none, its note says why; where ours cannot be made, our note says why.
+    """
+    memory = spec.get("memory") or {}
+    if not memory.get("cgroup"):
+        return
+    try:
+        cgroup.join(memory["cgroup"], spec["id"], memory["limit"])
+        if "address_space" in memory:  # what the master asks for once a cgroup holds real memory
+            spec["limits"] = dict(spec["limits"], address_space=memory["address_space"])
+    except OSError as e:
+        spec["notes"] = [
+            *spec.get("notes", []),
+            f"a memory cgroup of its own ({e.strerror}): real memory is held by the address-space limit only",
+        ]
 
 
 def _leave_to_the_manager(ready_fd: int) -> None:

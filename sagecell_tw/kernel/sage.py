@@ -85,7 +85,12 @@ def kernel_limits(limits):
     never touched: an ``RLIMIT_AS`` of 1 GiB kills its kernels at once.
     So the limit is this master's size plus the configured amount: a Sage
     kernel may map ``address_space`` bytes more than it was born with, as a
-    Python kernel may map about that much in all.
+    Python kernel may map about that much in all. Even so its own start
+    (threads' stacks and malloc arenas) maps ~300 MB of that: where a
+    memory cgroup holds the kernel (kernel.cgroup), which counts what it
+    uses, not what it maps, a Sage kernel has no address-space limit at all
+    (the zygote says so in the template; kernel.child applies it once the
+    kernel is in its cgroup).
     """
     import dataclasses
 

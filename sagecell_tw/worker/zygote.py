@@ -188,7 +188,11 @@ def serve(sock: socket.socket, template: dict) -> None:
     if kernel_name == sage_kernel.KERNEL_NAME:
         limits = sage_kernel.kernel_limits(sandbox.Limits(**template["limits"]))
         template["limits"] = limits.as_json()
-        template.setdefault("notes", []).append(sage_kernel.MEMORY_NOTE)
+        if (template.get("memory") or {}).get("cgroup"):
+            # Where its memory cgroup holds a kernel, no address-space limit: see kernel.sage.kernel_limits.
+            template["memory"]["address_space"] = 0
+        else:
+            template.setdefault("notes", []).append(sage_kernel.MEMORY_NOTE)
     # After preloading, whose trial child is waited for.
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     sock.send(json.dumps({"event": "up", "failed": failed}).encode())
