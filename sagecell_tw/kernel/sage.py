@@ -47,6 +47,18 @@ SINGLE_THREADED = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "GC_MARK
 #: every kernel.
 DOT_SAGE = "/tmp/.kernel/sage"
 
+#: GAP's memory (``-s``: what it maps at start; ``-o``: its hint of the most
+#: it may use), libgap's and each ``gap(...)`` program's. GAP's default
+#: maps 4 GB at once: in the master, where libgap starts, every kernel
+#: would inherit that mapping (and the security tests' memory scan read
+#: it all). Its saved workspace needs ~150 MB of this.
+GAP_MEMORY = "384m"
+
+#: the dir, beside the kernel dirs, where the master keeps GAP's saved
+#: workspaces (``gap_workspaces``); each kernel sees it read-only as
+#: DOT_SAGE/gap, where Sage looks for them (kernel_child's ``binds``)
+GAP_DIR = ".sage-gap"
+
 #: What Sage put in the environment as it was imported (where Maxima's
 #: images, ECL's libraries and PARI's data are), and the variables above:
 #: each kernel starts with a fresh environment (kernel_child), plus these.
@@ -115,6 +127,7 @@ def prepare() -> None:
     """
     os.environ.update(SINGLE_THREADED)
     os.environ["DOT_SAGE"] = DOT_SAGE
+    os.environ["SAGE_GAP_MEMORY"] = GAP_MEMORY
     from . import ipython as ipython_kernel
 
     before = dict(os.environ)
@@ -133,7 +146,7 @@ def prepare() -> None:
         if made:  # Sage made DOT_SAGE in the host's /tmp: each kernel has its own
             shutil.rmtree(made[0], ignore_errors=True)
     SAGE_ENVIRON.update({k: v for k, v in os.environ.items() if before.get(k) != v})
-    SAGE_ENVIRON.update(SINGLE_THREADED, DOT_SAGE=DOT_SAGE)
+    SAGE_ENVIRON.update(SINGLE_THREADED, DOT_SAGE=DOT_SAGE, SAGE_GAP_MEMORY=GAP_MEMORY)
     kernel, shell = kernel_classes()
     ipython_kernel.use_kernel_classes(kernel, shell, in_kernel)
     _contain_subprocesses()
@@ -240,6 +253,74 @@ def warm(shell) -> list[str]:
     return failed
 
 
+def start_gap(base_dir: str) -> list[str]:
+    """
+    In the master, after the warm-up: libgap started, from the workspace
+    saved in ``base_dir``'s GAP_DIR (made there the first time: ~1.5 s
+    instead of ~0.3 s), so a kernel's first ``libgap`` call costs nothing
+    and its pages are shared; and ``gap(...)``'s interface imported (Sage
+    imports it lazily), to start from the master's workspace in kernels.
+    Returns what failed.
+    """
+    try:
+        import sage.interfaces.gap  # noqa: F401
+
+        _gap_from_the_masters_workspace()
+        with _gap_workspaces_in(base_dir):
+            from sage.libs.gap.libgap import libgap
+
+            libgap(1)
+    except Exception as e:
+        return [f"libgap ({e!r})"]
+    return []
+
+
+def save_gap_workspace(base_dir: str) -> bytes:
+    """
+    In a child of the master (it starts a ``gap`` program, which the
+    master must not have): the workspace each kernel's ``gap(...)`` starts
+    from (``-L``, ~0.2 s instead of ~1.7 s), saved in ``base_dir``'s
+    GAP_DIR unless one there is up to date. b"ok" when there is one.
+    """
+    import sage.interfaces.gap as gap_interface
+    from sage.libs.gap.saved_workspace import timestamp
+
+    with _gap_workspaces_in(base_dir):
+        from sage.interfaces.gap_workspace import gap_workspace_file
+
+        path = gap_workspace_file()
+        if not os.path.exists(path) or os.path.getmtime(path) < timestamp():
+            gap_interface.WORKSPACE = path
+            gap = gap_interface.Gap(use_workspace_cache=False)
+            gap.save_workspace()
+            gap.quit()
+    return b"ok" if os.path.exists(path) else b""
+
+
+class _gap_workspaces_in:
+    """Sage's GAP workspaces (DOT_SAGE/gap) in ``base_dir``'s GAP_DIR while inside."""
+
+    def __init__(self, base_dir: str) -> None:
+        self.dot_sage = os.path.join(base_dir, GAP_DIR)
+
+    def __enter__(self) -> None:
+        import sage.interfaces.gap_workspace as workspace
+
+        os.makedirs(self.dot_sage, 0o755, exist_ok=True)
+        workspace.DOT_SAGE, self.saved = self.dot_sage, workspace.DOT_SAGE
+
+    def __exit__(self, *exc) -> None:
+        import sage.interfaces.gap_workspace as workspace
+
+        workspace.DOT_SAGE = self.saved
+
+
+def gap_binds(base_dir: str) -> list[tuple[str, str]]:
+    """(source, target): the master's GAP workspaces, read-only at the kernel's DOT_SAGE/gap."""
+    source = os.path.join(base_dir, GAP_DIR, "gap")
+    return [(source, os.path.join(DOT_SAGE, "gap"))] if os.path.isdir(source) else []
+
+
 def in_kernel() -> None:
     """
     In each kernel, in its working dir, before its app starts: what it must
@@ -259,7 +340,50 @@ def in_kernel() -> None:
         os.environ["DOT_SAGE"] = os.path.join(state, "sage")
         if env is not None:
             env.DOT_SAGE = os.environ["DOT_SAGE"]
+        _gap_workspace_in_dot_sage()
     os.makedirs(os.environ["DOT_SAGE"], mode=0o700, exist_ok=True)  # the pexpect interfaces log there
+
+
+def _gap_workspace_in_dot_sage() -> None:
+    """
+    Without a private /tmp (so without the master's workspaces at
+    DOT_SAGE/gap): ``gap(...)`` makes and uses its own in this kernel's
+    DOT_SAGE, on its disk quota.
+    """
+    gap_interface = sys.modules.get("sage.interfaces.gap")
+    workspace = sys.modules.get("sage.interfaces.gap_workspace")
+    if gap_interface is None or workspace is None:
+        return
+    workspace.DOT_SAGE = os.environ["DOT_SAGE"]
+    old, gap_interface.WORKSPACE = gap_interface.WORKSPACE, workspace.gap_workspace_file()
+    command = getattr(gap_interface.gap, "_Expect__command", None)
+    if isinstance(command, str):
+        gap_interface.gap._Expect__command = command.replace(old, gap_interface.WORKSPACE)
+
+
+def _gap_from_the_masters_workspace() -> None:
+    """
+    In the master, for its kernels: a kernel's ``gap(...)`` starts from the master's saved workspace
+    (read-only here: ``gap_binds``) as it is: no check of its age, no
+    touching it, no new one when a start fails (Sage's ``Gap._start``
+    does all three when it may write there).
+    """
+    import sage.interfaces.gap as gap_interface
+
+    Gap = gap_interface.Gap
+    start = Gap._start
+
+    def _start(self):
+        cached = self._Gap__use_workspace_cache
+        if cached and os.path.exists(gap_interface.WORKSPACE):
+            self._Gap__use_workspace_cache = False
+        try:
+            start(self)
+        finally:
+            self._Gap__use_workspace_cache = cached
+
+    _start._sagecell = True
+    Gap._start = _start
 
 
 def _interfaces_here() -> None:

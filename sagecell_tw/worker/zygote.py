@@ -37,11 +37,12 @@ from collections.abc import Callable
 FORK = b"F"
 
 
-def preload(modules: tuple[str, ...], kernel_name: str = "python3") -> list[str]:
+def preload(modules: tuple[str, ...], kernel_name: str = "python3", base_dir: str = "") -> list[str]:
     """
     Import ``modules`` and whatever kernel start-up will import; return failures.
-    For Sage kernels (``kernel_name`` "sagemath"), Sage first, and a warm-up
-    once the shell is made (``kernel.sage``).
+    For Sage kernels (``kernel_name`` "sagemath"), Sage first, then a warm-up
+    once the shell is made, GAP's saved workspaces (kept in ``base_dir``)
+    and libgap (``kernel.sage``).
 
     Memory: every page a kernel writes to after the fork becomes its own, so
     the master imports with the cyclic GC off (no freed holes for the
@@ -82,6 +83,10 @@ def preload(modules: tuple[str, ...], kernel_name: str = "python3") -> list[str]
             failed.append("the Sage shell (each kernel makes its own, slower)")
         else:
             failed += sage_kernel.warm(ipython_kernel.MASTER_SHELL)
+        if base_dir:
+            if output_of_child(lambda: sage_kernel.save_gap_workspace(base_dir), timeout=120) != b"ok":
+                failed.append("GAP's saved workspace (each gap(...) starts slower)")
+            failed += sage_kernel.start_gap(base_dir)
     gc.freeze()
     gc.enable()
     return failed
@@ -184,8 +189,9 @@ def serve(sock: socket.socket, template: dict) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     kernel_name = template.get("kernel_name", "python3")
-    failed = preload(tuple(template.pop("preload", ())), kernel_name)
+    failed = preload(tuple(template.pop("preload", ())), kernel_name, template.get("base_dir", ""))
     if kernel_name == sage_kernel.KERNEL_NAME:
+        template["binds"] = sage_kernel.gap_binds(template["base_dir"])
         limits = sage_kernel.kernel_limits(sandbox.Limits(**template["limits"]))
         template["limits"] = limits.as_json()
         if (template.get("memory") or {}).get("cgroup"):
