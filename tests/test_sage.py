@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import time
 
 import pytest
 from support import Client, Daemon, descendants, msg
+from test_cgroup import writable_memory_cgroup
 
 from sagecell_tw import config as configmod
 
@@ -26,6 +28,8 @@ EXEC_TIMEOUT = 8
 LONG_FACTOR = "factor(next_prime(2^200) * next_prime(2^210))"
 #: an integral Maxima works on for minutes
 LONG_INTEGRAL = "integrate(sin(x)^7 * exp(x^3) / (1 + log(x)^2), x)"
+#: a GAP loop of 10^10 turns
+LONG_GAP = "First([1..10^10], i -> i < 0)"
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +185,21 @@ def test_gp_magic_and_interface(daemon):
     assert plain(c, "%maxima integrate(x^3, x)") == "x^4/4"
 
 
+def test_gap_magic_interface_and_libgap_start_fast(daemon):
+    """From the master's saved workspace (gap) and the master's libgap: no GAP start-up in the cell."""
+    _, c = new(daemon)
+    started = time.monotonic()
+    assert plain(c, "gap('SymmetricGroup(5)').Size()") == "120"
+    first_gap = time.monotonic() - started
+    assert plain(c, "%gap Factors(1001)") == "[ 7, 11, 13 ]"
+    started = time.monotonic()
+    assert plain(c, "libgap.SymmetricGroup(6).Size()") == "720"
+    first_libgap = time.monotonic() - started
+    assert first_gap < 2 and first_libgap < 0.5, (first_gap, first_libgap)
+    reply, _ = c.execute("open('/tmp/.kernel/sage/gap/mine', 'w')")  # the master's, shared: read-only
+    assert reply["status"] == "error" and "Read-only file system" in reply["evalue"], reply
+
+
 # -- limits hold for Sage -------------------------------------------------------------
 
 
@@ -227,15 +246,73 @@ def test_time_limit_ends_a_long_integral(daemon):
 
 def test_memory_bomb_is_contained_and_normal_work_goes_on(daemon):
     _, c = new(daemon)
-    reply, _ = c.execute("bomb = bytearray(3 * 2^30)")
+    reply, _ = c.execute("bomb = [0] * 10^10")
     assert reply["status"] == "error" and reply["ename"] == "MemoryError", reply
+    reply, _ = c.execute("m = matrix(ZZ, 10^5, 10^5)")
+    assert reply["status"] == "error" and reply["ename"] in ("MemoryError", "RuntimeError"), reply
     reply, _ = c.execute("big = 2^(2^36)")
     assert reply["status"] == "error" and reply["ename"] in ("MemoryError", "OverflowError", "RuntimeError"), reply
     assert plain(c, "factor(2^64 - 1)") == "3 * 5 * 17 * 257 * 641 * 65537 * 6700417"
     reply, outputs = c.execute("plot(sin(x), (x, 0, pi))")
     assert reply["status"] == "ok" and "image/png" in result(outputs)
-    # No memory cgroup of their own here: the log says how they are held instead.
-    assert "run WITHOUT these protections" in daemon.log() and "a limit on real memory" in daemon.log()
+
+
+@pytest.mark.skipif(writable_memory_cgroup() is None, reason="needs root and a writable memory cgroup")
+def test_real_memory_over_the_limit_ends_the_kernel_with_a_clear_notice(daemon):
+    """
+    1.2 GB of real pages in two steps, each well under any single-allocation
+    check: the kernel's memory cgroup (1 GiB, the configured limit) ends it,
+    the session hears why, and goes on with a new kernel.
+    """
+    kid, c = new(daemon)
+    pid = daemon.kernel_pid(kid)
+    with open(f"/proc/{pid}/cgroup") as f:
+        assert re.search(r"memory:/.*/sagecell-[0-9a-f]+/[0-9a-f]{32}$", f.read(), re.M)  # its own
+    reply, outputs = c.execute("a = b'x' * int(6e8); b = b'y' * int(6e8)", timeout=60)
+    said = "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
+    assert reply["status"] == "dead", reply
+    assert "ran out of memory (its limit is 1024 MiB)" in said, said
+    assert plain(c, "factor(2^64 - 1)") == "3 * 5 * 17 * 257 * 641 * 65537 * 6700417"  # a new kernel
+    _, other = new(daemon)
+    assert plain(other, "integrate(x^2, x)") == "1/3*x^3"
+    assert "memory cgroup" not in daemon.log()  # no note of one missing
+
+
+def test_interrupt_stops_libgap_and_the_time_limit_stops_gap(daemon):
+    kid, c = new(daemon)
+    req = c.start_execute(f"libgap.eval('{LONG_GAP}')")
+    time.sleep(1.5)
+    started = time.monotonic()
+    status, _, _ = daemon.request("POST", f"/api/kernels/{kid}/interrupt")
+    assert status == 204
+    reply, _ = c.outcome(req, timeout=10)
+    assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt", reply
+    assert time.monotonic() - started < 3
+    started = time.monotonic()
+    reply, _ = c.execute(f"gap.eval('{LONG_GAP};')", timeout=EXEC_TIMEOUT + 15)
+    assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt", reply
+    assert EXEC_TIMEOUT - 1 < time.monotonic() - started < EXEC_TIMEOUT + 6
+    assert plain(c, "gap('1 + 1')") == "2" and plain(c, "libgap(2) + libgap(3)") == "5"
+    # The GAP that was quit ends within seconds: it would not stop computing on SIGINT.
+    pid = daemon.kernel_pid(kid)
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline and len(running(pid, "gap")) > 1:
+        time.sleep(0.1)
+    assert len(running(pid, "gap")) == 1
+
+
+def running(pid: int, name: str) -> list[int]:
+    """The processes under ``pid`` named ``name``, zombies left out."""
+    found = []
+    for p in descendants(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)
+        except OSError:
+            continue
+        if fields[0].endswith("(" + name) and fields[1].split()[0] != "Z":
+            found.append(p)
+    return found
 
 
 def test_pexpect_subprocesses_die_with_their_kernel(daemon):

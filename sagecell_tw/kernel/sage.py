@@ -100,15 +100,30 @@ def kernel_limits(limits):
     Python kernel may map about that much in all. Even so its own start
     (threads' stacks and malloc arenas) maps ~300 MB of that: where a
     memory cgroup holds the kernel (kernel.cgroup), which counts what it
-    uses, not what it maps, a Sage kernel has no address-space limit at all
-    (the zygote says so in the template; kernel.child applies it once the
-    kernel is in its cgroup).
+    uses, not what it maps, see ``cgroup_address_space``.
     """
     import dataclasses
 
     if not limits.address_space or limits.address_space <= 0:
         return limits
     return dataclasses.replace(limits, address_space=limits.address_space + mapped_bytes())
+
+
+#: where a memory cgroup holds real memory: the address space a Sage kernel may
+#: map beyond its master's, in memory limits
+CGROUP_ADDRESS_SPACE = 4
+
+
+def cgroup_address_space(memory_limit: int) -> int:
+    """
+    The address-space limit of a kernel of this master that a memory
+    cgroup of ``memory_limit`` bytes holds: this master's size plus
+    CGROUP_ADDRESS_SPACE times the limit. The cgroup bounds what it uses;
+    this only turns one allocation far beyond the limit (``2^(2^36)``, an
+    8 GB integer) into a MemoryError at once, where the cgroup would
+    end the kernel once its pages fill up.
+    """
+    return mapped_bytes() + CGROUP_ADDRESS_SPACE * memory_limit
 
 
 def mapped_bytes() -> int:
@@ -430,3 +445,28 @@ def _contain_subprocesses() -> None:
         return spawn(self, args, **kwargs)
 
     SageSpawn._spawnpty = _spawnpty
+    _end_quit_programs_sooner()
+
+
+#: seconds between the signals Sage sends a program it quit (CONT, INT, HUP, TERM, KILL)
+QUIT_INTERVAL = 0.25
+
+
+def _end_quit_programs_sooner() -> None:
+    """
+    A program Sage quits (``gap(...)`` after an interrupt: it quits and
+    restarts GAP) is ended in the background by a fork of the kernel that
+    signals its process group, 5 s between signals: a GAP busy in a loop
+    ignores SIGINT and burned the kernel's CPU for 10 s more. Here it is
+    QUIT_INTERVAL between signals.
+    """
+    try:
+        from sage.interfaces.sagespawn import SagePtyProcess
+    except ImportError:
+        return
+    terminate = SagePtyProcess.terminate_async
+
+    def terminate_async(self, interval=QUIT_INTERVAL):
+        return terminate(self, interval=min(interval, QUIT_INTERVAL))
+
+    SagePtyProcess.terminate_async = terminate_async

@@ -194,9 +194,10 @@ def serve(sock: socket.socket, template: dict) -> None:
         template["binds"] = sage_kernel.gap_binds(template["base_dir"])
         limits = sage_kernel.kernel_limits(sandbox.Limits(**template["limits"]))
         template["limits"] = limits.as_json()
-        if (template.get("memory") or {}).get("cgroup"):
-            # Where its memory cgroup holds a kernel, no address-space limit: see kernel.sage.kernel_limits.
-            template["memory"]["address_space"] = 0
+        memory = template.get("memory") or {}
+        if memory.get("cgroup"):
+            # Once its memory cgroup holds a kernel (kernel.child), the address-space limit is a loose one.
+            memory["address_space"] = sage_kernel.cgroup_address_space(memory["limit"])
         else:
             template.setdefault("notes", []).append(sage_kernel.MEMORY_NOTE)
     # After preloading, whose trial child is waited for.
