@@ -47,12 +47,12 @@ SINGLE_THREADED = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "GC_MARK
 #: every kernel.
 DOT_SAGE = "/tmp/.kernel/sage"
 
-#: GAP's memory (``-s``: what it maps at start; ``-o``: its hint of the most
-#: it may use), libgap's and each ``gap(...)`` program's. GAP's default
-#: maps 4 GB at once: in the master, where libgap starts, every kernel
-#: would inherit that mapping (and the security tests' memory scan read
-#: it all). Its saved workspace needs ~150 MB of this.
-GAP_MEMORY = "384m"
+#: GAP's memory (``-s``: what it maps at start; ``-o``: a hint, not a
+#: limit: GAP maps more as it needs it), libgap's and each ``gap(...)``
+#: program's. GAP's default maps 4 GB at once: in the master, where libgap
+#: starts, every kernel would inherit that mapping (and the security
+#: tests' memory scan read it all). Its saved workspace loads into ~150 MB.
+GAP_MEMORY = "160m"
 
 #: the dir, beside the kernel dirs, where the master keeps GAP's saved
 #: workspaces (``gap_workspaces``); each kernel sees it read-only as
