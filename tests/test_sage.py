@@ -186,7 +186,7 @@ def test_gp_magic_and_interface(daemon):
 
 
 def test_gap_magic_interface_and_libgap_start_fast(daemon):
-    """From the master's saved workspace (gap) and the master's libgap: no GAP start-up in the cell."""
+    """From the master's saved workspaces: GAP loads its state instead of building it (~1.5 s, or a failure)."""
     _, c = new(daemon)
     started = time.monotonic()
     assert plain(c, "gap('SymmetricGroup(5)').Size()") == "120"
@@ -195,7 +195,7 @@ def test_gap_magic_interface_and_libgap_start_fast(daemon):
     started = time.monotonic()
     assert plain(c, "libgap.SymmetricGroup(6).Size()") == "720"
     first_libgap = time.monotonic() - started
-    assert first_gap < 2 and first_libgap < 0.5, (first_gap, first_libgap)
+    assert first_gap < 2 and first_libgap < 2, (first_gap, first_libgap)
     reply, _ = c.execute("open('/tmp/.kernel/sage/gap/mine', 'w')")  # the master's, shared: read-only
     assert reply["status"] == "error" and "Read-only file system" in reply["evalue"], reply
 

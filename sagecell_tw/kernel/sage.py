@@ -49,9 +49,9 @@ DOT_SAGE = "/tmp/.kernel/sage"
 
 #: GAP's memory (``-s``: what it maps at start; ``-o``: a hint, not a
 #: limit: GAP maps more as it needs it), libgap's and each ``gap(...)``
-#: program's. GAP's default maps 4 GB at once: in the master, where libgap
-#: starts, every kernel would inherit that mapping (and the security
-#: tests' memory scan read it all). Its saved workspace loads into ~150 MB.
+#: program's. GAP's default maps 4 GB at once, which a kernel's
+#: address-space limit would not allow. Its saved workspace loads into
+#: ~150 MB.
 GAP_MEMORY = "160m"
 
 #: the dir, beside the kernel dirs, where the master keeps GAP's saved
@@ -268,37 +268,36 @@ def warm(shell) -> list[str]:
     return failed
 
 
-def start_gap(base_dir: str) -> list[str]:
+def prepare_gap() -> list[str]:
     """
-    In the master, after the warm-up: libgap started, from the workspace
-    saved in ``base_dir``'s GAP_DIR (made there the first time: ~1.5 s
-    instead of ~0.3 s), so a kernel's first ``libgap`` call costs nothing
-    and its pages are shared; and ``gap(...)``'s interface imported (Sage
-    imports it lazily), to start from the master's workspace in kernels.
-    Returns what failed.
+    In the master: GAP's two interfaces imported (Sage imports them
+    lazily), not started. ``gap(...)`` is set to start from the master's
+    saved workspace (``_gap_from_the_masters_workspace``); libgap starts
+    in the kernel that first uses it, from its saved workspace (~0.2 s).
+    Started here, libgap would add ~100 MB of GAP's heap to the master's
+    own pages, and every fork of the master copies the page tables of
+    those: forking a kernel took twice as long. Returns what failed.
     """
     try:
         import sage.interfaces.gap  # noqa: F401
+        import sage.libs.gap.libgap  # noqa: F401
 
         _gap_from_the_masters_workspace()
-        with _gap_workspaces_in(base_dir):
-            from sage.libs.gap.libgap import libgap
-
-            libgap(1)
     except Exception as e:
-        return [f"libgap ({e!r})"]
+        return [f"GAP's interfaces ({e!r})"]
     return []
 
 
-def save_gap_workspace(base_dir: str) -> bytes:
+def save_gap_workspaces(base_dir: str) -> bytes:
     """
-    In a child of the master (it starts a ``gap`` program, which the
-    master must not have): the workspace each kernel's ``gap(...)`` starts
-    from (``-L``, ~0.2 s instead of ~1.7 s), saved in ``base_dir``'s
-    GAP_DIR unless one there is up to date. b"ok" when there is one.
+    In a child of the master (it starts libgap and a ``gap`` program,
+    which the master must not have): the workspaces each kernel's libgap
+    and ``gap(...)`` start from (``-L``: ~0.2 s instead of ~1.5 s), saved
+    in ``base_dir``'s GAP_DIR unless those there are up to date. b"ok"
+    when both are there.
     """
     import sage.interfaces.gap as gap_interface
-    from sage.libs.gap.saved_workspace import timestamp
+    from sage.libs.gap.saved_workspace import timestamp, workspace
 
     with _gap_workspaces_in(base_dir):
         from sage.interfaces.gap_workspace import gap_workspace_file
@@ -309,7 +308,12 @@ def save_gap_workspace(base_dir: str) -> bytes:
             gap = gap_interface.Gap(use_workspace_cache=False)
             gap.save_workspace()
             gap.quit()
-    return b"ok" if os.path.exists(path) else b""
+        libgap_path, up_to_date = workspace()
+        if not up_to_date:
+            from sage.libs.gap.libgap import libgap
+
+            libgap(1)  # starts GAP, which then saves its workspace at libgap_path
+    return b"ok" if os.path.exists(path) and os.path.exists(libgap_path) else b""
 
 
 class _gap_workspaces_in:

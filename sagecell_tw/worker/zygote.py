@@ -41,8 +41,8 @@ def preload(modules: tuple[str, ...], kernel_name: str = "python3", base_dir: st
     """
     Import ``modules`` and whatever kernel start-up will import; return failures.
     For Sage kernels (``kernel_name`` "sagemath"), Sage first, then a warm-up
-    once the shell is made, GAP's saved workspaces (kept in ``base_dir``)
-    and libgap (``kernel.sage``).
+    once the shell is made, and GAP's saved workspaces (kept in ``base_dir``;
+    ``kernel.sage``).
 
     Memory: every page a kernel writes to after the fork becomes its own, so
     the master imports with the cyclic GC off (no freed holes for the
@@ -83,10 +83,9 @@ def preload(modules: tuple[str, ...], kernel_name: str = "python3", base_dir: st
             failed.append("the Sage shell (each kernel makes its own, slower)")
         else:
             failed += sage_kernel.warm(ipython_kernel.MASTER_SHELL)
-        if base_dir:
-            if output_of_child(lambda: sage_kernel.save_gap_workspace(base_dir), timeout=120) != b"ok":
-                failed.append("GAP's saved workspace (each gap(...) starts slower)")
-            failed += sage_kernel.start_gap(base_dir)
+        failed += sage_kernel.prepare_gap()
+        if base_dir and output_of_child(lambda: sage_kernel.save_gap_workspaces(base_dir), timeout=180) != b"ok":
+            failed.append("GAP's saved workspaces (libgap and gap(...) start slower, or not at all)")
     gc.freeze()
     gc.enable()
     return failed
