@@ -33,7 +33,6 @@ Plain functions on paths: no Twisted, no zmq.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 from dataclasses import dataclass
 
@@ -98,16 +97,18 @@ def _inside(mount: tuple[str, str], path: str) -> str:
     return os.path.normpath(os.path.join(point, "" if rel == "." else rel))
 
 
-def prepare(base_dir: str, uid: int | None, gid: int | None, **where) -> Parent:
+def prepare(uid: int | None, gid: int | None, **where) -> Parent:
     """
     As root (or an account a cgroup was delegated to), before the drop:
-    the parent cgroup of the kernels of ``base_dir``, inside our own, made
-    (or found again after a restart) and given to the worker account.
+    the parent cgroup of the kernels of the worker account ``uid``, inside
+    our own, made (or found again: after a restart, or made by another
+    daemon of the same account, whose kernels' cgroups sit beside ours,
+    each named by its kernel's random id) and given to that account. One
+    per account, kept: nothing left to remove once a daemon is gone.
     Raises Unavailable with the reason.
     """
     own, version = own_memory_cgroup(**where)
-    name = "sagecell-" + hashlib.sha256(os.path.abspath(base_dir).encode()).hexdigest()[:12]
-    path = os.path.join(own, name)
+    path = os.path.join(own, f"sagecell-{os.getuid() if uid is None else uid}")
     try:
         if version == 2:
             _enable_memory(own)

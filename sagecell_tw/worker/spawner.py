@@ -116,7 +116,7 @@ def memory_cgroup(config: forkserver.ForkConfig, account: accounts.Account | Non
     if not config.limits.address_space or config.limits.address_space <= 0:
         return
     try:
-        parent = cgroup.prepare(config.base_dir, account.uid if account else None, account.gid if account else None)
+        parent = cgroup.prepare(account.uid if account else None, account.gid if account else None)
     except (cgroup.Unavailable, OSError) as e:
         config.notes += (f"a memory cgroup per kernel ({e}): real memory is held by the address-space limit only",)
     else:
