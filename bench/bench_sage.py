@@ -176,6 +176,15 @@ def spawn_seconds(port: int) -> tuple[float, float]:
     return tuple(float(m.group(1)) if m else 0.0 for m in found)
 
 
+def passagemath_jupyter_dir() -> str:
+    """The share/jupyter of the prefix passagemath is installed in (its kernelspec), whatever Python runs this."""
+    import sage
+
+    site = os.path.dirname(os.path.abspath(sage.__path__[0]))  # .../lib/python3.X/site-packages
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(site))), "share", "jupyter")
+    return path if os.path.isdir(os.path.join(path, "kernels", "sagemath")) else ""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -191,6 +200,7 @@ def jupyter(args) -> None:
     port = free_port()
     root = tempfile.mkdtemp(prefix="sagecell-bench-jupyter-")
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + ":" + os.environ.get("PATH", ""), HOME=root)
+    env["JUPYTER_PATH"] = os.pathsep.join(filter(None, [passagemath_jupyter_dir(), env.get("JUPYTER_PATH", "")]))
     log = open(os.path.join(root, "server.log"), "wb")
     proc = subprocess.Popen(
         [
