@@ -315,18 +315,39 @@ def running(pid: int, name: str) -> list[int]:
     return found
 
 
-def test_pexpect_subprocesses_die_with_their_kernel(daemon):
+def test_pexpect_subprocesses_stay_in_the_kernels_limits_and_die_with_it(daemon):
     kid, c = new(daemon)
-    assert plain(c, "gp('1 + 1')") == "2"
+    for program in ("gp", "gap", "maxima", "singular"):
+        assert plain(c, f"{program}('1 + 1')") == "2"
     pid = daemon.kernel_pid(kid)
     under = [p for p in descendants(pid) if p != pid]
-    assert under, "gp runs as a process under the kernel"
+    names = {comm(p) for p in under}
+    assert {"gp", "gap", "Singular"} <= names and any(n.startswith("maxima") or n == "sbcl" for n in names), names
+    limits = {p: memory_cgroup_and_limit(p) for p in [pid, *under]}
+    assert len(set(limits.values())) == 1, limits  # one memory cgroup, one address-space limit: the kernel's
     status, _, _ = daemon.request("DELETE", f"/api/kernels/{kid}")
     assert status == 204
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in under):
         time.sleep(0.05)
     assert not [p for p in under if os.path.exists(f"/proc/{p}")]
+
+
+def comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def memory_cgroup_and_limit(pid: int) -> tuple[str, str]:
+    """Process ``pid``'s memory cgroup and its address-space rlimit."""
+    with open(f"/proc/{pid}/cgroup") as f:
+        group = next((line.split(":", 2)[2].strip() for line in f if ":memory:" in line), "")
+    with open(f"/proc/{pid}/limits") as f:
+        limit = next((line.split()[4] for line in f if line.startswith("Max address space")), "")
+    return group, limit
 
 
 def test_the_sage_master_has_no_thread_to_lose_at_fork(daemon):
