@@ -382,10 +382,10 @@ def _gap_workspace_in_dot_sage() -> None:
 
 def _gap_from_the_masters_workspace() -> None:
     """
-    In the master, for its kernels: a kernel's ``gap(...)`` starts from the master's saved workspace
-    (read-only here: ``gap_binds``) as it is: no check of its age, no
-    touching it, no new one when a start fails (Sage's ``Gap._start``
-    does all three when it may write there).
+    In the master, for its kernels: a kernel's ``gap(...)`` starts from
+    the master's saved workspace (read-only there: ``gap_binds``) as it
+    is: no check of its age, no touching it, no new one when a start
+    fails (Sage's ``Gap._start`` does all three where it may write).
     """
     import sage.interfaces.gap as gap_interface
 
@@ -401,7 +401,6 @@ def _gap_from_the_masters_workspace() -> None:
         finally:
             self._Gap__use_workspace_cache = cached
 
-    _start._sagecell = True
     Gap._start = _start
 
 
