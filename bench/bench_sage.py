@@ -15,6 +15,10 @@ Everything on 127.0.0.1. Needs passagemath (and jupyter_server for the
 comparison: without it, only this daemon is measured).
 
     .venv/bin/python bench/bench_sage.py [--samples 20] [--jupyter-samples 5] [--burst 20] [--many 50]
+        [--pool 4] [--no-jupyter | --no-ours]
+
+Jupyter Server is looked for beside this Python (``jupyter-server``); the
+daemon measured is this worktree's.
 """
 
 from __future__ import annotations
@@ -125,10 +129,21 @@ def ours(args) -> None:
                 times.append(first_result(d.port, code))
             print(row(f"new session to first {name}", times))
         wait_sage_pool(d.port, args.pool)
+        time.sleep(1)
+        before = spawn_seconds(d.port)
         times, kids, errors = burst(d.port, args.burst, timeout=300, name="sagemath", code=CELLS["factor"])
         print(row(f"burst of {args.burst}: each to its factor", times) + f"  answered {len(times)}/{args.burst}")
         for e in errors[:3]:
             print(f"    error: {e}")
+        wait_sage_pool(d.port, args.pool)
+        after = spawn_seconds(d.port)
+        forks = after[1] - before[1]
+        if forks:
+            print(
+                f"    where it goes: {forks:.0f} kernels forked during and after it (the pool refilled), "
+                f"fork to ready {1e3 * (after[0] - before[0]) / forks:.0f} ms each on average, "
+                f"at most {os.cpu_count()} at once (one per core)"
+            )
         for kid in kids:
             http(d.port, "DELETE", f"/api/kernels/{kid}")
         wait_sage_pool(d.port, args.pool)
@@ -151,6 +166,25 @@ def ours(args) -> None:
         d.stop()
 
 
+def spawn_seconds(port: int) -> tuple[float, float]:
+    """(sum, count) of the daemon's fork-to-ready histogram (its /metrics)."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    found = [re.search(rf"^sagecell_spawn_seconds_{k}(?:{{[^}}]*}})? (\S+)$", text, re.M) for k in ("sum", "count")]
+    return tuple(float(m.group(1)) if m else 0.0 for m in found)
+
+
+def passagemath_jupyter_dir() -> str:
+    """The share/jupyter of the prefix passagemath is installed in (its kernelspec), whatever Python runs this."""
+    import sage
+
+    site = os.path.dirname(os.path.abspath(sage.__path__[0]))  # .../lib/python3.X/site-packages
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(site))), "share", "jupyter")
+    return path if os.path.isdir(os.path.join(path, "kernels", "sagemath")) else ""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -166,6 +200,7 @@ def jupyter(args) -> None:
     port = free_port()
     root = tempfile.mkdtemp(prefix="sagecell-bench-jupyter-")
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + ":" + os.environ.get("PATH", ""), HOME=root)
+    env["JUPYTER_PATH"] = os.pathsep.join(filter(None, [passagemath_jupyter_dir(), env.get("JUPYTER_PATH", "")]))
     log = open(os.path.join(root, "server.log"), "wb")
     proc = subprocess.Popen(
         [
@@ -233,8 +268,10 @@ def main() -> None:
     p.add_argument("--many", type=int, default=50)
     p.add_argument("--pool", type=int, default=4)
     p.add_argument("--no-jupyter", action="store_true")
+    p.add_argument("--no-ours", action="store_true", help="Jupyter Server only")
     args = p.parse_args()
-    ours(args)
+    if not args.no_ours:
+        ours(args)
     if not args.no_jupyter:
         jupyter(args)
 

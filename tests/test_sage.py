@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import time
 
 import pytest
 from support import Client, Daemon, descendants, msg
+from test_cgroup import writable_memory_cgroup
 
 from sagecell_tw import config as configmod
 
@@ -26,6 +28,8 @@ EXEC_TIMEOUT = 8
 LONG_FACTOR = "factor(next_prime(2^200) * next_prime(2^210))"
 #: an integral Maxima works on for minutes
 LONG_INTEGRAL = "integrate(sin(x)^7 * exp(x^3) / (1 + log(x)^2), x)"
+#: a GAP loop of 10^10 turns
+LONG_GAP = "First([1..10^10], i -> i < 0)"
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +185,21 @@ def test_gp_magic_and_interface(daemon):
     assert plain(c, "%maxima integrate(x^3, x)") == "x^4/4"
 
 
+def test_gap_magic_interface_and_libgap_start_fast(daemon):
+    """From the master's saved workspaces: GAP loads its state instead of building it (~1.5 s, or a failure)."""
+    _, c = new(daemon)
+    started = time.monotonic()
+    assert plain(c, "gap('SymmetricGroup(5)').Size()") == "120"
+    first_gap = time.monotonic() - started
+    assert plain(c, "%gap Factors(1001)") == "[ 7, 11, 13 ]"
+    started = time.monotonic()
+    assert plain(c, "libgap.SymmetricGroup(6).Size()") == "720"
+    first_libgap = time.monotonic() - started
+    assert first_gap < 2 and first_libgap < 2, (first_gap, first_libgap)
+    reply, _ = c.execute("open('/tmp/.kernel/sage/gap/mine', 'w')")  # the master's, shared: read-only
+    assert reply["status"] == "error" and "Read-only file system" in reply["evalue"], reply
+
+
 # -- limits hold for Sage -------------------------------------------------------------
 
 
@@ -227,29 +246,108 @@ def test_time_limit_ends_a_long_integral(daemon):
 
 def test_memory_bomb_is_contained_and_normal_work_goes_on(daemon):
     _, c = new(daemon)
-    reply, _ = c.execute("bomb = bytearray(3 * 2^30)")
+    reply, _ = c.execute("bomb = [0] * 10^10")
     assert reply["status"] == "error" and reply["ename"] == "MemoryError", reply
+    reply, _ = c.execute("m = matrix(ZZ, 10^5, 10^5)")
+    assert reply["status"] == "error" and reply["ename"] in ("MemoryError", "RuntimeError"), reply
     reply, _ = c.execute("big = 2^(2^36)")
     assert reply["status"] == "error" and reply["ename"] in ("MemoryError", "OverflowError", "RuntimeError"), reply
     assert plain(c, "factor(2^64 - 1)") == "3 * 5 * 17 * 257 * 641 * 65537 * 6700417"
     reply, outputs = c.execute("plot(sin(x), (x, 0, pi))")
     assert reply["status"] == "ok" and "image/png" in result(outputs)
-    # No memory cgroup of their own here: the log says how they are held instead.
-    assert "run WITHOUT these protections" in daemon.log() and "a limit on real memory" in daemon.log()
 
 
-def test_pexpect_subprocesses_die_with_their_kernel(daemon):
+@pytest.mark.skipif(writable_memory_cgroup() is None, reason="needs root and a writable memory cgroup")
+def test_real_memory_over_the_limit_ends_the_kernel_with_a_clear_notice(daemon):
+    """
+    1.2 GB of real pages in two steps, each well under any single-allocation
+    check: the kernel's memory cgroup (1 GiB, the configured limit) ends it,
+    the session hears why, and goes on with a new kernel.
+    """
     kid, c = new(daemon)
-    assert plain(c, "gp('1 + 1')") == "2"
+    pid = daemon.kernel_pid(kid)
+    with open(f"/proc/{pid}/cgroup") as f:
+        assert re.search(r"memory:/.*/sagecell-\d+/[0-9a-f]{32}$", f.read(), re.M)  # its own
+    reply, outputs = c.execute("a = b'x' * int(6e8); b = b'y' * int(6e8)", timeout=60)
+    said = "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
+    assert reply["status"] == "dead", reply
+    assert "ran out of memory (its limit is 1024 MiB)" in said, said
+    assert plain(c, "factor(2^64 - 1)") == "3 * 5 * 17 * 257 * 641 * 65537 * 6700417"  # a new kernel
+    _, other = new(daemon)
+    assert plain(other, "integrate(x^2, x)") == "1/3*x^3"
+    assert "memory cgroup" not in daemon.log()  # no note of one missing
+
+
+def test_interrupt_stops_libgap_and_the_time_limit_stops_gap(daemon):
+    kid, c = new(daemon)
+    req = c.start_execute(f"libgap.eval('{LONG_GAP}')")
+    time.sleep(1.5)
+    started = time.monotonic()
+    status, _, _ = daemon.request("POST", f"/api/kernels/{kid}/interrupt")
+    assert status == 204
+    reply, _ = c.outcome(req, timeout=10)
+    assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt", reply
+    assert time.monotonic() - started < 3
+    started = time.monotonic()
+    reply, _ = c.execute(f"gap.eval('{LONG_GAP};')", timeout=EXEC_TIMEOUT + 15)
+    assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt", reply
+    assert EXEC_TIMEOUT - 1 < time.monotonic() - started < EXEC_TIMEOUT + 6
+    # The GAP that was quit ends at once, not after Sage's 5 s between signals.
+    pid = daemon.kernel_pid(kid)
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and running(pid, "gap"):
+        time.sleep(0.1)
+    assert not running(pid, "gap")
+    assert plain(c, "gap('1 + 1')") == "2" and plain(c, "libgap(2) + libgap(3)") == "5"
+
+
+def running(pid: int, name: str) -> list[int]:
+    """The processes under ``pid`` named ``name``, zombies left out."""
+    found = []
+    for p in descendants(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)
+        except OSError:
+            continue
+        if fields[0].endswith("(" + name) and fields[1].split()[0] != "Z":
+            found.append(p)
+    return found
+
+
+def test_pexpect_subprocesses_stay_in_the_kernels_limits_and_die_with_it(daemon):
+    kid, c = new(daemon)
+    for program in ("gp", "gap", "maxima", "singular"):
+        assert plain(c, f"{program}('1 + 1')") == "2"
     pid = daemon.kernel_pid(kid)
     under = [p for p in descendants(pid) if p != pid]
-    assert under, "gp runs as a process under the kernel"
+    names = {comm(p) for p in under}
+    assert {"gp", "gap", "Singular"} <= names and any(n.startswith("maxima") or n == "sbcl" for n in names), names
+    limits = {p: memory_cgroup_and_limit(p) for p in [pid, *under]}
+    assert len(set(limits.values())) == 1, limits  # one memory cgroup, one address-space limit: the kernel's
     status, _, _ = daemon.request("DELETE", f"/api/kernels/{kid}")
     assert status == 204
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in under):
         time.sleep(0.05)
     assert not [p for p in under if os.path.exists(f"/proc/{p}")]
+
+
+def comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def memory_cgroup_and_limit(pid: int) -> tuple[str, str]:
+    """Process ``pid``'s memory cgroup and its address-space rlimit."""
+    with open(f"/proc/{pid}/cgroup") as f:
+        group = next((line.split(":", 2)[2].strip() for line in f if ":memory:" in line), "")
+    with open(f"/proc/{pid}/limits") as f:
+        limit = next((line.split()[4] for line in f if line.startswith("Max address space")), "")
+    return group, limit
 
 
 def test_the_sage_master_has_no_thread_to_lose_at_fork(daemon):

@@ -21,8 +21,8 @@ import signal
 import sys
 import traceback
 
+from . import cgroup, sandbox
 from . import ipython as ipython_kernel
-from . import sandbox
 
 
 def run(template: dict, ready_fd: int, keep_fds: tuple[int, ...] = ()) -> None:
@@ -31,6 +31,7 @@ def run(template: dict, ready_fd: int, keep_fds: tuple[int, ...] = ()) -> None:
     try:
         spec = _own_identity(template, ready_fd)
         _prepare_process(ready_fd, keep_fds, spec["log"])
+        _memory_cgroup(spec)
         if not spec.get("userns"):
             _leave_to_the_manager(ready_fd)
         missing = _enter_sandbox(spec, ready_fd)
@@ -80,6 +81,26 @@ def _own_identity(template: dict, ready_fd: int) -> dict:
     spec = dict(template, id=kid, dir=kdir, workdir=work, private=private, key=key)
     spec.update(ipc_prefix=os.path.join(private, "k"), log=os.path.join(private, "kernel.log"))
     return spec
+
+
+def _memory_cgroup(spec: dict) -> None:
+    """
+    Into a memory cgroup of our own (kernel.cgroup), before the sandbox:
+    all this kernel forks is then inside its limit. Where the spawner has
+    none, its note says why; where ours cannot be made, our note says why.
+    """
+    memory = spec.get("memory") or {}
+    if not memory.get("cgroup"):
+        return
+    try:
+        cgroup.join(memory["cgroup"], spec["id"], memory["limit"])
+        if "address_space" in memory:  # what the master asks for once a cgroup holds real memory
+            spec["limits"] = dict(spec["limits"], address_space=memory["address_space"])
+    except OSError as e:
+        spec["notes"] = [
+            *spec.get("notes", []),
+            f"a memory cgroup of its own ({e.strerror}): real memory is held by the address-space limit only",
+        ]
 
 
 def _leave_to_the_manager(ready_fd: int) -> None:
@@ -345,6 +366,8 @@ def _private_filesystem(spec: dict) -> list[str]:
         sandbox.mount("none", "/", None, sandbox.MS_REC | sandbox.MS_PRIVATE)
         inherited = sandbox.mount_points()
         keep = os.open(kdir, os.O_PATH | os.O_DIRECTORY)
+        shared = [(src, dst) for src, dst in spec.get("binds", ()) if os.path.isdir(src)]
+        binds = [(os.open(src, os.O_PATH | os.O_DIRECTORY), dst) for src, dst in shared]
         _private_dev(spec)
         hidden: list[str] = []
         for path in _hidden_dirs(spec):
@@ -360,6 +383,7 @@ def _private_filesystem(spec: dict) -> list[str]:
             size = SCRATCH_SIZE if path in scratch else "1m"
             sandbox.mount("tmpfs", path, "tmpfs", sandbox.MS_NOSUID | sandbox.MS_NODEV, f"size={size},mode=1777")
         spec["private_tmp"] = scratch <= set(hidden)
+        _bind_read_only(spec, binds, scratch)
         for kind, path, what in python:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             if kind == "symlink":
@@ -399,6 +423,25 @@ def _private_filesystem(spec: dict) -> list[str]:
     except OSError as e:
         missing.append(f"a read-only view of the system's files ({e.strerror})")
     return missing + _proc() + _sys(spec)
+
+
+def _bind_read_only(spec: dict, binds: list[tuple[int, str]], scratch: set[str]) -> None:
+    """
+    What the master shares with every kernel (a Sage master's saved GAP
+    workspaces: kernel.sage.gap_binds), each dir (open as an O_PATH fd)
+    bound read-only at its place in our fresh scratch tmpfs: read by all,
+    written by none, and no part of any kernel's tmpfs size.
+    """
+    for fd, target in binds:
+        try:
+            if any(target.startswith(p + "/") for p in scratch):
+                os.makedirs(target, 0o700, exist_ok=True)
+                sandbox.mount(f"/proc/self/fd/{fd}", target, None, sandbox.MS_BIND | sandbox.MS_REC)
+                sandbox.remount_read_only(target)
+        except OSError as e:
+            spec.setdefault("notes", []).append(f"{target}, shared read-only ({e.strerror})")
+        finally:
+            os.close(fd)
 
 
 def _private_dev(spec: dict) -> None:

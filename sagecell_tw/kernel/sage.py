@@ -47,6 +47,18 @@ SINGLE_THREADED = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "GC_MARK
 #: every kernel.
 DOT_SAGE = "/tmp/.kernel/sage"
 
+#: GAP's memory (``-s``: what it maps at start; ``-o``: a hint, not a
+#: limit: GAP maps more as it needs it), libgap's and each ``gap(...)``
+#: program's. GAP's default maps 4 GB at once, which a kernel's
+#: address-space limit would not allow. Its saved workspace loads into
+#: ~150 MB.
+GAP_MEMORY = "160m"
+
+#: the dir, beside the kernel dirs, where the master keeps GAP's saved
+#: workspaces (``gap_workspaces``); each kernel sees it read-only as
+#: DOT_SAGE/gap, where Sage looks for them (kernel_child's ``binds``)
+GAP_DIR = ".sage-gap"
+
 #: What Sage put in the environment as it was imported (where Maxima's
 #: images, ECL's libraries and PARI's data are), and the variables above:
 #: each kernel starts with a fresh environment (kernel_child), plus these.
@@ -85,13 +97,33 @@ def kernel_limits(limits):
     never touched: an ``RLIMIT_AS`` of 1 GiB kills its kernels at once.
     So the limit is this master's size plus the configured amount: a Sage
     kernel may map ``address_space`` bytes more than it was born with, as a
-    Python kernel may map about that much in all.
+    Python kernel may map about that much in all. Even so its own start
+    (threads' stacks and malloc arenas) maps ~300 MB of that: where a
+    memory cgroup holds the kernel (kernel.cgroup), which counts what it
+    uses, not what it maps, see ``cgroup_address_space``.
     """
     import dataclasses
 
     if not limits.address_space or limits.address_space <= 0:
         return limits
     return dataclasses.replace(limits, address_space=limits.address_space + mapped_bytes())
+
+
+#: where a memory cgroup holds real memory: the address space a Sage kernel may
+#: map beyond its master's, in memory limits
+CGROUP_ADDRESS_SPACE = 4
+
+
+def cgroup_address_space(memory_limit: int) -> int:
+    """
+    The address-space limit of a kernel of this master that a memory
+    cgroup of ``memory_limit`` bytes holds: this master's size plus
+    CGROUP_ADDRESS_SPACE times the limit. The cgroup bounds what it uses;
+    this only turns one allocation far beyond the limit (``2^(2^36)``, an
+    8 GB integer) into a MemoryError at once, where the cgroup would
+    end the kernel once its pages fill up.
+    """
+    return mapped_bytes() + CGROUP_ADDRESS_SPACE * memory_limit
 
 
 def mapped_bytes() -> int:
@@ -110,6 +142,7 @@ def prepare() -> None:
     """
     os.environ.update(SINGLE_THREADED)
     os.environ["DOT_SAGE"] = DOT_SAGE
+    os.environ["SAGE_GAP_MEMORY"] = GAP_MEMORY
     from . import ipython as ipython_kernel
 
     before = dict(os.environ)
@@ -128,7 +161,7 @@ def prepare() -> None:
         if made:  # Sage made DOT_SAGE in the host's /tmp: each kernel has its own
             shutil.rmtree(made[0], ignore_errors=True)
     SAGE_ENVIRON.update({k: v for k, v in os.environ.items() if before.get(k) != v})
-    SAGE_ENVIRON.update(SINGLE_THREADED, DOT_SAGE=DOT_SAGE)
+    SAGE_ENVIRON.update(SINGLE_THREADED, DOT_SAGE=DOT_SAGE, SAGE_GAP_MEMORY=GAP_MEMORY)
     kernel, shell = kernel_classes()
     ipython_kernel.use_kernel_classes(kernel, shell, in_kernel)
     _contain_subprocesses()
@@ -235,6 +268,78 @@ def warm(shell) -> list[str]:
     return failed
 
 
+def prepare_gap() -> list[str]:
+    """
+    In the master: GAP's two interfaces imported (Sage imports them
+    lazily), not started. ``gap(...)`` is set to start from the master's
+    saved workspace (``_gap_from_the_masters_workspace``); libgap starts
+    in the kernel that first uses it, from its saved workspace (~0.2 s).
+    Started here, libgap would add ~100 MB of GAP's heap to the master's
+    own pages, and every fork of the master copies the page tables of
+    those: forking a kernel took twice as long. Returns what failed.
+    """
+    try:
+        import sage.interfaces.gap  # noqa: F401
+        import sage.libs.gap.libgap  # noqa: F401
+
+        _gap_from_the_masters_workspace()
+    except Exception as e:
+        return [f"GAP's interfaces ({e!r})"]
+    return []
+
+
+def save_gap_workspaces(base_dir: str) -> bytes:
+    """
+    In a child of the master (it starts libgap and a ``gap`` program,
+    which the master must not have): the workspaces each kernel's libgap
+    and ``gap(...)`` start from (``-L``: ~0.2 s instead of ~1.5 s), saved
+    in ``base_dir``'s GAP_DIR unless those there are up to date. b"ok"
+    when both are there.
+    """
+    import sage.interfaces.gap as gap_interface
+    from sage.libs.gap.saved_workspace import timestamp, workspace
+
+    with _gap_workspaces_in(base_dir):
+        from sage.interfaces.gap_workspace import gap_workspace_file
+
+        path = gap_workspace_file()
+        if not os.path.exists(path) or os.path.getmtime(path) < timestamp():
+            gap_interface.WORKSPACE = path
+            gap = gap_interface.Gap(use_workspace_cache=False)
+            gap.save_workspace()
+            gap.quit()
+        libgap_path, up_to_date = workspace()
+        if not up_to_date:
+            from sage.libs.gap.libgap import libgap
+
+            libgap(1)  # starts GAP, which then saves its workspace at libgap_path
+    return b"ok" if os.path.exists(path) and os.path.exists(libgap_path) else b""
+
+
+class _gap_workspaces_in:
+    """Sage's GAP workspaces (DOT_SAGE/gap) in ``base_dir``'s GAP_DIR while inside."""
+
+    def __init__(self, base_dir: str) -> None:
+        self.dot_sage = os.path.join(base_dir, GAP_DIR)
+
+    def __enter__(self) -> None:
+        import sage.interfaces.gap_workspace as workspace
+
+        os.makedirs(self.dot_sage, 0o755, exist_ok=True)
+        workspace.DOT_SAGE, self.saved = self.dot_sage, workspace.DOT_SAGE
+
+    def __exit__(self, *exc) -> None:
+        import sage.interfaces.gap_workspace as workspace
+
+        workspace.DOT_SAGE = self.saved
+
+
+def gap_binds(base_dir: str) -> list[tuple[str, str]]:
+    """(source, target): the master's GAP workspaces, read-only at the kernel's DOT_SAGE/gap."""
+    source = os.path.join(base_dir, GAP_DIR, "gap")
+    return [(source, os.path.join(DOT_SAGE, "gap"))] if os.path.isdir(source) else []
+
+
 def in_kernel() -> None:
     """
     In each kernel, in its working dir, before its app starts: what it must
@@ -254,6 +359,7 @@ def in_kernel() -> None:
         os.environ["DOT_SAGE"] = os.path.join(state, "sage")
         if env is not None:
             env.DOT_SAGE = os.environ["DOT_SAGE"]
+        _gap_workspace_in_dot_sage()
     os.makedirs(os.environ["DOT_SAGE"], mode=0o700, exist_ok=True)  # the pexpect interfaces log there
     _own_temp_dir(state)
 
@@ -277,6 +383,47 @@ def _own_temp_dir(state: str) -> None:
     MASTER_TEMP.append(temporary_file.TMP_DIR_FILENAME_BASE)
     where = state if os.path.isdir(state) else None
     temporary_file.TMP_DIR_FILENAME_BASE = tempfile.TemporaryDirectory(prefix="sage_", dir=where)
+
+
+def _gap_workspace_in_dot_sage() -> None:
+    """
+    Without a private /tmp (so without the master's workspaces at
+    DOT_SAGE/gap): ``gap(...)`` makes and uses its own in this kernel's
+    DOT_SAGE, on its disk quota.
+    """
+    gap_interface = sys.modules.get("sage.interfaces.gap")
+    workspace = sys.modules.get("sage.interfaces.gap_workspace")
+    if gap_interface is None or workspace is None:
+        return
+    workspace.DOT_SAGE = os.environ["DOT_SAGE"]
+    old, gap_interface.WORKSPACE = gap_interface.WORKSPACE, workspace.gap_workspace_file()
+    command = getattr(gap_interface.gap, "_Expect__command", None)
+    if isinstance(command, str):
+        gap_interface.gap._Expect__command = command.replace(old, gap_interface.WORKSPACE)
+
+
+def _gap_from_the_masters_workspace() -> None:
+    """
+    In the master, for its kernels: a kernel's ``gap(...)`` starts from
+    the master's saved workspace (read-only there: ``gap_binds``) as it
+    is: no check of its age, no touching it, no new one when a start
+    fails (Sage's ``Gap._start`` does all three where it may write).
+    """
+    import sage.interfaces.gap as gap_interface
+
+    Gap = gap_interface.Gap
+    start = Gap._start
+
+    def _start(self):
+        cached = self._Gap__use_workspace_cache
+        if cached and os.path.exists(gap_interface.WORKSPACE):
+            self._Gap__use_workspace_cache = False
+        try:
+            start(self)
+        finally:
+            self._Gap__use_workspace_cache = cached
+
+    Gap._start = _start
 
 
 def _interfaces_here() -> None:
@@ -323,3 +470,28 @@ def _contain_subprocesses() -> None:
         return spawn(self, args, **kwargs)
 
     SageSpawn._spawnpty = _spawnpty
+    _end_quit_programs_sooner()
+
+
+#: seconds between the signals Sage sends a program it quit (CONT, INT, HUP, TERM, KILL)
+QUIT_INTERVAL = 0.25
+
+
+def _end_quit_programs_sooner() -> None:
+    """
+    A program Sage quits (``gap(...)`` after an interrupt: it quits and
+    restarts GAP) is ended in the background by a fork of the kernel that
+    signals its process group, 5 s between signals: a GAP busy in a loop
+    ignores SIGINT and burned the kernel's CPU for 10 s more. Here it is
+    QUIT_INTERVAL between signals.
+    """
+    try:
+        from sage.interfaces.sagespawn import SagePtyProcess
+    except ImportError:
+        return
+    terminate = SagePtyProcess.terminate_async
+
+    def terminate_async(self, interval=QUIT_INTERVAL):
+        return terminate(self, interval=min(interval, QUIT_INTERVAL))
+
+    SagePtyProcess.terminate_async = terminate_async

@@ -47,9 +47,9 @@ from dataclasses import dataclass, field
 from .. import SOURCE_ROOT
 from ..files.quota import DiskQuota
 from ..files.store import UPLOAD_TEMP, disk_use
+from ..kernel import cgroup, sandbox
 from ..kernel import ipython as ipython_kernel
 from ..kernel import sage as sage_kernel
-from ..kernel import sandbox
 from . import records, zygote
 from .pool import Pool
 
@@ -85,6 +85,10 @@ class ForkConfig:
     #: directly. False on a worker host, whose relay went with the front:
     #: nobody can reach its kernels any more, so they end at once.
     keep_in_use: bool = True
+    #: the memory cgroup each kernel makes its own in (kernel.cgroup.Parent.as_json), or None
+    memory_cgroup: dict | None = None
+    #: what every kernel lacks, for the daemon's log (no memory cgroup here, and why)
+    notes: tuple[str, ...] = ()
 
     def kernel_template(self) -> dict:
         """What every kernel child starts from (kernel.child.run), as JSON: nothing of any one kernel."""
@@ -97,6 +101,9 @@ class ForkConfig:
             "hide": [self.base_dir, *self.hide],
             "preload": list(self.preload),
             "kernel_name": self.kernel_name,
+            # The configured memory limit (a Sage master raises the address-space rlimit, not this).
+            "memory": {"cgroup": self.memory_cgroup, "limit": self.limits.address_space},
+            "notes": list(self.notes),
         }
 
 
@@ -249,6 +256,8 @@ class ForkServer:
         #: kernels forked that have not said their id yet
         self._unnamed = 0
         self._next_quota = 0.0
+        #: dead kernels whose memory cgroup could not be removed yet (kernel.cgroup.remove)
+        self.cgroups_left: set[str] = set()
         self.quota: DiskQuota | None = None
         if config.disk_quota:
             try:
@@ -299,6 +308,7 @@ class ForkServer:
             self._watch_adopted()
             self._expire_starting()
             self._check_quotas()
+            self._remove_cgroups_left()
         self._shutdown()
 
     def _on_term(self, _signo, _frame) -> None:
@@ -656,13 +666,38 @@ class ForkServer:
             records.remove_tree(child.dir)
             records.remove(self.config.base_dir, child.id)
         self.children.pop(child.id, None)
-        reason = child.reason or _describe(status)
+        reason = child.reason or self._out_of_memory(child) or _describe(status)
+        if named:
+            self._remove_cgroup(child.id)
         if child.state == "starting":
             self.pool.died_starting(time.monotonic())
             sys.stderr.write(f"sagecell fork server: a kernel died while starting: {reason}\n")
         if named:
             self._send({"event": "dead", "id": child.id, "status": status, "reason": reason})
         self._announce_pool()
+
+    def _out_of_memory(self, child: Child) -> str:
+        """Why ``child`` died, if Linux killed it (or one of its processes) for its memory limit."""
+        parent = self.config.memory_cgroup
+        if parent is None or child.id.startswith("~") or not cgroup.oom_kills(parent, child.id):
+            return ""
+        return f"the kernel ran out of memory (its limit is {self.config.limits.address_space >> 20} MiB)"
+
+    def _remove_cgroup(self, kid: str) -> None:
+        """A dead kernel's memory cgroup goes; while a process of it is still exiting, it is retried each turn."""
+        parent = self.config.memory_cgroup
+        if parent is None:
+            return
+        self.cgroups_left.discard(kid)
+        try:
+            if not cgroup.remove(parent, kid):
+                self.cgroups_left.add(kid)
+        except OSError as e:
+            sys.stderr.write(f"sagecell fork server: the memory cgroup of {kid} stays ({e})\n")
+
+    def _remove_cgroups_left(self) -> None:
+        for kid in list(self.cgroups_left)[:64]:
+            self._remove_cgroup(kid)
 
     def _shutdown(self) -> None:
         if self.abandoned and self.config.keep_in_use:
@@ -697,7 +732,9 @@ class ForkServer:
             if not child.id.startswith("~"):
                 records.remove_tree(child.dir)
                 records.remove(self.config.base_dir, child.id)
+                self.cgroups_left.add(child.id)
         self.children.clear()
+        self._remove_cgroups_left()
 
 
 class Zygote:

@@ -27,7 +27,7 @@ import time
 
 from .. import accounts
 from ..files.worker import WorkerFiles
-from ..kernel import sandbox
+from ..kernel import cgroup, sandbox
 from . import forkserver, keeper
 from .guard import Guard
 
@@ -114,6 +114,18 @@ def prepare_base_dir(path: str, account: accounts.Account | None, gid: int | Non
     os.chmod(path, 0o711 if gid is None else 0o710)
 
 
+def memory_cgroup(config: forkserver.ForkConfig, account: accounts.Account | None) -> None:
+    """The parent of the kernels' memory cgroups (kernel.cgroup), made before the drop; or a note of why there is none."""
+    if not config.limits.address_space or config.limits.address_space <= 0:
+        return
+    try:
+        parent = cgroup.prepare(account.uid if account else None, account.gid if account else None)
+    except (cgroup.Unavailable, OSError) as e:
+        config.notes += (f"a memory cgroup per kernel ({e}): real memory is held by the address-space limit only",)
+    else:
+        config.memory_cgroup = parent.as_json()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     config = fork_config(args)
@@ -121,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() == 0:
         account = accounts.lookup_account(args.worker_user or "sagecell-worker")
     prepare_base_dir(config.base_dir, account, config.daemon_gid)
+    memory_cgroup(config, account)
     manager_alive, held_by_manager = os.pipe()
     pid, ours = start_manager(config, account, held_by_manager)
     os.close(held_by_manager)

@@ -41,11 +41,12 @@ FORK = b"F"
 WIDGETS = ("ipywidgets",)
 
 
-def preload(modules: tuple[str, ...], kernel_name: str = "python3") -> list[str]:
+def preload(modules: tuple[str, ...], kernel_name: str = "python3", base_dir: str = "") -> list[str]:
     """
     Import ``modules`` and whatever kernel start-up will import; return failures.
-    For Sage kernels (``kernel_name`` "sagemath"), Sage first, and a warm-up
-    once the shell is made (``kernel.sage``).
+    For Sage kernels (``kernel_name`` "sagemath"), Sage first, then a warm-up
+    once the shell is made, and GAP's saved workspaces (kept in ``base_dir``;
+    ``kernel.sage``).
 
     Memory: every page a kernel writes to after the fork becomes its own, so
     the master imports with the cyclic GC off (no freed holes for the
@@ -86,6 +87,9 @@ def preload(modules: tuple[str, ...], kernel_name: str = "python3") -> list[str]
             failed.append("the Sage shell (each kernel makes its own, slower)")
         else:
             failed += sage_kernel.warm(ipython_kernel.MASTER_SHELL)
+        failed += sage_kernel.prepare_gap()
+        if base_dir and output_of_child(lambda: sage_kernel.save_gap_workspaces(base_dir), timeout=180) != b"ok":
+            failed.append("GAP's saved workspaces (libgap and gap(...) start slower, or not at all)")
     gc.freeze()
     gc.enable()
     return failed
@@ -188,11 +192,17 @@ def serve(sock: socket.socket, template: dict) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     kernel_name = template.get("kernel_name", "python3")
-    failed = preload(tuple(template.pop("preload", ())), kernel_name)
+    failed = preload(tuple(template.pop("preload", ())), kernel_name, template.get("base_dir", ""))
     if kernel_name == sage_kernel.KERNEL_NAME:
+        template["binds"] = sage_kernel.gap_binds(template["base_dir"])
         limits = sage_kernel.kernel_limits(sandbox.Limits(**template["limits"]))
         template["limits"] = limits.as_json()
-        template.setdefault("notes", []).append(sage_kernel.MEMORY_NOTE)
+        memory = template.get("memory") or {}
+        if memory.get("cgroup"):
+            # Once its memory cgroup holds a kernel (kernel.child), the address-space limit is a loose one.
+            memory["address_space"] = sage_kernel.cgroup_address_space(memory["limit"])
+        else:
+            template.setdefault("notes", []).append(sage_kernel.MEMORY_NOTE)
     # After preloading, whose trial child is waited for.
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     sock.send(json.dumps({"event": "up", "failed": failed}).encode())
