@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_files -*-
+# -*- test-case-name: tests.test_files,tests.test_bounds -*-
 """
 Kernel files over HTTP: uploads in, downloads out, and news of what changed.
 
