@@ -240,10 +240,14 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
+#: one decoder for every kernel part (``json.loads`` with an option makes a new one per call)
+_STRICT_JSON = json.JSONDecoder(parse_constant=_no_constant)
+
+
 def _json_object(part: bytes, name: str) -> dict:
     """A kernel's JSON part as a dict, if it is one that a browser's ``JSON.parse`` takes as it is."""
     try:
-        value = json.loads(part.decode("utf-8"), parse_constant=_no_constant)
+        value = _STRICT_JSON.decode(part.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadMessage(f"the {name} is not valid UTF-8 JSON") from None
     if not isinstance(value, dict):

@@ -380,7 +380,7 @@ def test_the_scan_of_ten_thousand_files_is_not_made_on_the_reactor(tmp_path, mon
     real_scan = files.scan
 
     def scan(*args, **kw):
-        scanned_on.append(threading.current_thread())
+        scanned_on.append((threading.current_thread(), kw.get("max_entries")))
         return real_scan(*args, **kw)
 
     monkeypatch.setattr(files, "scan", scan)
@@ -392,12 +392,41 @@ def test_the_scan_of_ten_thousand_files_is_not_made_on_the_reactor(tmp_path, mon
         clock.drain()
         news = []
         d.addCallback(news.append)
-        assert scanned_on and scanned_on[0] is not threading.main_thread()
+        # on the reactor, only the glance, which stops at GLANCE_ENTRIES files
+        main = [n for thread, n in scanned_on if thread is threading.main_thread()]
+        assert main == [files.GLANCE_ENTRIES]
+        assert [t for t, _ in scanned_on if t is not threading.main_thread()]
         [msg] = news
         listed = msg.content_dict()["files"]
         assert msg.msg_type == "sagecell.files" and 0 < len(listed) <= 1000
     finally:
         kf._pool.stop()
+
+
+def test_a_small_kernel_dir_is_scanned_at_once_without_a_thread(tmp_path):
+    """
+    The news of a few files is ready when the execution ends, with no hand-off
+    to the scan threads and back (which cost each tiny round trip about a
+    millisecond and a dozen futex calls in the daemon, the idle status held
+    meanwhile).
+    """
+    workdir = tmp_path / "kernel"
+    (workdir / "sub").mkdir(parents=True)
+    for name in ("a.txt", "b.png", "sub/c.csv"):
+        (workdir / name).write_bytes(b"x")
+    clock = _ThreadedClock()
+    config = configmod.build({}, {"worker_user": "root" if os.geteuid() == 0 else os.environ.get("USER", "root")})
+    kf = files.KernelFiles(_Sessions(), config, clock, policy=None)
+    kf.kernel_uid = os.geteuid()
+    kernel = type("K", (), {"id": "k1", "workdir": str(workdir), "spawner": None})()
+    session = type("S", (), {"id": "s1", "kernel": kernel})()
+    news = []
+    d = kf.execute_done(session, {"msg_id": "m1"})
+    d.addCallback(news.append)
+    assert kf._pool is None and not clock.from_threads  # no thread started, nothing to take back
+    [msg] = news
+    assert msg.msg_type == "sagecell.files"
+    assert sorted(f["path"] for f in msg.content_dict()["files"]) == ["a.txt", "b.png", "sub/c.csv"]
 
 
 # -- end to end, as a hostile visitor ------------------------------------------------------

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_files -*-
+# -*- test-case-name: tests.test_files,tests.test_bounds -*-
 """
 Kernel files over HTTP: uploads in, downloads out, and news of what changed.
 
@@ -94,6 +94,12 @@ log = Logger()
 SCAN_THREADS = 2
 SCAN_SECONDS = 0.5
 SCAN_QUEUE_SECONDS = 2.0
+#: a kernel dir of at most this many files is scanned on the reactor, at once
+#: (reading at most ``EXAMINE_FACTOR`` times as many entries, for at most
+#: GLANCE_SECONDS): the hand-off to a thread and back cost every tiny round
+#: trip about a millisecond, and the idle status waits for the news
+GLANCE_ENTRIES = 32
+GLANCE_SECONDS = 0.002
 
 #: shown inline unless ?download=1 (scriptless raster formats; not SVG)
 INLINE_TYPES = frozenset(
@@ -309,6 +315,23 @@ class FilesResource(JsonResource):
         return result
 
 
+def glance_workdir(workdir: str, owner: int) -> tuple[dict | None, bool]:
+    """
+    A small kernel dir's scan, made at once on the reactor: (path -> lstat or
+    None, whole). ``whole`` is False when the dir has more than the glance
+    reads; then ``scan_workdir`` walks it in a thread.
+    """
+    try:
+        root = open_workdir(workdir, owner)
+    except (FileError, OSError):
+        return None, True
+    try:
+        found, truncated = scan(root, max_entries=GLANCE_ENTRIES, seconds=GLANCE_SECONDS)
+    finally:
+        os.close(root)
+    return found, not truncated
+
+
 def scan_workdir(workdir: str, owner: int) -> dict | None:
     """A kernel dir's files (path -> lstat), or None if it cannot be opened. Runs in a thread."""
     try:
@@ -359,10 +382,14 @@ class LocalFiles:
     def scan(self, kernel) -> defer.Deferred:
         """
         Every file in the kernel's ``work/``: path -> stat, or None if the dir
-        cannot be opened. In a thread of a small pool, as a worker host scans
-        on its own: ten thousand files take the reactor long enough to slow
-        every other session's round trip. Bounded in entries and time.
+        cannot be opened. A small dir at once (``glance_workdir``); a larger
+        one in a thread of a small pool, as a worker host scans on its own:
+        ten thousand files take the reactor long enough to slow every other
+        session's round trip. Bounded in entries and time.
         """
+        found, whole = glance_workdir(kernel.workdir, self.owner)
+        if whole:
+            return defer.succeed(found)
         d = deferToThreadPool(self.reactor, self._scan_pool(), scan_workdir, kernel.workdir, self.owner)
         return d.addTimeout(SCAN_SECONDS + SCAN_QUEUE_SECONDS, self.reactor)
 
