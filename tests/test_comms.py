@@ -27,7 +27,7 @@ from support import Client, Daemon, msg, stdout_of
 
 from sagecell_tw import messages
 from sagecell_tw.config import sage_available
-from sagecell_tw.core.limits import MAX_IN_FLIGHT, RESUME_IN_FLIGHT, InputRate, input_cost
+from sagecell_tw.core.inflow import MAX_IN_FLIGHT, RESUME_IN_FLIGHT, InputRate, input_cost
 from sagecell_tw.core.sessions import SessionObserver
 from sagecell_tw.messages import Message
 

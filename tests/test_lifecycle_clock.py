@@ -16,7 +16,8 @@ from sagecell_tw import messages
 from sagecell_tw.core.hold import MAX_HELD_BYTES, IopubHold
 from sagecell_tw.core.kernels import NUDGE_INTERVAL, NUDGE_TRIES, KernelManager, NoKernelAvailable
 from sagecell_tw.core.limits import KILL_AFTER_INTERRUPT, Execution, Lifetimes, OutputCap
-from sagecell_tw.core.sessions import MAX_EARLY_DEATHS, LimitExceeded, SessionManager
+from sagecell_tw.core.probation import MAX_EARLY_DEATHS
+from sagecell_tw.core.sessions import LimitExceeded, SessionManager
 from sagecell_tw.messages import Message
 
 

@@ -3,8 +3,8 @@
 A session's limits as plain decisions: what output of an execution passes
 under ``max_output_bytes``, which wall-clock limit (disconnection, idle,
 lifetime, execution time) ends a session or an execution at a given ``now``,
-how often a key may do something (``RateLimit``: restarts), and how fast a
-session's browsers may send (``InputRate``).
+and how often a key may do something (``RateLimit``: restarts). How fast a
+session's browsers may send is the input gate's (``inflow``).
 
 The session manager acts on them (notices, interrupts, restarts, ends); these
 only count and compare, so a test drives them with plain numbers for time.
@@ -32,13 +32,6 @@ KILL_AFTER_INTERRUPT = 5.0
 #: account of its own, so an interact moved a thousand times never exhausts
 #: the budget of the cell that made it.
 RUNS_CODE = frozenset({"execute_request", "comm_open", "comm_msg", "comm_close"})
-#: browser messages on shell and control that a kernel has not finished (its
-#: "idle" for them not seen) before the session's sockets stop being read, and
-#: how few let them be read again
-MAX_IN_FLIGHT = 64
-RESUME_IN_FLIGHT = MAX_IN_FLIGHT // 2
-#: what a browser's message costs ``InputRate``: one, and one more per this many bytes
-RATE_UNIT_BYTES = 64 << 10
 
 
 class Execution:
@@ -180,50 +173,3 @@ class RateLimit:
         now = self.clock.seconds()
         for key in [k for k, times in self.events.items() if not times or now - times[-1] >= self.window]:
             del self.events[key]
-
-
-def input_cost(msg: Message) -> float:
-    """What ``msg`` costs ``InputRate``: one, and one more per ``RATE_UNIT_BYTES`` of it."""
-    size = len(msg.header) + len(msg.parent) + len(msg.metadata) + len(msg.content)
-    if msg.buffers:
-        size += sum(map(len, msg.buffers))
-    return 1 + size // RATE_UNIT_BYTES
-
-
-class InputRate:
-    """
-    How fast each key (a session) may send: ``rate`` units a second, in
-    bursts of as many (a token bucket). A message already read is never
-    refused: it may take the bucket below zero, and ``charge`` says how long
-    the sender must wait until it is paid back. The session manager stops
-    reading the sender's socket that long, so a client pushing controls (or
-    anything) as fast as it can is slowed by TCP to ``rate``, loses nothing,
-    and cannot take the daemon's time from other sessions.
-    """
-
-    def __init__(self, rate: float, clock):
-        self.rate = float(rate)
-        self.clock = clock
-        #: key -> (units left, when last charged); a key with a full bucket is forgotten (``prune``)
-        self.levels: dict[str, tuple[float, float]] = {}
-
-    def charge(self, key: str, cost: float) -> float:
-        """Take ``cost`` units from ``key``; the seconds its sender must now wait (0: none)."""
-        now = self.clock.seconds()
-        level = self._level(key, now) - cost
-        self.levels[key] = (level, now)
-        return 0.0 if level >= 0 else -level / self.rate
-
-    def wait(self, key: str) -> float:
-        """The seconds ``key``'s sender must still wait (0: none)."""
-        level = self._level(key, self.clock.seconds())
-        return 0.0 if level >= 0 else -level / self.rate
-
-    def _level(self, key: str, now: float) -> float:
-        level, then = self.levels.get(key, (self.rate, now))
-        return min(self.rate, level + (now - then) * self.rate)
-
-    def prune(self) -> None:
-        now = self.clock.seconds()
-        for key in [k for k, (level, then) in self.levels.items() if level + (now - then) * self.rate >= self.rate]:
-            del self.levels[key]

@@ -48,11 +48,11 @@ class WebSession:
     #: output is not read (backpressure)
     paused: set = field(default_factory=set)
     #: msg_id -> when sent, of the browsers' shell and control messages its
-    #: kernel has not finished, oldest first (limits.MAX_IN_FLIGHT)
+    #: kernel has not finished, oldest first (inflow.MAX_IN_FLIGHT)
     in_flight: dict = field(default_factory=dict)
     #: connections not read while the kernel is that far behind
     held_input: set = field(default_factory=set)
-    #: connections not read until their sender's rate limit allows (limits.InputRate)
+    #: connections not read until their sender's rate limit allows (inflow.InputRate)
     slowed_input: set = field(default_factory=set)
     #: since when the kernel's shell is idle (its last status for a shell message), or None
     shell_idle_since: float | None = None

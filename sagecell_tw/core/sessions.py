@@ -10,6 +10,12 @@ to every connection of the session, and to nobody else.
 
 Time comes from ``clock``; ``sweep()`` (run every second) applies the
 timeouts: no browser connected, idle, lifetime, and per-execution wall clock.
+
+This module keeps the sessions' lifecycle and wires the rooms that each do
+one job for them: ``inflow`` (what the browsers may send, and how fast),
+``delivery`` (how messages reach the browsers, recorded for replay),
+``probation`` (a kernel that dies before running the session's code is
+replaced quietly) and ``limits`` (output cap, wall-clock and restart limits).
 """
 
 from __future__ import annotations
@@ -23,19 +29,12 @@ from twisted.python.failure import Failure
 
 from .. import messages
 from ..messages import DAEMON_SESSION, Message
+from . import delivery
 from .grants import new_grant
+from .inflow import InputGate
 from .kernels import KernelManager, NoKernelAvailable
-from .limits import (
-    MAX_IN_FLIGHT,
-    RESUME_IN_FLIGHT,
-    RUNS_CODE,
-    Execution,
-    InputRate,
-    Lifetimes,
-    OutputCap,
-    RateLimit,
-    input_cost,
-)
+from .limits import RUNS_CODE, Execution, Lifetimes, OutputCap, RateLimit
+from .probation import Probation
 from .replay import Journal
 from .router import Routes, WebSession
 
@@ -46,21 +45,12 @@ MAX_PENDING = 64
 #: --max-restarts-per-minute times a minute; a client address's, this many times that
 RESTART_WINDOW = 60.0
 CLIENT_RESTARTS_FACTOR = 3
-#: how many kernels in a row a session swaps silently for ones that died before running its code
-MAX_EARLY_DEATHS = 3
 #: a kernel whose shell stayed idle this long runs nothing sent before: what is
 #: still counted as running then was handled without a status (ipykernel runs
 #: comm messages that come during an async cell at once, and says nothing)
 STALE_AFTER = 1.0
 #: a kernel's control requests: their status says nothing of its shell
 CONTROL_TYPES = messages.ALLOWED["control"]
-
-
-def _size(msg: Message) -> int:
-    n = len(msg.header) + len(msg.parent) + len(msg.metadata) + len(msg.content)
-    if msg.buffers:
-        n += sum(map(len, msg.buffers))
-    return n
 
 
 class LimitExceeded(Exception):
@@ -117,17 +107,13 @@ class SessionManager:
         #: A hook may return a Deferred of a message to send before "idle"
         #: (news that takes a round trip): iopub is held until it fires.
         self.on_execute_done: list[Callable[[WebSession, dict], None]] = []
-        #: session id -> (its kernel, [(msg, conn)] sent to it and not yet answered), while
-        #: that kernel has not started any of the session's code: if it dies now,
-        #: the session loses nothing, and those go to a fresh kernel (``_kernel_died``)
-        self._unproven: dict[str, tuple] = {}
-        #: session id -> kernels it lost that way in a row
-        self._early_deaths: dict[str, int] = {}
+        #: kernels that have not run their session's code yet: if one dies, the session takes another quietly
+        self.probation = Probation(MAX_PENDING)
         per_session = config.max_restarts_per_minute
         self.restarts = RateLimit(per_session, RESTART_WINDOW, clock)
         self.client_restarts = RateLimit(CLIENT_RESTARTS_FACTOR * per_session, RESTART_WINDOW, clock)
-        #: how fast each session's browsers may send (their sockets are read no faster)
-        self.input_rate = InputRate(config.max_messages_per_second, clock)
+        #: how fast, and how far ahead of their kernel, each session's browsers may send
+        self.inflow = InputGate(config.max_messages_per_second, clock, self._slowed)
         #: ids of sessions that have had a kernel: taking another is a restart
         self._had_kernel: set[str] = set()
         #: kernels' messages dropped for claiming the daemon's session, by kernel id
@@ -143,6 +129,10 @@ class SessionManager:
     def _tell(self, call: Callable[[SessionObserver], None]) -> None:
         for observer in list(self.observers):
             call(observer)
+
+    def _slowed(self, session: WebSession) -> None:
+        """The input gate slowed one of the session's browsers for its rate."""
+        self._tell(lambda o: o.limit_hit(session, "max_messages_per_second"))
 
     # -- creating and ending ------------------------------------------------
 
@@ -176,15 +166,14 @@ class SessionManager:
         if session.closed:
             return defer.succeed(None)
         session.closed = True
-        self._unproven.pop(session.id, None)
-        self._early_deaths.pop(session.id, None)
+        self.probation.end(session.id)
         self._had_kernel.discard(session.id)
         kernel = self.routes.detach(session)
         self.routes.remove(session)
         session.execution_state = "dead"
         if reason != "shut down":
-            self._broadcast(session, messages.stream(f"\n[sagecell] This session ended: {reason}.\n", DAEMON_SESSION))
-        self._broadcast(session, messages.status("dead", DAEMON_SESSION))
+            delivery.broadcast(session, messages.stream(f"\n[sagecell] This session ended: {reason}.\n", DAEMON_SESSION))
+        delivery.broadcast(session, messages.status("dead", DAEMON_SESSION))
         for conn in list(session.connections):
             conn.close_for(reason)
         log.info("session {session} ended: {reason}", event="session_stop", session=session.id, reason=reason)
@@ -244,8 +233,8 @@ class SessionManager:
             self._settle(session, NoKernelAvailable("this session has ended"))
             return
         self.routes.attach(session, kernel)
-        self._unproven[session.id] = (kernel, [])
-        self._forget_in_flight(session, None)
+        self.probation.begin(session.id, kernel)
+        self.inflow.forget(session, None)
         self._had_kernel.add(session.id)
         if session.paused:
             kernel.pause_reading()
@@ -261,7 +250,7 @@ class SessionManager:
         self._tell(lambda o: o.kernel_assigned(session, kernel.id))
         if session.execution_state in ("starting", "restarting", "dead"):
             session.execution_state = "idle"
-            self._broadcast(session, messages.status("idle", DAEMON_SESSION))
+            delivery.broadcast(session, messages.status("idle", DAEMON_SESSION))
         pending, session.pending = session.pending, []
         for msg, conn in pending:
             self.send(session, msg, conn)
@@ -278,39 +267,35 @@ class SessionManager:
         pending, session.pending = session.pending, []
         for msg, conn in pending:
             self._refuse(conn, msg, why)
-        self._broadcast(session, messages.stream(f"[sagecell] {why}\n", DAEMON_SESSION))
+        delivery.broadcast(session, messages.stream(f"[sagecell] {why}\n", DAEMON_SESSION))
         session.execution_state = "dead"
-        self._broadcast(session, messages.status("dead", DAEMON_SESSION))
+        delivery.broadcast(session, messages.status("dead", DAEMON_SESSION))
 
     def _kernel_died(self, session: WebSession, kernel, reason: str) -> None:
         if session.kernel is not kernel:
             return
-        unproven = self._unproven.pop(session.id, None)
-        if unproven is not None and unproven[0] is kernel and self._replace_early(session, kernel, reason, unproven[1]):
+        unanswered = self.probation.died(session.id, kernel)
+        if unanswered is not None:
+            self._replace_early(session, kernel, reason, unanswered)
             return
         self.routes.detach(session)
         session.executions.clear()
-        self._forget_in_flight(session, None)
+        self.inflow.forget(session, None)
         session.execution_state = "dead"
         log.info(
             "the kernel of session {session} died: {reason}", event="session_kernel_died", session=session.id, reason=reason
         )
         self._tell(lambda o: o.kernel_died(session, reason))
-        self._broadcast(session, messages.stream(f"\n[sagecell] The kernel died: {reason}.\n", DAEMON_SESSION))
-        self._broadcast(session, messages.status("dead", DAEMON_SESSION))
+        delivery.broadcast(session, messages.stream(f"\n[sagecell] The kernel died: {reason}.\n", DAEMON_SESSION))
+        delivery.broadcast(session, messages.status("dead", DAEMON_SESSION))
 
-    def _replace_early(self, session: WebSession, kernel, reason: str, unanswered: list) -> bool:
+    def _replace_early(self, session: WebSession, kernel, reason: str, unanswered: list) -> None:
         """
-        The kernel died before it started any of the session's code (it was
-        handed out as its spawner died, or died in the pool unseen): the
-        session has lost nothing, so it takes a fresh kernel, as an
-        unroutable message does, and what the dead one never answered goes
-        there. False after ``MAX_EARLY_DEATHS`` in a row: then it is reported.
+        The kernel died before it started any of the session's code
+        (``probation``): the session has lost nothing, so it takes a fresh
+        kernel, as an unroutable message does, and what the dead one never
+        answered goes there.
         """
-        deaths = self._early_deaths.get(session.id, 0) + 1
-        if deaths > MAX_EARLY_DEATHS:
-            return False
-        self._early_deaths[session.id] = deaths
         self.routes.detach(session)
         session.executions.clear()
         log.info(
@@ -322,24 +307,6 @@ class SessionManager:
         )
         session.pending[:0] = unanswered
         self._ensure_kernel(session).addErrback(lambda _f: None)
-        return True
-
-    def _proven(self, session: WebSession, kernel, msg: Message, parent: dict) -> None:
-        """
-        A message from a kernel not yet known to run the session's code:
-        once it starts an execution (anything with an execute_request for
-        parent) the session has state there; before that, a reply only
-        crosses its request off the list to send again.
-        """
-        unproven = self._unproven.get(session.id)
-        if unproven is None or unproven[0] is not kernel:
-            return
-        if parent.get("msg_type") == "execute_request":
-            del self._unproven[session.id]
-            self._early_deaths.pop(session.id, None)
-        elif msg.channel != "iopub":
-            answered = parent.get("msg_id")
-            unproven[1][:] = [(m, c) for m, c in unproven[1] if m.msg_id != answered]
 
     def _count_restart(self, session: WebSession, client: str) -> None:
         """Record a restart of ``session`` asked for by ``client``, or raise LimitExceeded (429)."""
@@ -374,14 +341,14 @@ class SessionManager:
             self._count_restart(session, client or session.client)
         old = self.routes.detach(session)
         session.executions.clear()
-        self._forget_in_flight(session, None)
+        self.inflow.forget(session, None)
         if old is not None:
             old.on_message = old.on_death = None
             self.kernels.shutdown(old, "restarted")
         session.execution_state = "restarting"
         if automatic:
-            self._broadcast(session, messages.status("restarting", DAEMON_SESSION))
-        self._broadcast(session, messages.status("starting", DAEMON_SESSION))
+            delivery.broadcast(session, messages.status("restarting", DAEMON_SESSION))
+        delivery.broadcast(session, messages.status("starting", DAEMON_SESSION))
         session.execution_state = "starting"
         return self._ensure_kernel(session, counted=True)
 
@@ -407,43 +374,17 @@ class SessionManager:
                 self.disconnect(session, stale)
         session.connections.add(conn)
         session.disconnected_since = None
-        if session.journal is not None and cid:
-            self._replay(session, conn, session.journal.resume(cid, getattr(conn, "last_msg_id", None)))
+        delivery.rejoin(session, conn, lambda: self._tell(lambda o: o.limit_hit(session, "replay_bytes")))
         conn.deliver(messages.status(session.execution_state, DAEMON_SESSION))
         self._ensure_kernel(session).addErrback(lambda _f: None)
-
-    def _replay(self, session: WebSession, conn, replay) -> None:
-        if replay.lost:
-            limit = session.journal.limit
-            notice = (
-                f"\n[sagecell] The connection was lost for a while: {replay.lost} messages of output "
-                f"(about {replay.lost_bytes} bytes) produced meanwhile could not be kept for you "
-                f"(this server keeps the last {limit} bytes per session) and are missing here.\n"
-            )
-            self._tell(lambda o: o.limit_hit(session, "replay_bytes"))
-            conn.deliver(messages.stream(notice, DAEMON_SESSION))
-        for msg in replay.messages:
-            conn.deliver(msg)
-        if replay.messages or replay.lost:
-            log.info(
-                "replayed {n} messages to a reconnected client of session {session} ({lost} lost)",
-                event="ws_replay",
-                session=session.id,
-                n=len(replay.messages),
-                lost=replay.lost,
-            )
 
     def disconnect(self, session: WebSession, conn) -> None:
         if conn not in session.connections:
             return
         session.connections.discard(conn)
-        session.held_input.discard(conn)
-        session.slowed_input.discard(conn)
+        self.inflow.drop(session, conn)
         self.resume(session, conn)
-        cid = getattr(conn, "session_id", "")
-        if session.journal is not None and cid:
-            if not any(getattr(c, "session_id", "") == cid for c in session.connections):
-                session.journal.park(cid)  # its last connection: what comes from now on, it misses
+        delivery.park(session, conn)
         if not session.connections:
             session.disconnected_since = self.clock.seconds()
 
@@ -479,7 +420,7 @@ class SessionManager:
         session.last_activity = self.clock.seconds()
         if conn is not None:
             conn.client_sessions.add(str(msg.header_dict.get("session", "")))
-            self._meter(session, msg, conn)
+            self.inflow.meter(session, msg, conn)
         kernel = session.kernel
         if kernel is None:
             if len(session.pending) >= MAX_PENDING:
@@ -502,85 +443,14 @@ class SessionManager:
             if self.config.log_code and msg.msg_type == "execute_request":
                 log.info("session {session} runs: {code}", event="code", session=session.id, code=msg.content_dict().get("code"))
         self.msgs_to_kernels += 1
-        self.bytes_to_kernels += _size(msg)
+        self.bytes_to_kernels += delivery.size(msg)
         if not kernel.send(msg):
             session.executions.pop(msg.msg_id, None)
             self._refuse(conn, msg, "the kernel is not keeping up; message dropped")
             return
         if msg.channel != "stdin" and conn is not None:
-            self._in_flight(session, msg, conn)
-        unproven = self._unproven.get(session.id)
-        if unproven is not None and unproven[0] is kernel:
-            if len(unproven[1]) < MAX_PENDING:
-                unproven[1].append((msg, conn))
-            else:  # too much to send again: it counts as having state
-                del self._unproven[session.id]
-
-    # -- what browsers may send, and how fast ------------------------------------
-
-    def _meter(self, session: WebSession, msg: Message, conn) -> None:
-        """
-        Charge ``msg`` to its session's rate (``InputRate``): past it, ``conn``
-        is not read until the rate allows, so a client pushing controls as
-        fast as it can waits in TCP, loses nothing, and leaves the daemon's
-        time to other sessions.
-        """
-        wait = self.input_rate.charge(session.id, input_cost(msg))
-        if wait > 0 and conn not in session.slowed_input:
-            session.slowed_input.add(conn)
-            conn.pause_input()
-            self._tell(lambda o: o.limit_hit(session, "max_messages_per_second"))
-            self.clock.callLater(wait, self._unslow, session, conn)
-
-    def _unslow(self, session: WebSession, conn) -> None:
-        """
-        The wait is over, unless what ``conn`` sent meanwhile (the rest of a
-        read, already taken) made it longer: Twisted reads up to 64 KiB at a
-        time, and every frame in it is charged.
-        """
-        wait = self.input_rate.wait(session.id)
-        if wait > 0 and conn in session.slowed_input and conn in session.connections:
-            self.clock.callLater(wait, self._unslow, session, conn)
-            return
-        if conn in session.slowed_input:
-            session.slowed_input.discard(conn)
-            if conn not in session.held_input:
-                conn.resume_input()
-
-    def _in_flight(self, session: WebSession, msg: Message, conn) -> None:
-        """
-        ``msg`` went to the kernel: it counts until the kernel is idle for it.
-        With MAX_IN_FLIGHT unfinished, ``conn`` is not read until the kernel
-        catches up (``_finished``): what a browser sends faster than its
-        kernel takes it waits in TCP, not in the daemon.
-        """
-        session.in_flight[msg.msg_id] = self.clock.seconds()
-        if len(session.in_flight) >= MAX_IN_FLIGHT and conn not in session.held_input:
-            session.held_input.add(conn)
-            if conn not in session.slowed_input:
-                conn.pause_input()
-
-    def _finished(self, session: WebSession, msg_id) -> None:
-        if session.in_flight.pop(msg_id, None) is not None and len(session.in_flight) <= RESUME_IN_FLIGHT:
-            self._release_held(session)
-
-    def _release_held(self, session: WebSession) -> None:
-        held, session.held_input = session.held_input, set()
-        for conn in held:
-            if conn not in session.slowed_input:
-                conn.resume_input()
-
-    def _forget_in_flight(self, session: WebSession, before: float | None) -> None:
-        """Forget what was sent before ``before`` (None: everything) as running, and read the browsers again."""
-        if before is None:
-            session.in_flight.clear()
-        else:
-            for msg_id in [m for m, sent in session.in_flight.items() if sent <= before]:
-                del session.in_flight[msg_id]
-            for msg_id in [m for m, ex in session.executions.items() if ex.started <= before]:
-                del session.executions[msg_id]
-        if len(session.in_flight) <= RESUME_IN_FLIGHT:
-            self._release_held(session)
+            self.inflow.sent(session, msg, conn)
+        self.probation.sent(session.id, kernel, msg, conn)
 
     def _refuse(self, conn, msg: Message, why: str) -> None:
         if conn is None:
@@ -595,10 +465,9 @@ class SessionManager:
             self._forged(session, kernel, msg)
             return
         self.msgs_from_kernels += 1
-        self.bytes_from_kernels += _size(msg)
+        self.bytes_from_kernels += delivery.size(msg)
         parent = msg.parent_dict
-        if session.id in self._unproven:
-            self._proven(session, kernel, msg, parent)
+        self.probation.heard(session.id, kernel, msg, parent)
         if msg.channel == "iopub":
             msg_type = msg.msg_type
             verdict = self.output_cap.judge(session.outputs, msg, parent)
@@ -615,24 +484,19 @@ class SessionManager:
                         session.shell_idle_since = session.last_activity if state == "idle" else None
                     ex = session.executions.pop(parent.get("msg_id"), None) if state == "idle" else None
                     if state == "idle":
-                        self._finished(session, parent.get("msg_id"))
+                        self.inflow.finished(session, parent.get("msg_id"))
                     if ex is not None and ex.msg_type == "execute_request":
                         # Before "idle", so clients still count it as part of the execution.
                         waits = [hook(session, parent) for hook in list(self.on_execute_done)]
                         waits = [d for d in waits if isinstance(d, defer.Deferred)]
                         if waits:
-                            self._hold(session, msg, waits)
+                            delivery.hold(session, msg, waits)
                             return
-            self._broadcast(session, msg)
+            delivery.broadcast(session, msg)
             return
         if parent.get("session") == DAEMON_SESSION:
             return  # a reply to the daemon's own request
-        target = str(parent.get("session", ""))
-        if session.journal is not None:
-            session.journal.record(msg, _size(msg), target)
-        conns = [c for c in session.connections if target in c.client_sessions]
-        for conn in conns or list(session.connections):
-            conn.deliver(msg)
+        delivery.reply(session, msg, str(parent.get("session", "")))
 
     def _forged(self, session: WebSession, kernel, msg: Message) -> None:
         """
@@ -655,47 +519,18 @@ class SessionManager:
     def _capped(self, session: WebSession, kept: Message | None, parent: dict) -> None:
         """An execution's output crossed the cap: what is left of the message, a notice, perhaps an interrupt."""
         if kept is not None:
-            self._broadcast(session, kept)
+            delivery.broadcast(session, kept)
         self._tell(lambda o: o.limit_hit(session, "max_output_bytes"))
         cap = self.output_cap.cap
         what = "interrupted" if self.config.interrupt_on_output_cap else "still running; its further output is not shown"
         notice = f"\n[sagecell] Output truncated at {cap} bytes (the limit per computation); the computation is {what}.\n"
-        self._broadcast(session, messages.stream(notice, DAEMON_SESSION, parent or None))
+        delivery.broadcast(session, messages.stream(notice, DAEMON_SESSION, parent or None))
         if self.config.interrupt_on_output_cap:
             self.interrupt(session)
 
     def broadcast(self, session: WebSession, msg: Message) -> None:
         """Send a daemon-made message to every connection of the session."""
-        self._broadcast(session, msg)
-
-    def _broadcast(self, session: WebSession, msg: Message) -> None:
-        hold = session.hold
-        if hold.holding:
-            if hold.keep(msg, _size(msg)):
-                return
-            self._deliver(session, hold.let_go())  # too much to hold: the news will come late
-        self._deliver(session, [msg])
-
-    def _deliver(self, session: WebSession, msgs: list[Message]) -> None:
-        journal = session.journal
-        for msg in msgs:
-            if journal is not None:
-                journal.record(msg, _size(msg))
-            for conn in list(session.connections):
-                conn.deliver(msg)
-
-    def _hold(self, session: WebSession, idle: Message, waits: list[defer.Deferred]) -> None:
-        """
-        Hold ``idle`` and the iopub after it until ``waits`` fire (each with a
-        message or None; the hooks bound their time), then send those first.
-        """
-        batch = session.hold.begin(idle, _size(idle))
-
-        def release(results) -> None:
-            news = [m for ok, m in results if ok and isinstance(m, Message)]
-            self._deliver(session, [*news, *session.hold.release(batch)])
-
-        defer.DeferredList(waits, consumeErrors=True).addCallback(release)
+        delivery.broadcast(session, msg)
 
     # -- time limits ------------------------------------------------------------
 
@@ -703,7 +538,7 @@ class SessionManager:
         now = self.clock.seconds()
         self.restarts.prune()
         self.client_restarts.prune()
-        self.input_rate.prune()
+        self.inflow.prune()
         for kernel_id in [k for k in self.forged if k not in self.kernels.kernels]:
             del self.forged[kernel_id]
         for session in self.routes:
@@ -715,8 +550,14 @@ class SessionManager:
                 continue
             idle_since = session.shell_idle_since
             if idle_since is not None and now - idle_since >= STALE_AFTER and not session.paused:
-                self._forget_in_flight(session, idle_since)
+                self._forget_stale(session, idle_since)
             self._check_executions(session, now)
+
+    def _forget_stale(self, session: WebSession, before: float) -> None:
+        """The kernel's shell is idle: what was sent before ``before`` is no longer running."""
+        for msg_id in [m for m, ex in session.executions.items() if ex.started <= before]:
+            del session.executions[msg_id]
+        self.inflow.forget(session, before)
 
     def _check_executions(self, session: WebSession, now: float) -> None:
         limit = self.config.exec_timeout
@@ -725,7 +566,7 @@ class SessionManager:
                 ex.interrupted_at = now
                 self._tell(lambda o: o.limit_hit(session, "exec_timeout"))
                 parent = {"msg_id": ex.msg_id, "msg_type": ex.msg_type}
-                self._broadcast(
+                delivery.broadcast(
                     session,
                     messages.stream(
                         f"\n[sagecell] This computation ran for longer than the limit of {limit:g} s and was interrupted.\n",
@@ -736,7 +577,7 @@ class SessionManager:
                 self.interrupt(session)
             elif self.lifetimes.must_restart(ex, now):
                 parent = {"msg_id": ex.msg_id, "msg_type": ex.msg_type}
-                self._broadcast(
+                delivery.broadcast(
                     session,
                     messages.stream(
                         "\n[sagecell] The computation did not stop when interrupted, so its kernel was restarted.\n",
@@ -746,4 +587,3 @@ class SessionManager:
                 )
                 self.restart(session, automatic=True).addErrback(lambda _f: None)
                 return
-
