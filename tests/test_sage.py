@@ -232,12 +232,13 @@ def test_interrupt_request_on_the_websocket_stops_a_long_factorisation(daemon):
 def test_time_limit_ends_a_long_integral(daemon):
     _, c = new(daemon)
     started = time.monotonic()
-    reply, outputs = c.execute(LONG_INTEGRAL, timeout=EXEC_TIMEOUT + 15)
+    reply, outputs = c.execute(LONG_INTEGRAL, timeout=EXEC_TIMEOUT + 30)
     took = time.monotonic() - started
     # Interrupted (not restarted: that would be status "dead"), once over the
-    # limit; the traceback of Maxima's deep stack takes a second or two to format.
+    # limit; the traceback of Maxima's deep stack takes a second or two to
+    # format, several on a loaded machine, and the integral alone runs for minutes.
     assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt", reply
-    assert EXEC_TIMEOUT - 1 < took < EXEC_TIMEOUT + 6
+    assert EXEC_TIMEOUT - 1 < took < EXEC_TIMEOUT + 12
     assert "longer than the limit" in "".join(
         m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream"
     )
