@@ -24,6 +24,7 @@ daemon measured is this worktree's.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -100,13 +101,24 @@ def wait_sage_pool(port: int, n: int, timeout: float = 180.0) -> None:
     raise SystemExit(f"the Sage pool did not reach {n} kernels in {timeout} s")
 
 
+#: what --json writes: {"sagecell_tw": {label: figures}, "jupyter_server": {...}}
+FIGURES: dict[str, dict] = {}
+_section = ["sagecell_tw"]
+
+
+def record(label: str, **figures) -> None:
+    FIGURES.setdefault(_section[0], {})[label] = figures
+
+
 def row(label: str, values: list[float]) -> str:
     ms = [v * 1e3 for v in values]
+    record(label, median_ms=statistics.median(ms), p99_ms=pct(ms, 99), n=len(ms))
     return f"  {label:34s} median {statistics.median(ms):8.1f}  p99 {pct(ms, 99):8.1f}  (n={len(ms)})"
 
 
 def ours(args) -> None:
     print(f"sagecell_tw: Sage kernels forked from a warm master, pool {args.pool}")
+    _section[0] = "sagecell_tw"
     d = Daemon(
         kernels="sagemath,python3",
         pool_size=args.pool,
@@ -119,6 +131,11 @@ def ours(args) -> None:
         wait_sage_pool(d.port, args.pool)
         print(f"  daemon start to a full Sage pool       {time.perf_counter() - t0:8.1f} s")
         pss, private = memory(sage_kernel_pids(d.proc.pid))
+        record(
+            f"idle pooled kernel, pool {args.pool}",
+            pss_mib=statistics.median(pss),
+            private_mib=statistics.median(private),
+        )
         print(
             f"  idle pooled Sage kernel (pool {args.pool}): PSS {statistics.median(pss):.1f} MiB, private {statistics.median(private):.1f} MiB"
         )
@@ -157,6 +174,12 @@ def ours(args) -> None:
         wait_sage_pool(d.port, args.pool)
         time.sleep(1)
         pss, private = memory(sage_kernel_pids(d.proc.pid))
+        record(
+            f"{len(pss)} kernels",
+            pss_mib=statistics.median(pss),
+            private_mib=statistics.median(private),
+            pss_total_mib=sum(pss),
+        )
         print(
             f"  {len(pss)} Sage kernels ({args.many} used once, {args.pool} pooled): PSS median {statistics.median(pss):.1f} MiB, private median {statistics.median(private):.1f} MiB, PSS total {sum(pss):.0f} MiB"
         )
@@ -197,6 +220,7 @@ def jupyter(args) -> None:
         print("Jupyter Server: not installed here (pip install jupyter_server), not measured")
         return
     print("Jupyter Server with passagemath's sagemath kernelspec")
+    _section[0] = "jupyter_server"
     port = free_port()
     root = tempfile.mkdtemp(prefix="sagecell-bench-jupyter-")
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + ":" + os.environ.get("PATH", ""), HOME=root)
@@ -245,6 +269,7 @@ def jupyter(args) -> None:
         ]
         if pids:
             pss, private = memory(pids)
+            record(f"{len(pids)} idle kernels", pss_mib=statistics.median(pss), private_mib=statistics.median(private))
             print(
                 f"  {len(pids)} idle Sage kernels: PSS median {statistics.median(pss):.1f} MiB, private median {statistics.median(private):.1f} MiB"
             )
@@ -269,11 +294,15 @@ def main() -> None:
     p.add_argument("--pool", type=int, default=4)
     p.add_argument("--no-jupyter", action="store_true")
     p.add_argument("--no-ours", action="store_true", help="Jupyter Server only")
+    p.add_argument("--json", default=None, help="write the figures to this file")
     args = p.parse_args()
     if not args.no_ours:
         ours(args)
     if not args.no_jupyter:
         jupyter(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"pool": args.pool, "burst": args.burst, "figures": FIGURES}, f, indent=2)
 
 
 if __name__ == "__main__":
