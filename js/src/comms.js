@@ -8,42 +8,12 @@ import { uuid } from "./ids.js";
 import { loadModule } from "./lazy.js";
 import { OutputArea } from "./output.js";
 import { typeset } from "./render.js";
+import { owners } from "./widgetviews.js";
 
-export const WIDGET_MIME = "application/vnd.jupyter.widget-view+json";
 const WIDGET_TARGET = "jupyter.widget";
 const OUTPUT_TYPES = new Set(["stream", "display_data", "execute_result", "error", "clear_output",
     "update_display_data"]);
 const MAX_PENDING = 2000; // callbacks of comm messages still waiting for their idle
-
-/** widget model id -> the CommRouter of the kernel that has it (model ids are UUIDs, unique on the page). */
-const owners = new Map();
-
-/**
- * The element that shows a widget-view bundle, or null when no kernel on the
- * page has that model (the bundle's text/plain is shown instead).
- */
-export function widgetElement(data) {
-    const ref = data && data[WIDGET_MIME];
-    const router = ref && typeof ref.model_id === "string" ? owners.get(ref.model_id) : undefined;
-    if (!router) {
-        return null;
-    }
-    const el = document.createElement("div");
-    el.className = "sagecell-widget";
-    el.dataset.modelId = ref.model_id;
-    router.show(ref.model_id, el);
-    return el;
-}
-
-/** The widget model with this id, from whichever kernel on the page has it (undefined if none). */
-export async function widgetModel(modelId) {
-    const router = owners.get(modelId);
-    if (!router) {
-        return undefined;
-    }
-    await router.chain;
-    return router.manager ? router.manager.get_model(modelId) : undefined;
-}
 
 /** Jupyter's binary WebSocket frame (default framing): u32 BE count and offsets, JSON, buffers. */
 export function encodeBinaryFrame(msg) {

@@ -6,7 +6,7 @@
 // the control at the same place if it is still of that class and name, so a
 // changed cell never gets a value meant for another control.
 
-import { widgetModel } from "./comms.js";
+import { widgetModel } from "./widgetviews.js";
 
 const SKIP = new Set(["HTMLModel", "HTMLMathModel", "LabelModel", "OutputModel", "ButtonModel"]);
 const MAX_CONTROLS = 100;

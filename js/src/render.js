@@ -3,10 +3,10 @@
 
 import { AnsiUp } from "ansi_up";
 
-import { WIDGET_MIME, widgetElement } from "./comms.js";
 import { loadModule } from "./lazy.js";
 
 import { localThreejs } from "./threejs.js";
+import { WIDGET_MIME, widgetElement } from "./widgetviews.js";
 
 /**
  * MIME types we show, best first; the first one present wins. LaTeX before

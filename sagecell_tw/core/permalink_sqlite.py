@@ -26,7 +26,7 @@ from typing import Any
 
 from twisted.enterprise import adbapi
 
-from .permalinks import Backend, Cursor
+from .permalink_backend import Backend, Cursor
 
 __all__ = ["SQLiteBackend"]
 
