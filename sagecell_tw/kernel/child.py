@@ -119,14 +119,7 @@ def _prepare_process(ready_fd: int, keep_fds: tuple[int, ...], log_path: str) ->
     signal.set_wakeup_fd(-1)
     # Forget everything the fork server had open: other kernels' pipes, the
     # link to the spawner front, listening sockets.
-    keep = {0, 1, 2, ready_fd, *keep_fds}
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    sandbox.close_fds_except({0, 1, 2, ready_fd, *keep_fds})
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)

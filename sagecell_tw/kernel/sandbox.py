@@ -145,6 +145,17 @@ class Limits:
         return dict(self.__dict__)
 
 
+def close_fds_except(keep) -> None:
+    """Close every file descriptor of this process that is not in ``keep``."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 def apply_rlimits(limits: Limits) -> None:
     """Set the kernel's rlimits; soft and hard alike so code cannot raise them."""
     pairs = [

@@ -25,6 +25,7 @@ import select
 import signal
 import time
 
+from ..kernel import sandbox
 from . import records
 
 #: seconds between a front's or manager's death and the end of the kernels it leaves
@@ -59,12 +60,7 @@ def start(base_dir: str, manager_pid: int, manager_alive: int, drop) -> int:
         try:
             # Nothing of the front's: least of all its end of the manager's
             # socket, whose EOF tells the manager the front is gone.
-            for name in os.listdir("/proc/self/fd"):
-                if int(name) not in (0, 1, 2, r, manager_alive):
-                    try:
-                        os.close(int(name))
-                    except OSError:
-                        pass
+            sandbox.close_fds_except((0, 1, 2, r, manager_alive))
             os.setpgid(0, 0)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)

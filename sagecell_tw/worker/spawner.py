@@ -175,12 +175,8 @@ def start_manager(
     if pid == 0:
         ours.close()
         try:
-            for name in os.listdir("/proc/self/fd"):  # the read end of ``alive`` above all
-                if int(name) not in (0, 1, 2, alive, theirs.fileno()):
-                    try:
-                        os.close(int(name))
-                    except OSError:
-                        pass
+            # all else: the read end of ``alive`` above all
+            sandbox.close_fds_except((0, 1, 2, alive, theirs.fileno()))
             become(account)
             os.environ["HOME"] = config.base_dir
         except BaseException:
