@@ -342,9 +342,7 @@ class _Kernel:
                 return
             try:
                 outer, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+            except OSError:  # none waiting (EAGAIN) among them
                 return
             outer.setblocking(False)
             inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
