@@ -143,16 +143,14 @@ class ControlChannel:
 
     def _demand(self, waiting: dict[str, int]) -> None:
         """
-        Sessions are waiting for kernels: each spawner forks ahead for its
-        share, of each kernel name (``names``) and in all (``waiting``).
+        Sessions are waiting for kernels (``waiting``: how many, by kernel
+        name): each spawner forks ahead for its share of each name it serves.
         """
         spawners = list(self.spawners.values())
+        #: kernel name -> how many spawners serve it
+        serving = {name: sum(1 for s in spawners if name in s.kernels) for name in waiting}
         for spawner in spawners:
-            share = 0
-            for name, n in waiting.items():
-                serving = sum(1 for s in spawners if name in s.kernels)
-                if name in spawner.kernels:
-                    share += -(-n // serving)
+            share = sum(-(-n // serving[name]) for name, n in waiting.items() if name in spawner.kernels)
             spawner.send({"cmd": "demand", "waiting": share})
 
     def listen(self) -> None:
