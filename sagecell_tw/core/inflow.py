@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..messages import Message
+from .delivery import size
 from .router import WebSession
 
 #: browser messages on shell and control that a kernel has not finished (its
@@ -30,10 +31,7 @@ RATE_UNIT_BYTES = 64 << 10
 
 def input_cost(msg: Message) -> float:
     """What ``msg`` costs ``InputRate``: one, and one more per ``RATE_UNIT_BYTES`` of it."""
-    size = len(msg.header) + len(msg.parent) + len(msg.metadata) + len(msg.content)
-    if msg.buffers:
-        size += sum(map(len, msg.buffers))
-    return 1 + size // RATE_UNIT_BYTES
+    return 1 + size(msg) // RATE_UNIT_BYTES
 
 
 class InputRate:

@@ -258,7 +258,7 @@ class Kernel:
         SIGINT from its spawner.
         """
         if self.info.get("interrupt_mode") != "signal":
-            return self.send(Message.build("control", "interrupt_request", {}, session="sagecell-daemon"))
+            return self.send(Message.build("control", "interrupt_request", {}, session=messages.DAEMON_SESSION))
         if self.state in ("dying", "dead"):
             return False
         self.spawner.interrupt(self.id)

@@ -97,8 +97,6 @@ _INSERT_ATTEMPTS = 5
 #: connect timeout, and requests must not queue up behind those waits.
 RETRY_AFTER = 2.0
 
-#: The table that holds the schema version: one row, one column.
-
 _ROW_KEYS = ("id", "code", "language", "interacts", "created", "last_access", "requested")
 
 

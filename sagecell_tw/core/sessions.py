@@ -150,7 +150,7 @@ class SessionManager:
         # The id is the session's capability for anonymous callers (web.policy.Policy): 128 random
         # bits, after this daemon's name for the balancer to route by (core/grants.py).
         session = WebSession(new_grant(self.config.daemon_name), client, name, now, now, disconnected_since=now)
-        replay_bytes = getattr(self.config, "replay_bytes", 0)
+        replay_bytes = self.config.replay_bytes
         session.journal = Journal(replay_bytes) if replay_bytes else None
         self.routes.add(session)
         log.info("session {session} started for {client}", event="session_start", session=session.id, client=client)

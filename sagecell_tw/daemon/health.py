@@ -30,7 +30,8 @@ class Health:
     def state(self) -> dict:
         svc = self.svc
         spawners = len(svc.control.spawners) if svc.control is not None else 0
-        pool = sum(1 for k in svc.kernels.pool if k.state == "pooled")
+        pools = _pools(svc.kernels.pool)
+        pool = sum(pools.values())
         why = []
         if not spawners:
             why.append("no spawner is connected")
@@ -48,7 +49,7 @@ class Health:
             "ready": ready,
             "spawners": spawners,
             "pool": pool,
-            "pools": _pools(svc.kernels.pool),
+            "pools": pools,
             "kernels": svc.kernels.live_count(),
             "sessions": len(svc.sessions.routes),
             "why": "; ".join(why),
