@@ -192,12 +192,18 @@ class KernelWebSocket(WebSocketServerProtocol):
             self.sendClose(1000, reason[:120])
 
 
-def _reader(transport):
-    """The socket's transport under any wrapper (TLS), whose reading can be paused; None if closed."""
+def socket_of(transport):
+    """The TCP (or unix) transport under any wrappers (TLS): it lives as long as the connection."""
     for _ in range(8):
         if not isinstance(transport, ProtocolWrapper):
             break
         transport = transport.transport
+    return transport
+
+
+def _reader(transport):
+    """The socket's transport under any wrapper (TLS), whose reading can be paused; None if closed."""
+    transport = socket_of(transport)
     return transport if hasattr(transport, "pauseProducing") else None
 
 
