@@ -223,7 +223,8 @@ class NoDelayTests(unittest.TestCase):
         from twisted.internet import endpoints, reactor
         from twisted.web import resource, server
 
-        from sagecell_tw.web.site import ConnectionsPerClient, _socket_of
+        from sagecell_tw.web.site import ConnectionsPerClient
+        from sagecell_tw.web.websocket import socket_of
 
         seen = defer.Deferred()
 
@@ -231,7 +232,7 @@ class NoDelayTests(unittest.TestCase):
             isLeaf = True
 
             def render(self, request):
-                sock = _socket_of(request.channel.transport).getHandle()
+                sock = socket_of(request.channel.transport).getHandle()
                 seen.callback(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
                 return b"ok"
 

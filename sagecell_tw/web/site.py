@@ -30,7 +30,7 @@ from .policy import LimitedRequest, NotFound, client_address, error_body, write_
 from .proxies import ForwardedRequest, TrustedProxies
 from .sagecell import SageCellCompat
 from .statics import CompressedFile
-from .websocket import KernelWebSocketFactory
+from .websocket import KernelWebSocketFactory, socket_of
 
 STATIC = os.path.join(SOURCE_ROOT, "sagecell_tw", "static")
 
@@ -55,15 +55,6 @@ class _Counted(ProtocolWrapper):
             inner.protocol = self.wrappedProtocol
         self.factory.handed_over(self)
         return inner
-
-
-def _socket_of(transport):
-    """The TCP (or unix) transport under any wrappers (TLS): it lives as long as the connection."""
-    for _ in range(8):
-        if not isinstance(transport, ProtocolWrapper):
-            break
-        transport = transport.transport
-    return transport
 
 
 @implementer(IProtocolNegotiationFactory)
@@ -133,14 +124,14 @@ class ConnectionsPerClient(WrappingFactory):
 
     def registerProtocol(self, p) -> None:
         super().registerProtocol(p)
-        self.open.setdefault(_host(p.getPeer()), set()).add(_socket_of(p.transport))
+        self.open.setdefault(_host(p.getPeer()), set()).add(socket_of(p.transport))
 
     def unregisterProtocol(self, p) -> None:
         super().unregisterProtocol(p)
         host = _host(p.getPeer())
         sockets = self.open.get(host)
         if sockets is not None:
-            sockets.discard(_socket_of(p.transport))
+            sockets.discard(socket_of(p.transport))
             if not sockets:
                 del self.open[host]
 

@@ -113,15 +113,11 @@ class KernelWebSocket(WebSocketServerProtocol):
                 if not isBinary:
                     raise BadMessage("the v1 subprotocol takes binary frames")
                 msg = messages.parse_v1_frame(payload)
-            elif self.framing == "sagecell":
-                if isBinary:
-                    msg = messages.parse_default_binary(payload, default_channel="shell")
-                else:
-                    msg = messages.parse_json_frame(payload, default_channel="shell")
-            elif isBinary:
-                msg = messages.parse_default_binary(payload)
             else:
-                msg = messages.parse_json_frame(payload)
+                # SageMathCell's framing is the default one, but for its channel-less messages: shell's
+                channel = "shell" if self.framing == "sagecell" else None
+                parse = messages.parse_default_binary if isBinary else messages.parse_json_frame
+                msg = parse(payload, channel)
         except BadMessage as bad:
             self.deliver(messages.error_reply(bad, messages.DAEMON_SESSION))
             return
@@ -192,12 +188,18 @@ class KernelWebSocket(WebSocketServerProtocol):
             self.sendClose(1000, reason[:120])
 
 
-def _reader(transport):
-    """The socket's transport under any wrapper (TLS), whose reading can be paused; None if closed."""
+def socket_of(transport):
+    """The TCP (or unix) transport under any wrappers (TLS): it lives as long as the connection."""
     for _ in range(8):
         if not isinstance(transport, ProtocolWrapper):
             break
         transport = transport.transport
+    return transport
+
+
+def _reader(transport):
+    """The socket's transport under any wrapper (TLS), whose reading can be paused; None if closed."""
+    transport = socket_of(transport)
     return transport if hasattr(transport, "pauseProducing") else None
 
 
