@@ -149,27 +149,27 @@ const KATEX_DELIMITERS = [
     { left: "$", right: "$", display: false },
     { left: "\\(", right: "\\)", display: false },
 ];
+const KATEX_OPTIONS = { delimiters: KATEX_DELIMITERS, throwOnError: false, trust: false };
+
+// What may hold math in MathJax's delimiters: worth a look for formulas.
+const MATH_HINT = /\\\(|\\\[|\$|\\begin\{/;
 
 /** Typeset the math in el with KaTeX, loaded on the page's first LaTeX output. */
 export async function typeset(el, server) {
     ensureKatexCss(server);
     const { renderMathInElement } = await loadModule(server, "katex");
-    renderMathInElement(el, { delimiters: KATEX_DELIMITERS, throwOnError: false, trust: false });
+    renderMathInElement(el, KATEX_OPTIONS);
 }
 
 export function latexElement(tex, server) {
     const div = document.createElement("div");
     div.className = "sagecell-latex";
-    const hasDelimiters = /\$|\\\[|\\\(|\\begin\{/.test(tex);
-    div.textContent = hasDelimiters ? tex : `$$${tex}$$`;
+    div.textContent = MATH_HINT.test(tex) ? tex : `$$${tex}$$`;
     typeset(div, server).catch(() => {
         div.textContent = tex;
     });
     return div;
 }
-
-// What may hold math in MathJax's delimiters: worth a look for formulas.
-const MATH_HINT = /\\\(|\\\[|\$|\\begin\{/;
 
 /**
  * HTML whose formulas are typeset with KaTeX, with the stylesheet they need
@@ -187,7 +187,7 @@ export async function typesetHtml(html, server) {
     const doc = new DOMParser().parseFromString(html, "text/html");
     try {
         const { renderMathInElement } = await loadModule(server, "katex");
-        renderMathInElement(doc.body, { delimiters: KATEX_DELIMITERS, throwOnError: false, trust: false });
+        renderMathInElement(doc.body, KATEX_OPTIONS);
     } catch (e) {
         return { html, head: "" };
     }
