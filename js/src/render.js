@@ -121,6 +121,7 @@ export function sandboxedFrame(html, head = "") {
     return iframe;
 }
 
+const KATEX_CSS = "/static/katex/katex.min.css"; // the page's link, and the HTML frame's
 let katexCssLoaded = false;
 
 function ensureKatexCss(server) {
@@ -133,7 +134,7 @@ function ensureKatexCss(server) {
     }
     const link = document.createElement("link");
     link.rel = "stylesheet";
-    link.href = server.url("/static/katex/katex.min.css");
+    link.href = server.url(KATEX_CSS);
     link.setAttribute("data-sagecell-katex", "");
     document.head.appendChild(link);
 }
@@ -194,7 +195,7 @@ export async function typesetHtml(html, server) {
     if (!doc.body.querySelector(".katex")) {
         return { html, head: "" };
     }
-    const css = server.url("/static/katex/katex.min.css").replace(/["<>&]/g, encodeURIComponent);
+    const css = server.url(KATEX_CSS).replace(/["<>&]/g, encodeURIComponent);
     return {
         html: doc.head.innerHTML + doc.body.innerHTML,
         head: `<link rel="stylesheet" href="${css}">`,
