@@ -100,14 +100,15 @@ const COMPRESSIBLE = /\.(js|css|html|svg|json|ttf|map)$/;
 async function precompress(dir) {
     const gzip = promisify(zlib.gzip);
     const brotli = promisify(zlib.brotliCompress);
-    for (const entry of await readdir(dir, { withFileTypes: true })) {
+    const entries = await readdir(dir, { withFileTypes: true });
+    const names = new Set(entries.map((entry) => entry.name));
+    for (const entry of entries) {
         const path = join(dir, entry.name);
         if (entry.isDirectory()) {
             await precompress(path);
         } else if (/\.(gz|br)$/.test(entry.name)) {
             // The copy of a file that is gone (a stale hashed name); the others are rewritten.
-            const source = path.replace(/\.(gz|br)$/, "");
-            if (!(await readdir(dir)).includes(basename(source))) {
+            if (!names.has(entry.name.replace(/\.(gz|br)$/, ""))) {
                 await rm(path);
             }
         } else if (COMPRESSIBLE.test(entry.name)) {

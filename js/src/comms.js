@@ -15,26 +15,6 @@ const OUTPUT_TYPES = new Set(["stream", "display_data", "execute_result", "error
     "update_display_data"]);
 const MAX_PENDING = 2000; // callbacks of comm messages still waiting for their idle
 
-/** Jupyter's binary WebSocket frame (default framing): u32 BE count and offsets, JSON, buffers. */
-export function encodeBinaryFrame(msg) {
-    const buffers = msg.buffers.map((b) => (b instanceof ArrayBuffer
-        ? new Uint8Array(b) : new Uint8Array(b.buffer, b.byteOffset, b.byteLength)));
-    const json = new TextEncoder().encode(JSON.stringify({ ...msg, buffers: [] }));
-    const parts = [json, ...buffers];
-    const header = 4 * (parts.length + 1);
-    const total = header + parts.reduce((n, p) => n + p.byteLength, 0);
-    const out = new Uint8Array(total);
-    const view = new DataView(out.buffer);
-    view.setUint32(0, parts.length);
-    let offset = header;
-    parts.forEach((p, i) => {
-        view.setUint32(4 * (i + 1), offset);
-        out.set(p, offset);
-        offset += p.byteLength;
-    });
-    return out.buffer;
-}
-
 /** One comm, as ipywidgets' manager expects it (IClassicComm). */
 class Comm {
     constructor(router, commId, targetName) {
@@ -254,14 +234,8 @@ export class CommRouter {
         }
         if (buffers && buffers.length) {
             msg.buffers = buffers;
-            const ws = this.kernel.ws;
-            if (!ws || ws.readyState !== WebSocket.OPEN) {
-                throw new Error("Not connected to the kernel");
-            }
-            ws.send(encodeBinaryFrame(msg));
-        } else {
-            this.kernel.send(msg);
         }
+        this.kernel.send(msg);
         return id;
     }
 

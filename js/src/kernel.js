@@ -42,6 +42,26 @@ export function decodeBinaryFrame(buffer) {
     return msg;
 }
 
+/** A message with buffers as a binary frame (the same framing: count, offsets, JSON, buffers). */
+export function encodeBinaryFrame(msg) {
+    const buffers = msg.buffers.map((b) => (b instanceof ArrayBuffer
+        ? new Uint8Array(b) : new Uint8Array(b.buffer, b.byteOffset, b.byteLength)));
+    const json = new TextEncoder().encode(JSON.stringify({ ...msg, buffers: [] }));
+    const parts = [json, ...buffers];
+    const header = 4 * (parts.length + 1);
+    const total = header + parts.reduce((n, p) => n + p.byteLength, 0);
+    const out = new Uint8Array(total);
+    const view = new DataView(out.buffer);
+    view.setUint32(0, parts.length);
+    let offset = header;
+    parts.forEach((p, i) => {
+        view.setUint32(4 * (i + 1), offset);
+        out.set(p, offset);
+        offset += p.byteLength;
+    });
+    return out.buffer;
+}
+
 export class Kernel {
     /**
      * @param {import("./server.js").Server} server
@@ -370,7 +390,7 @@ export class Kernel {
         if (!this.ws || this.ws.readyState !== WebSocket.OPEN) {
             throw new Error("Not connected to the kernel");
         }
-        this.ws.send(JSON.stringify(msg));
+        this.ws.send(msg.buffers && msg.buffers.length ? encodeBinaryFrame(msg) : JSON.stringify(msg));
     }
 
     /**

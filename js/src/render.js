@@ -121,6 +121,7 @@ export function sandboxedFrame(html, head = "") {
     return iframe;
 }
 
+const KATEX_CSS = "/static/katex/katex.min.css"; // the page's link, and the HTML frame's
 let katexCssLoaded = false;
 
 function ensureKatexCss(server) {
@@ -133,7 +134,7 @@ function ensureKatexCss(server) {
     }
     const link = document.createElement("link");
     link.rel = "stylesheet";
-    link.href = server.url("/static/katex/katex.min.css");
+    link.href = server.url(KATEX_CSS);
     link.setAttribute("data-sagecell-katex", "");
     document.head.appendChild(link);
 }
@@ -149,27 +150,27 @@ const KATEX_DELIMITERS = [
     { left: "$", right: "$", display: false },
     { left: "\\(", right: "\\)", display: false },
 ];
+const KATEX_OPTIONS = { delimiters: KATEX_DELIMITERS, throwOnError: false, trust: false };
+
+// What may hold math in MathJax's delimiters: worth a look for formulas.
+const MATH_HINT = /\\\(|\\\[|\$|\\begin\{/;
 
 /** Typeset the math in el with KaTeX, loaded on the page's first LaTeX output. */
 export async function typeset(el, server) {
     ensureKatexCss(server);
     const { renderMathInElement } = await loadModule(server, "katex");
-    renderMathInElement(el, { delimiters: KATEX_DELIMITERS, throwOnError: false, trust: false });
+    renderMathInElement(el, KATEX_OPTIONS);
 }
 
 export function latexElement(tex, server) {
     const div = document.createElement("div");
     div.className = "sagecell-latex";
-    const hasDelimiters = /\$|\\\[|\\\(|\\begin\{/.test(tex);
-    div.textContent = hasDelimiters ? tex : `$$${tex}$$`;
+    div.textContent = MATH_HINT.test(tex) ? tex : `$$${tex}$$`;
     typeset(div, server).catch(() => {
         div.textContent = tex;
     });
     return div;
 }
-
-// What may hold math in MathJax's delimiters: worth a look for formulas.
-const MATH_HINT = /\\\(|\\\[|\$|\\begin\{/;
 
 /**
  * HTML whose formulas are typeset with KaTeX, with the stylesheet they need
@@ -187,14 +188,14 @@ export async function typesetHtml(html, server) {
     const doc = new DOMParser().parseFromString(html, "text/html");
     try {
         const { renderMathInElement } = await loadModule(server, "katex");
-        renderMathInElement(doc.body, { delimiters: KATEX_DELIMITERS, throwOnError: false, trust: false });
+        renderMathInElement(doc.body, KATEX_OPTIONS);
     } catch (e) {
         return { html, head: "" };
     }
     if (!doc.body.querySelector(".katex")) {
         return { html, head: "" };
     }
-    const css = server.url("/static/katex/katex.min.css").replace(/["<>&]/g, encodeURIComponent);
+    const css = server.url(KATEX_CSS).replace(/["<>&]/g, encodeURIComponent);
     return {
         html: doc.head.innerHTML + doc.body.innerHTML,
         head: `<link rel="stylesheet" href="${css}">`,
